@@ -1,0 +1,67 @@
+//! clusterfs-agent: serves one or many node names of this machine to a clusterfs head.
+
+mod link;
+mod probe;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::Parser;
+use clusterfs::auth::Secret;
+use clusterfs::nodeset::NodeSet;
+
+/// Dials the head, authenticates with the cluster secret, reports this node's sitrep every
+/// interval and runs the work the head asks for.
+#[derive(Debug, Parser)]
+#[command(name = "clusterfs-agent", version)]
+struct Args {
+    /// Head address(es) to dial, HOST:PORT, comma-separated; tried in turn.
+    #[arg(long, value_delimiter = ',', required = true)]
+    head: Vec<String>,
+    /// This node's name.
+    #[arg(long, conflicts_with = "nodes", required_unless_present = "nodes")]
+    name: Option<String>,
+    /// Serve every name of this nodeset, each with its own connection and identity
+    /// (many nodes on one machine, for tests and benchmarks).
+    #[arg(long)]
+    nodes: Option<String>,
+    /// The cluster secret (mode 0600), the same file the head created.
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// Largest frame accepted from the head, in bytes.
+    #[arg(long, default_value_t = clusterfs::proto::DEFAULT_MAX_FRAME)]
+    max_frame: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CLUSTERFS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let names: Vec<String> = match (&args.name, &args.nodes) {
+        (Some(n), _) => {
+            clusterfs::names::check("node", n).map_err(anyhow::Error::msg)?;
+            vec![n.clone()]
+        }
+        (None, Some(set)) => NodeSet::parse(set).context("--nodes")?.iter().collect(),
+        (None, None) => unreachable!("clap requires --name or --nodes"),
+    };
+    let secret = Secret::load(&args.secret_file)?;
+    let cfg = Arc::new(link::LinkConfig { heads: args.head, secret, max_frame: args.max_frame });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let probe = Arc::new(Mutex::new(probe::Shared::default()));
+        for name in names {
+            tokio::spawn(link::run(name, cfg.clone(), probe.clone()));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping");
+        Ok(())
+    })
+}

@@ -1,0 +1,557 @@
+//! The filesystem logic: inodes, handles, snapshots, logs and control files, with no kernel in sight.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use fuser::{FileAttr, FileType, INodeNo};
+
+use crate::error::{Errno, FsError, Result};
+use crate::errors::ErrorBook;
+use crate::inodes::{Inodes, PathBuf, ROOT};
+use crate::tree::{Answer, Caller, Kind, Node, Tree, Write};
+
+/// Limits and timings of a mount.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Attribute and entry TTL for files (short, never zero).
+    pub file_ttl: Duration,
+    /// Attribute and entry TTL for directories.
+    pub dir_ttl: Duration,
+    /// FUSE threads reading requests from the kernel.
+    pub threads: usize,
+    /// Name shown in `mount` output.
+    pub fsname: String,
+    /// How many objects a walk may visit to find an inode from before a restart.
+    pub max_walk: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            file_ttl: Duration::from_millis(100),
+            dir_ttl: Duration::from_secs(1),
+            threads: 4,
+            fsname: "synthfs".into(),
+            max_walk: 1_000_000,
+        }
+    }
+}
+
+/// What a lookup answers: attributes, the NFS generation and how long the kernel may keep them.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub attr: FileAttr,
+    pub generation: u64,
+    pub ttl: Duration,
+}
+
+/// One directory entry with the cookie that resumes the listing after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub cookie: u64,
+    pub kind: FileType,
+    pub name: String,
+}
+
+/// A render and when it was made.
+type Render = (Instant, Arc<Vec<u8>>);
+
+/// An open file.
+#[derive(Debug)]
+struct Handle {
+    path: PathBuf,
+    kind: Kind,
+    /// The bytes rendered at open (snapshot, error, blocking files).
+    snapshot: Arc<Vec<u8>>,
+    /// What writes answered, served to reads on the same handle.
+    response: Vec<u8>,
+    /// How much of `response` has been read.
+    cursor: usize,
+    written: bool,
+    caller: Caller,
+}
+
+/// A synthetic filesystem over a [`Tree`].
+pub struct SynthFs<T: Tree> {
+    tree: Arc<T>,
+    cfg: Config,
+    inodes: Inodes,
+    handles: DashMap<u64, Handle>,
+    next_handle: AtomicU64,
+    /// Recent renders per (inode, uid), so `stat` and the `open` right after agree on the size.
+    renders: DashMap<(u64, u32), Render>,
+    errors: ErrorBook,
+    /// Tells the kernel to drop cached attributes (set once mounted).
+    notifier: std::sync::OnceLock<fuser::Notifier>,
+}
+
+impl<T: Tree> std::fmt::Debug for SynthFs<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SynthFs").field("handles", &self.handles.len()).finish()
+    }
+}
+
+impl<T: Tree> SynthFs<T> {
+    pub fn new(tree: Arc<T>, cfg: Config) -> Arc<SynthFs<T>> {
+        Arc::new(SynthFs {
+            tree,
+            cfg,
+            inodes: Inodes::new(),
+            handles: DashMap::new(),
+            next_handle: AtomicU64::new(1),
+            renders: DashMap::new(),
+            errors: ErrorBook::default(),
+            notifier: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub(crate) fn set_notifier(&self, n: fuser::Notifier) {
+        let _ = self.notifier.set(n);
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn tree(&self) -> &Arc<T> {
+        &self.tree
+    }
+
+    /// The path of `ino`; after a restart the tree is walked to find it, else ESTALE.
+    pub fn resolve(&self, ino: u64) -> Result<PathBuf> {
+        if let Some(p) = self.inodes.path(ino) {
+            return Ok(p);
+        }
+        let mut queue: std::collections::VecDeque<Vec<String>> = [Vec::new()].into();
+        let mut visited = 0usize;
+        while let Some(dir) = queue.pop_front() {
+            let refs: Vec<&str> = dir.iter().map(String::as_str).collect();
+            let Ok(names) = self.tree.list(&refs) else { continue };
+            for name in names {
+                visited += 1;
+                if visited > self.cfg.max_walk {
+                    break;
+                }
+                let mut child = dir.clone();
+                child.push(name);
+                if Inodes::matches(&child, ino) {
+                    self.inodes.ino(&child);
+                    if let Some(p) = self.inodes.path(ino) {
+                        return Ok(p);
+                    }
+                }
+                let crefs: Vec<&str> = child.iter().map(String::as_str).collect();
+                if self.tree.node(&crefs).is_ok_and(|n| n.kind.is_dir()) {
+                    queue.push_back(child);
+                }
+            }
+        }
+        Err(FsError::new(Errno::Stale, format!("inode {ino} is not known (the object is gone)")))
+    }
+
+    fn node(&self, path: &[String]) -> Result<Node> {
+        self.tree.node(&refs(path))
+    }
+
+    fn child(&self, parent: u64, name: &str) -> Result<Vec<String>> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(FsError::invalid(format!("{name:?} is not a valid name")));
+        }
+        let mut path = self.resolve(parent)?.to_vec();
+        path.push(name.to_string());
+        Ok(path)
+    }
+
+    /// The size a `stat` reports: exactly what an open + read would give now.
+    fn size(&self, ino: u64, path: &PathBuf, node: &Node, caller: &Caller) -> u64 {
+        match node.kind {
+            Kind::Dir => 0,
+            Kind::Log => node.size,
+            Kind::Error => self.errors.render(&parent_of(path), caller.uid).len() as u64,
+            Kind::Snapshot | Kind::Control | Kind::Blocking => {
+                self.cached_render(ino, path, node.kind, caller).map_or(0, |b| b.len() as u64)
+            }
+        }
+    }
+
+    /// A render at most one file TTL old, or a fresh one when the tree answers at once.
+    fn cached_render(&self, ino: u64, path: &PathBuf, kind: Kind, caller: &Caller) -> Option<Arc<Vec<u8>>> {
+        let key = (ino, caller.uid);
+        if let Some(r) = self.renders.get(&key)
+            && r.0.elapsed() < self.cfg.file_ttl
+        {
+            return Some(r.1.clone());
+        }
+        match self.tree.render(&refs(path), caller, kind == Kind::Blocking) {
+            Answer::Now(Ok(bytes)) => {
+                let bytes = Arc::new(bytes);
+                self.renders.insert(key, (Instant::now(), bytes.clone()));
+                Some(bytes)
+            }
+            // A slow render (a round trip): size from the last one, the read gives the truth.
+            Answer::Now(Err(_)) | Answer::Later(_) => self.renders.get(&key).map(|r| r.1.clone()),
+        }
+    }
+
+    fn attr(&self, ino: u64, node: &Node, size: u64) -> FileAttr {
+        let dir = node.kind.is_dir();
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: node.mtime,
+            mtime: node.mtime,
+            ctime: node.mtime,
+            crtime: node.mtime,
+            kind: if dir { FileType::Directory } else { FileType::RegularFile },
+            perm: node.perm,
+            nlink: if dir { 2 } else { 1 },
+            uid: node.uid,
+            gid: node.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn entry_of(&self, path: &PathBuf, caller: &Caller) -> Result<Entry> {
+        let node = self.node(path)?;
+        let ino = self.inodes.ino(path);
+        let size = self.size(ino, path, &node, caller);
+        let ttl = if node.kind.is_dir() { self.cfg.dir_ttl } else { self.cfg.file_ttl };
+        Ok(Entry { attr: self.attr(ino, &node, size), generation: node.generation, ttl })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str, caller: &Caller) -> Result<Entry> {
+        let path: PathBuf = match name {
+            "." => self.resolve(parent)?,
+            ".." => parent_of(&self.resolve(parent)?),
+            _ => self.child(parent, name)?.into(),
+        };
+        self.entry_of(&path, caller)
+    }
+
+    pub fn getattr(&self, ino: u64, handle: Option<u64>, caller: &Caller) -> Result<(FileAttr, Duration)> {
+        if let Some(h) = handle.and_then(|fh| self.handles.get(&fh))
+            && (matches!(h.kind, Kind::Snapshot | Kind::Blocking | Kind::Error)
+                || (h.kind == Kind::Control && !h.written))
+        {
+            let node = self.node(&h.path)?;
+            return Ok((self.attr(ino, &node, h.snapshot.len() as u64), self.cfg.file_ttl));
+        }
+        let path = self.resolve(ino)?;
+        let entry = self.entry_of(&path, caller)?;
+        Ok((entry.attr, entry.ttl))
+    }
+
+    /// Truncation of a control file is accepted (`echo x > ctl` opens with O_TRUNC); nothing else changes.
+    pub fn setattr(
+        &self,
+        ino: u64,
+        size: Option<u64>,
+        chmod_or_chown: bool,
+        caller: &Caller,
+    ) -> Result<(FileAttr, Duration)> {
+        let path = self.resolve(ino)?;
+        let node = self.node(&path)?;
+        if chmod_or_chown {
+            return Err(FsError::new(Errno::Perm, "owners and modes are set by clusterfs"));
+        }
+        if size.is_some_and(|s| s != 0) || (size.is_some() && node.kind != Kind::Control) {
+            return Err(FsError::new(Errno::Perm, "only control files may be truncated, and only to 0"));
+        }
+        self.getattr(ino, None, caller)
+    }
+
+    pub fn readdir(&self, ino: u64, offset: u64) -> Result<Vec<DirEntry>> {
+        let path = self.resolve(ino)?;
+        let node = self.node(&path)?;
+        if !node.kind.is_dir() {
+            return Err(FsError::new(Errno::NotDir, "not a directory"));
+        }
+        let mut entries: Vec<DirEntry> = Vec::new();
+        for name in self.tree.list(&refs(&path))? {
+            let mut child = path.to_vec();
+            child.push(name.clone());
+            // An entry that vanished between list and node is skipped, not an error.
+            let Ok(n) = self.node(&child) else { continue };
+            let ino = self.inodes.ino(&child);
+            let kind = if n.kind.is_dir() { FileType::Directory } else { FileType::RegularFile };
+            entries.push(DirEntry { ino, cookie: ino, kind, name });
+        }
+        // Sorted by inode, each entry's cookie is its inode: a listing resumed at any cookie
+        // (even by another handle, as NFS does) is neither repeated nor skipped.
+        entries.sort_by_key(|e| e.ino);
+        let parent_ino = self.inodes.ino(&parent_of(&path));
+        let dots = [
+            DirEntry { ino, cookie: 1, kind: FileType::Directory, name: ".".into() },
+            DirEntry { ino: parent_ino, cookie: 2, kind: FileType::Directory, name: "..".into() },
+        ];
+        Ok(dots.into_iter().chain(entries).filter(|e| e.cookie > offset).collect())
+    }
+
+    fn new_handle(&self, path: PathBuf, kind: Kind, snapshot: Arc<Vec<u8>>, caller: Caller) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .insert(fh, Handle { path, kind, snapshot, response: Vec::new(), cursor: 0, written: false, caller });
+        fh
+    }
+
+    /// Opens `ino`; snapshots are rendered here, into the handle.
+    pub fn open(self: &Arc<Self>, ino: u64, nonblock: bool, caller: &Caller) -> Answer<u64> {
+        let path = match self.resolve(ino) {
+            Ok(p) => p,
+            Err(e) => return Answer::Now(Err(e)),
+        };
+        let node = match self.node(&path) {
+            Ok(n) => n,
+            Err(e) => return Answer::Now(Err(e)),
+        };
+        let caller = *caller;
+        let render = match node.kind {
+            Kind::Dir => return Answer::Now(Err(FsError::new(Errno::IsDir, "is a directory"))),
+            Kind::Log => {
+                return Answer::Now(Ok(self.new_handle(path, node.kind, Arc::default(), caller)));
+            }
+            Kind::Error => {
+                let bytes = self.errors.render(&parent_of(&path), caller.uid);
+                return Answer::Now(Ok(self.new_handle(path, node.kind, Arc::new(bytes), caller)));
+            }
+            Kind::Snapshot | Kind::Control => {
+                // The render `stat` just sized is reused so both agree; older ones are redone.
+                let fresh = self.renders.get(&(ino, caller.uid)).filter(|r| r.0.elapsed() < self.cfg.file_ttl);
+                if let Some(r) = fresh {
+                    let bytes = r.1.clone();
+                    drop(r);
+                    return Answer::Now(Ok(self.new_handle(path, node.kind, bytes, caller)));
+                }
+                self.tree.render(&refs(&path), &caller, false)
+            }
+            Kind::Blocking => self.tree.render(&refs(&path), &caller, nonblock),
+        };
+        let kind = node.kind;
+        let dir = parent_of(&path);
+        match render {
+            Answer::Now(r) => {
+                let r = self.note_failure(&dir, caller.uid, r);
+                Answer::Now(r.map(|b| self.finish_open(ino, path, kind, b, caller)))
+            }
+            Answer::Later(fut) => {
+                let this = self.clone();
+                Answer::later(async move {
+                    let bytes = this.note_failure(&dir, caller.uid, fut.await)?;
+                    let fh = this.finish_open(ino, path, kind, bytes, caller);
+                    // The size the kernel cached at lookup predates this render: drop it
+                    // before the open is answered, so fstat on the handle asks again.
+                    // Attributes only (offset -1): no page-cache lock is taken.
+                    if let Some(n) = this.notifier.get()
+                        && let Err(e) = n.inval_inode(fuser::INodeNo(ino), -1, 0)
+                    {
+                        tracing::debug!(ino, error = %e, "attribute invalidation failed");
+                    }
+                    Ok(fh)
+                })
+            }
+        }
+    }
+
+    fn finish_open(&self, ino: u64, path: PathBuf, kind: Kind, bytes: Vec<u8>, caller: Caller) -> u64 {
+        let bytes = Arc::new(bytes);
+        if kind != Kind::Blocking {
+            self.renders.insert((ino, caller.uid), (Instant::now(), bytes.clone()));
+        }
+        self.new_handle(path, kind, bytes, caller)
+    }
+
+    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let mut h =
+            self.handles.get_mut(&handle).ok_or_else(|| FsError::new(Errno::Stale, "the file handle is closed"))?;
+        match h.kind {
+            Kind::Snapshot | Kind::Blocking | Kind::Error => Ok(slice(&h.snapshot, offset, size)),
+            // The answer is read from its own cursor: after a write the kernel offset has moved
+            // past the written bytes, yet `read id <&3` must see the answer from its start.
+            Kind::Control if !h.written => Ok(slice(&h.snapshot, offset, size)),
+            Kind::Control => {
+                let start = h.cursor.min(h.response.len());
+                let end = (start + size as usize).min(h.response.len());
+                let out = h.response[start..end].to_vec();
+                h.cursor = end;
+                Ok(out)
+            }
+            Kind::Log => {
+                let path = h.path.clone();
+                let caller = h.caller;
+                drop(h);
+                self.tree.read_log(&refs(&path), &caller, offset, size)
+            }
+            Kind::Dir => Err(FsError::new(Errno::IsDir, "is a directory")),
+        }
+    }
+
+    /// A write into a control file: acted on now, its answer kept for reads on this handle.
+    pub fn write(self: &Arc<Self>, handle: u64, offset: u64, data: &[u8], caller: &Caller) -> Answer<u32> {
+        let (path, kind) = match self.handles.get_mut(&handle) {
+            Some(mut h) => {
+                h.written = true;
+                (h.path.clone(), h.kind)
+            }
+            None => return Answer::Now(Err(FsError::new(Errno::Stale, "the file handle is closed"))),
+        };
+        if kind != Kind::Control {
+            return Answer::Now(Err(FsError::new(Errno::Acces, "this file is read-only")));
+        }
+        let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+        let answer = self.tree.write(&refs(&path), caller, Write { handle, offset, data });
+        let answer = self.recorded(parent_of(&path), caller.uid, answer);
+        let this = self.clone();
+        let keep = move |resp: Vec<u8>| {
+            if let Some(mut h) = this.handles.get_mut(&handle) {
+                h.response.extend_from_slice(&resp);
+            }
+            len
+        };
+        match answer {
+            Answer::Now(r) => Answer::Now(r.map(keep)),
+            Answer::Later(fut) => Answer::later(async move { fut.await.map(keep) }),
+        }
+    }
+
+    pub fn release(&self, handle: u64) {
+        if let Some((_, h)) = self.handles.remove(&handle)
+            && h.kind == Kind::Control
+            && h.written
+        {
+            self.tree.release(&refs(&h.path), &h.caller, handle);
+        }
+    }
+
+    pub fn mkdir(self: &Arc<Self>, parent: u64, name: &str, mode: u32, caller: &Caller) -> Answer<Entry> {
+        let path = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return self.fail(parent, caller, e),
+        };
+        let answer = self.tree.mkdir(&refs(&path), caller, mode);
+        self.then_entry(path, caller, answer)
+    }
+
+    pub fn rmdir(self: &Arc<Self>, parent: u64, name: &str, caller: &Caller) -> Answer<()> {
+        self.in_dir(parent, name, caller, |tree, path, caller| tree.rmdir(path, caller))
+    }
+
+    pub fn unlink(self: &Arc<Self>, parent: u64, name: &str, caller: &Caller) -> Answer<()> {
+        self.in_dir(parent, name, caller, |tree, path, caller| tree.unlink(path, caller))
+    }
+
+    /// `mknod`/`create` of a name: an existing control file is simply opened (NFS clients
+    /// and shells may send CREATE for files that exist); anything else is made by the tree.
+    pub fn create(self: &Arc<Self>, parent: u64, name: &str, mode: u32, caller: &Caller) -> Answer<Entry> {
+        let path = match self.child(parent, name) {
+            Ok(p) => p,
+            Err(e) => return self.fail(parent, caller, e),
+        };
+        match self.node(&path) {
+            Ok(n) if n.kind == Kind::Control => Answer::Now(self.entry_of(&path.into(), caller)),
+            Ok(_) => self.fail(
+                parent,
+                caller,
+                FsError::new(Errno::Exist, format!("{name} exists and is not a control file")),
+            ),
+            Err(_) => {
+                let answer = self.tree.create(&refs(&path), caller, mode);
+                self.then_entry(path, caller, answer)
+            }
+        }
+    }
+
+    fn in_dir(
+        self: &Arc<Self>,
+        parent: u64,
+        name: &str,
+        caller: &Caller,
+        op: impl FnOnce(&T, &[&str], &Caller) -> Answer<()>,
+    ) -> Answer<()> {
+        match self.child(parent, name) {
+            Ok(path) => {
+                let answer = op(&self.tree, &refs(&path), caller);
+                self.recorded(parent_of(&path.into()), caller.uid, answer)
+            }
+            Err(e) => self.fail(parent, caller, e),
+        }
+    }
+
+    fn then_entry(self: &Arc<Self>, path: Vec<String>, caller: &Caller, answer: Answer<()>) -> Answer<Entry> {
+        let path: PathBuf = path.into();
+        let answer = self.recorded(parent_of(&path), caller.uid, answer);
+        let caller = *caller;
+        match answer {
+            Answer::Now(r) => Answer::Now(r.and_then(|()| self.entry_of(&path, &caller))),
+            Answer::Later(fut) => {
+                let this = self.clone();
+                Answer::later(async move {
+                    fut.await?;
+                    this.entry_of(&path, &caller)
+                })
+            }
+        }
+    }
+
+    fn fail<X>(&self, dir: u64, caller: &Caller, e: FsError) -> Answer<X> {
+        if let Ok(p) = self.resolve(dir) {
+            self.errors.record(p, caller.uid, &e);
+        }
+        Answer::Now(Err(e))
+    }
+
+    /// Records a failure of `answer` in `dir`'s error book, now or when it completes; a
+    /// success drops cached renders so the next read shows what the change did.
+    fn recorded<X: Send + 'static>(self: &Arc<Self>, dir: PathBuf, uid: u32, answer: Answer<X>) -> Answer<X> {
+        match answer {
+            Answer::Now(r) => Answer::Now(self.settle(&dir, uid, r)),
+            Answer::Later(fut) => {
+                let this = self.clone();
+                Answer::later(async move { this.settle(&dir, uid, fut.await) })
+            }
+        }
+    }
+
+    fn settle<X>(&self, dir: &PathBuf, uid: u32, r: Result<X>) -> Result<X> {
+        if r.is_ok() {
+            self.renders.clear();
+        }
+        self.note_failure(dir, uid, r)
+    }
+
+    /// A failed open (a ping to a down node) is also the reader's last failure there.
+    fn note_failure<X>(&self, dir: &PathBuf, uid: u32, r: Result<X>) -> Result<X> {
+        if let Err(e) = &r
+            && e.errno != Errno::Again
+        {
+            self.errors.record(dir.clone(), uid, e);
+        }
+        r
+    }
+
+    /// Whether a handle is a synthetic file that must bypass the page cache.
+    pub fn direct_io(&self, _handle: u64) -> bool {
+        true
+    }
+}
+
+fn slice(bytes: &[u8], offset: u64, size: u32) -> Vec<u8> {
+    let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+    let end = start.saturating_add(size as usize).min(bytes.len());
+    bytes[start..end].to_vec()
+}
+
+fn parent_of(path: &PathBuf) -> PathBuf {
+    if path.is_empty() { path.clone() } else { Arc::from(path[..path.len() - 1].to_vec()) }
+}
+
+fn refs(path: &[String]) -> Vec<&str> {
+    path.iter().map(String::as_str).collect()
+}
+
+pub const ROOT_INO: u64 = ROOT;

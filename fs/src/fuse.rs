@@ -1,0 +1,313 @@
+//! The fuser adapter: converts kernel requests, calls [`SynthFs`], replies. No logic of its own.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fuser::{
+    BsdFileFlags, Errno as FuseErrno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use tokio::runtime::Handle;
+use tracing::{debug, debug_span, warn};
+
+use crate::error::FsError;
+use crate::fs::SynthFs;
+use crate::tree::{Answer, Caller, Tree};
+
+/// Logs a failed request at its level and replies with its errno.
+macro_rules! fuse_error {
+    ($op:expr, $reply:expr, $err:expr) => {{
+        let err: FsError = $err;
+        if err.is_routine() {
+            debug!(op = $op, error = %err, "request failed");
+        } else {
+            warn!(op = $op, error = %err, "request failed");
+        }
+        $reply.error(FuseErrno::from_i32(err.errno.code()));
+    }};
+}
+
+pub struct Adapter<T: Tree> {
+    pub fs: Arc<SynthFs<T>>,
+    pub rt: Handle,
+}
+
+impl<T: Tree> Adapter<T> {
+    /// Replies now, or from a task once a slow answer is ready.
+    fn answer<X: Send + 'static>(&self, a: Answer<X>, reply: impl FnOnce(crate::Result<X>) + Send + 'static) {
+        match a {
+            Answer::Now(r) => reply(r),
+            Answer::Later(fut) => {
+                self.rt.spawn(async move { reply(fut.await) });
+            }
+        }
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid(), pid: req.pid() }
+}
+
+fn name_str(name: &OsStr) -> Result<&str, FsError> {
+    name.to_str().ok_or_else(|| FsError::not_found("a name that is not UTF-8"))
+}
+
+fn open_flags(fs_direct: bool) -> FopenFlags {
+    if fs_direct { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() }
+}
+
+impl<T: Tree> Filesystem for Adapter<T> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // NFS re-export: the kernel may then resolve file handles by LOOKUP of "." and "..".
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT) {
+            warn!(?missing, "kernel lacks export support; NFS re-export will not keep handles");
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _s = debug_span!("lookup", req = req.unique().0, ino = parent.0, ?name).entered();
+        match name_str(name).and_then(|n| self.fs.lookup(parent.0, n, &caller(req))) {
+            Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
+            Err(e) => fuse_error!("lookup", reply, e),
+        }
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _s = debug_span!("getattr", req = req.unique().0, ino = ino.0).entered();
+        match self.fs.getattr(ino.0, fh.map(|f| f.0), &caller(req)) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+            Err(e) => fuse_error!("getattr", reply, e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let _s = debug_span!("setattr", req = req.unique().0, ino = ino.0, ?size).entered();
+        let chown = mode.is_some() || uid.is_some() || gid.is_some();
+        match self.fs.setattr(ino.0, size, chown, &caller(req)) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+            Err(e) => fuse_error!("setattr", reply, e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let _s = debug_span!("mknod", req = req.unique().0, ino = parent.0, ?name).entered();
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return fuse_error!("mknod", reply, e),
+        };
+        self.answer(self.fs.create(parent.0, name, mode, &caller(req)), move |r| match r {
+            Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
+            Err(e) => fuse_error!("mknod", reply, e),
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let _s = debug_span!("mkdir", req = req.unique().0, ino = parent.0, ?name).entered();
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return fuse_error!("mkdir", reply, e),
+        };
+        self.answer(self.fs.mkdir(parent.0, name, mode, &caller(req)), move |r| match r {
+            Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
+            Err(e) => fuse_error!("mkdir", reply, e),
+        });
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("unlink", req = req.unique().0, ino = parent.0, ?name).entered();
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return fuse_error!("unlink", reply, e),
+        };
+        self.answer(self.fs.unlink(parent.0, name, &caller(req)), move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => fuse_error!("unlink", reply, e),
+        });
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _s = debug_span!("rmdir", req = req.unique().0, ino = parent.0, ?name).entered();
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return fuse_error!("rmdir", reply, e),
+        };
+        self.answer(self.fs.rmdir(parent.0, name, &caller(req)), move |r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => fuse_error!("rmdir", reply, e),
+        });
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _s = debug_span!("open", req = req.unique().0, ino = ino.0).entered();
+        let nonblock = flags.0 & libc::O_NONBLOCK != 0;
+        let fs = self.fs.clone();
+        self.answer(self.fs.open(ino.0, nonblock, &caller(req)), move |r| match r {
+            Ok(fh) => reply.opened(FileHandle(fh), open_flags(fs.direct_io(fh))),
+            Err(e) => fuse_error!("open", reply, e),
+        });
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let _s = debug_span!("create", req = req.unique().0, ino = parent.0, ?name).entered();
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return fuse_error!("create", reply, e),
+        };
+        let who = caller(req);
+        let fs = self.fs.clone();
+        let nonblock = flags & libc::O_NONBLOCK != 0;
+        let rt = self.rt.clone();
+        self.answer(self.fs.create(parent.0, name, mode, &who), move |r| match r {
+            Ok(entry) => {
+                let ino = entry.attr.ino.0;
+                let reply_open = move |r: crate::Result<u64>| match r {
+                    Ok(fh) => reply.created(
+                        &entry.ttl,
+                        &entry.attr,
+                        Generation(entry.generation),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_DIRECT_IO,
+                    ),
+                    Err(e) => fuse_error!("create", reply, e),
+                };
+                match fs.open(ino, nonblock, &who) {
+                    Answer::Now(r) => reply_open(r),
+                    Answer::Later(fut) => {
+                        rt.spawn(async move { reply_open(fut.await) });
+                    }
+                }
+            }
+            Err(e) => fuse_error!("create", reply, e),
+        });
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let _s = debug_span!("read", req = req.unique().0, ino = ino.0, offset, size).entered();
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => fuse_error!("read", reply, e),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let _s = debug_span!("write", req = req.unique().0, ino = ino.0, offset, len = data.len()).entered();
+        self.answer(self.fs.write(fh.0, offset, data, &caller(req)), move |r| match r {
+            Ok(n) => reply.written(n),
+            Err(e) => fuse_error!("write", reply, e),
+        });
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let _s = debug_span!("readdir", req = req.unique().0, ino = ino.0, offset).entered();
+        match self.fs.readdir(ino.0, offset) {
+            Ok(entries) => {
+                for e in entries {
+                    if reply.add(INodeNo(e.ino), e.cookie, e.kind, &e.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => fuse_error!("readdir", reply, e),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        // No extended attributes (the kernel asks for security.capability before writes).
+        reply.error(FuseErrno::from_i32(libc::ENODATA));
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions) and the tree's.
+        reply.ok();
+    }
+}

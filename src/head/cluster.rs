@@ -1,0 +1,379 @@
+//! The cluster model the head owns: nodes, their links to agents, drains and groups.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use clusterfs_fs::{Errno, FsError};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::config::HeadConfig;
+use crate::head::store::{Store, StoreError};
+use crate::nodeset::{NodeSet, NodeSetError};
+use crate::proto::{Message, Op, Reply};
+use crate::sitrep::Report;
+
+/// Answers waiting for agents, by request id.
+type Pending = DashMap<u64, oneshot::Sender<Result<Reply, String>>>;
+
+/// The live connection of one node's agent.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// Distinguishes this connection from a later one of the same node.
+    pub conn: u64,
+    pub tx: mpsc::Sender<Message>,
+}
+
+/// What the head knows of one node.
+#[derive(Debug)]
+struct NodeEntry {
+    drain: Option<String>,
+    report: Option<Report>,
+    /// When the last report arrived.
+    seen: Option<Instant>,
+    seen_at: SystemTime,
+    link: Option<Link>,
+    /// Why the link went away, for `state`.
+    gone: String,
+    changed: SystemTime,
+}
+
+/// What the store keeps of a node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct NodeRecord {
+    drain: Option<String>,
+}
+
+/// A node's state as `state` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeState {
+    Up,
+    Down(String),
+    Drained(String),
+}
+
+impl NodeState {
+    pub fn word(&self) -> &'static str {
+        match self {
+            NodeState::Up => "up",
+            NodeState::Down(_) => "down",
+            NodeState::Drained(_) => "drained",
+        }
+    }
+
+    /// `up`, `down <reason>`, `drained <reason>`.
+    pub fn line(&self) -> String {
+        match self {
+            NodeState::Up => "up".into(),
+            NodeState::Down(r) | NodeState::Drained(r) if r.is_empty() => self.word().into(),
+            NodeState::Down(r) | NodeState::Drained(r) => format!("{} {r}", self.word()),
+        }
+    }
+}
+
+/// Which folded set `nodes/<set>` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    All,
+    Up,
+    Down,
+    Drained,
+}
+
+/// A snapshot of one node for rendering.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub name: String,
+    pub state: NodeState,
+    pub report: Report,
+    pub age_s: f64,
+    pub seen_at: SystemTime,
+    pub changed: SystemTime,
+}
+
+/// The cluster model.
+#[derive(Debug)]
+pub struct Cluster {
+    pub cfg: HeadConfig,
+    store: Store,
+    nodes: DashMap<String, NodeEntry>,
+    groups: DashMap<String, String>,
+    pending: Arc<Pending>,
+    next_id: AtomicU64,
+    started: Instant,
+    pub started_at: SystemTime,
+}
+
+fn store_err(e: StoreError) -> FsError {
+    FsError::new(Errno::Io, format!("the store failed: {e}"))
+}
+
+impl Cluster {
+    /// Loads the model from the store.
+    pub fn load(cfg: HeadConfig, store: Store) -> Result<Cluster, StoreError> {
+        let now = SystemTime::now();
+        let nodes = DashMap::new();
+        for (name, rec) in store.scan::<NodeRecord>("nodes")? {
+            nodes.insert(
+                name,
+                NodeEntry {
+                    drain: rec.drain,
+                    report: None,
+                    seen: None,
+                    seen_at: now,
+                    link: None,
+                    gone: "no report since the head started".into(),
+                    changed: now,
+                },
+            );
+        }
+        let groups = store.scan::<String>("groups")?.into_iter().collect();
+        Ok(Cluster {
+            cfg,
+            store,
+            nodes,
+            groups,
+            pending: Arc::default(),
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+            started_at: now,
+        })
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.cfg.interval_ms)
+    }
+
+    fn state_of(&self, e: &NodeEntry) -> NodeState {
+        let limit = self.interval() * self.cfg.missed_intervals;
+        let up = match (&e.link, e.seen) {
+            (None, _) => Err(e.gone.clone()),
+            (Some(_), Some(seen)) if seen.elapsed() <= limit => Ok(()),
+            (Some(_), Some(seen)) => Err(format!("no report for {:.1} s", seen.elapsed().as_secs_f64())),
+            (Some(_), None) => Err("connected, no report yet".into()),
+        };
+        match (up, &e.drain) {
+            (Err(reason), _) => NodeState::Down(reason),
+            (Ok(()), Some(reason)) => NodeState::Drained(reason.clone()),
+            (Ok(()), None) => NodeState::Up,
+        }
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.nodes.contains_key(name)
+    }
+
+    /// All known node names, in nodeset order.
+    pub fn names(&self) -> Vec<String> {
+        self.set(Which::All).iter().collect()
+    }
+
+    pub fn set(&self, which: Which) -> NodeSet {
+        let mut set = NodeSet::new();
+        for e in self.nodes.iter() {
+            let keep = match which {
+                Which::All => true,
+                w => {
+                    let s = self.state_of(e.value());
+                    matches!(
+                        (w, s),
+                        (Which::Up, NodeState::Up)
+                            | (Which::Down, NodeState::Down(_))
+                            | (Which::Drained, NodeState::Drained(_))
+                    )
+                }
+            };
+            if keep {
+                // Names were checked when the agent connected; they always fit a nodeset.
+                let _ = set.insert(e.key());
+            }
+        }
+        set
+    }
+
+    pub fn view(&self, name: &str) -> Option<NodeView> {
+        self.nodes.get(name).map(|e| NodeView {
+            name: name.to_string(),
+            state: self.state_of(&e),
+            report: e.report.clone().unwrap_or_default(),
+            age_s: e.seen.unwrap_or(self.started).elapsed().as_secs_f64(),
+            seen_at: e.seen_at,
+            changed: e.changed,
+        })
+    }
+
+    /// The up, undrained node with the lowest load index (ties go to the first name).
+    pub fn best(&self) -> Option<String> {
+        self.names()
+            .into_iter()
+            .filter_map(|n| self.view(&n))
+            .filter(|v| v.state == NodeState::Up)
+            .min_by(|a, b| a.report.load_index().total_cmp(&b.report.load_index()))
+            .map(|v| v.name)
+    }
+
+    pub fn drain(&self, name: &str, reason: &str) -> Result<(), FsError> {
+        self.set_drain(name, Some(reason.to_string()))
+    }
+
+    pub fn resume(&self, name: &str) -> Result<(), FsError> {
+        self.set_drain(name, None)
+    }
+
+    fn set_drain(&self, name: &str, drain: Option<String>) -> Result<(), FsError> {
+        self.store.put("nodes", name, &NodeRecord { drain: drain.clone() }).map_err(store_err)?;
+        let mut e = self.nodes.get_mut(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
+        info!(node = name, ?drain, "drain state changed");
+        e.drain = drain;
+        e.changed = SystemTime::now();
+        Ok(())
+    }
+
+    /// Binds a newly authenticated agent connection to its node. A second agent may not take
+    /// the name of a node whose agent is alive; one whose reports stopped is replaced.
+    pub fn attach(&self, name: &str, link: Link) -> Result<(), String> {
+        let now = SystemTime::now();
+        let mut fresh = false;
+        let mut e = self.nodes.entry(name.to_string()).or_insert_with(|| {
+            fresh = true;
+            NodeEntry {
+                drain: None,
+                report: None,
+                seen: None,
+                seen_at: now,
+                link: None,
+                gone: String::new(),
+                changed: now,
+            }
+        });
+        if let Some(old) = &e.link {
+            let alive = e.seen.is_some_and(|s| s.elapsed() < self.interval() * 2);
+            if alive {
+                return Err(format!("node {name} is already connected from a live agent"));
+            }
+            warn!(node = name, old = old.conn, new = link.conn, "replacing a silent agent connection");
+        }
+        e.link = Some(link);
+        e.seen = None;
+        e.changed = now;
+        drop(e);
+        if fresh {
+            if let Err(err) = self.store.put("nodes", name, &NodeRecord::default()) {
+                warn!(node = name, error = %err, "could not record the new node");
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection `conn` of `name` ended.
+    pub fn detach(&self, name: &str, conn: u64, why: &str) {
+        if let Some(mut e) = self.nodes.get_mut(name) {
+            if e.link.as_ref().is_some_and(|l| l.conn == conn) {
+                e.link = None;
+                e.gone = why.to_string();
+                e.changed = SystemTime::now();
+            }
+        }
+    }
+
+    pub fn report(&self, name: &str, conn: u64, report: Report) {
+        if let Some(mut e) = self.nodes.get_mut(name) {
+            if e.link.as_ref().is_some_and(|l| l.conn == conn) {
+                if e.seen.is_none() {
+                    e.changed = SystemTime::now();
+                }
+                e.report = Some(report);
+                e.seen = Some(Instant::now());
+                e.seen_at = SystemTime::now();
+            }
+        }
+    }
+
+    /// Sends `op` to `name`'s agent and waits for its answer.
+    pub async fn request(&self, name: &str, op: Op, timeout: Duration) -> Result<Reply, FsError> {
+        let (tx, link) = {
+            let e = self.nodes.get(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
+            match (self.state_of(&e), &e.link) {
+                (NodeState::Down(reason), _) => {
+                    return Err(FsError::new(Errno::HostDown, format!("node {name} is down ({reason})")));
+                }
+                (_, Some(link)) => (link.tx.clone(), link.conn),
+                (_, None) => return Err(FsError::new(Errno::HostDown, format!("node {name} is down"))),
+            }
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (done, answer) = oneshot::channel();
+        self.pending.insert(id, done);
+        let sent = tx.send(Message::Request { id, op }).await;
+        if sent.is_err() {
+            self.pending.remove(&id);
+            return Err(FsError::new(Errno::HostDown, format!("node {name}: the connection (#{link}) closed")));
+        }
+        let out = tokio::time::timeout(timeout, answer).await;
+        self.pending.remove(&id);
+        match out {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(message))) => Err(FsError::new(Errno::Io, format!("node {name}: {message}"))),
+            Ok(Err(_)) => Err(FsError::new(Errno::HostDown, format!("node {name}: the connection closed"))),
+            Err(_) => Err(FsError::new(Errno::TimedOut, format!("node {name} did not answer within {timeout:?}"))),
+        }
+    }
+
+    /// Delivers an agent's answer to whoever waits for it.
+    pub fn answered(&self, id: u64, result: Result<Reply, String>) {
+        if let Some((_, tx)) = self.pending.remove(&id) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Groups, by name.
+    pub fn group_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.groups.iter().map(|g| g.key().clone()).collect();
+        v.sort();
+        v
+    }
+
+    pub fn group(&self, name: &str) -> Option<String> {
+        self.groups.get(name).map(|g| g.clone())
+    }
+
+    /// Parses a nodeset with this cluster's groups and limit.
+    pub fn nodeset(&self, text: &str) -> Result<NodeSet, NodeSetError> {
+        let groups = |n: &str| self.group(n);
+        NodeSet::parse_with(text, &groups, self.cfg.nodeset_limit)
+    }
+
+    /// Sets group `name` to the nodeset `text` (stored folded).
+    pub fn set_group(&self, name: &str, text: &str) -> Result<(), FsError> {
+        let set = self.nodeset(text).map_err(|e| FsError::invalid(e.to_string()))?;
+        let folded = set.fold();
+        self.store.put("groups", name, &folded).map_err(store_err)?;
+        self.groups.insert(name.to_string(), folded);
+        Ok(())
+    }
+
+    pub fn remove_group(&self, name: &str) -> Result<(), FsError> {
+        if !self.groups.contains_key(name) {
+            return Err(FsError::not_found(format!("group {name}")));
+        }
+        self.store.delete("groups", name).map_err(store_err)?;
+        self.groups.remove(name);
+        Ok(())
+    }
+
+    /// One line per subsystem with its counts, for `/cluster/status`.
+    pub fn status(&self) -> String {
+        let count = |w| self.set(w).len();
+        format!(
+            "nodes all={} up={} down={} drained={}\ngroups {}\n",
+            count(Which::All),
+            count(Which::Up),
+            count(Which::Down),
+            count(Which::Drained),
+            self.groups.len()
+        )
+    }
+}

@@ -1,0 +1,83 @@
+//! Accepts agent connections: authenticate, bind to a node, then relay reports and answers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::auth::{Secret, head_handshake};
+use crate::head::cluster::{Cluster, Link};
+use crate::names;
+use crate::proto::{Conn, Message, ProtoError};
+
+/// How long an agent has to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+/// Serves agents on `listener` until the task is dropped.
+pub async fn serve(cluster: Arc<Cluster>, listener: TcpListener, secret: Arc<Secret>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+                let span = info_span!("agent", conn, %peer);
+                tokio::spawn(handle(cluster.clone(), stream, secret.clone(), conn).instrument(span));
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn handle(cluster: Arc<Cluster>, stream: TcpStream, secret: Arc<Secret>, conn_id: u64) {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn::new(stream, cluster.cfg.max_frame);
+    let peer =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, head_handshake(&mut conn, &secret, |n| names::check("node", n)))
+            .await
+        {
+            Ok(Ok(peer)) => peer,
+            Ok(Err(e)) => return warn!(error = %e, "agent refused"),
+            Err(_) => return warn!("agent refused: handshake timed out"),
+        };
+    let node = peer.node;
+    let (tx, mut rx) = mpsc::channel::<Message>(256);
+    if let Err(reason) = cluster.attach(&node, Link { conn: conn_id, tx }) {
+        warn!(node, reason, "agent refused");
+        let _ = conn.send(&Message::Refused { reason }).await;
+        return;
+    }
+    if conn.send(&Message::Welcome { interval_ms: cluster.cfg.interval_ms }).await.is_err() {
+        return cluster.detach(&node, conn_id, "disconnected during the handshake");
+    }
+    info!(node, version = peer.agent_version, "agent connected");
+    let why = loop {
+        tokio::select! {
+            msg = conn.recv() => match msg {
+                Ok(Message::Sitrep { report }) => cluster.report(&node, conn_id, report),
+                Ok(Message::Response { id, result }) => cluster.answered(id, result),
+                Ok(other) => break format!("protocol violation: unexpected {}", other.name()),
+                Err(ProtoError::Closed) => break "agent disconnected".to_string(),
+                Err(e) => break format!("connection error: {e}"),
+            },
+            out = rx.recv() => match out {
+                Some(msg) => if let Err(e) = conn.send(&msg).await {
+                    break format!("connection error: {e}");
+                },
+                None => break "replaced by a new connection".to_string(),
+            },
+        }
+    };
+    if why.starts_with("protocol") || why.starts_with("connection error") {
+        warn!(node, why, "agent connection closed");
+    } else {
+        debug!(node, why, "agent connection closed");
+    }
+    cluster.detach(&node, conn_id, &why);
+}

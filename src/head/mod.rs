@@ -1,0 +1,124 @@
+//! The head daemon: the store, the cluster model, the agent listener and the mounted tree.
+
+pub mod cluster;
+pub mod listener;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::auth::Secret;
+use crate::config::HeadConfig;
+use crate::view::View;
+use cluster::Cluster;
+use store::Store;
+
+/// A running head: dropping it unmounts and stops serving agents.
+#[derive(Debug)]
+pub struct Head {
+    pub addr: SocketAddr,
+    pub cluster: Arc<Cluster>,
+    mount: Option<clusterfs_fs::Mount>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Head {
+    /// Unmounts and stops serving.
+    pub fn stop(mut self) {
+        self.server.abort();
+        if let Some(m) = self.mount.take() {
+            if let Err(e) = m.unmount() {
+                warn!(error = %e, "unmount failed");
+            }
+        }
+    }
+}
+
+pub fn secret_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("secret")
+}
+
+/// Starts a head: opens the state, listens for agents, mounts the tree at `mountpoint`.
+pub async fn start(cfg: HeadConfig, mountpoint: &Path) -> anyhow::Result<Head> {
+    let state = cfg.state_dir.clone();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state)
+        .with_context(|| format!("creating the state directory {}", state.display()))?;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))?;
+    let secret = Arc::new(Secret::load_or_create(&secret_path(&state))?);
+    let store = Store::open(&state.join("store.redb"))?;
+    let cluster = Arc::new(Cluster::load(cfg.clone(), store)?);
+
+    let listener =
+        TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening for agents on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    std::fs::write(state.join("head.addr"), format!("{addr}\n"))?;
+    info!(%addr, "listening for agents");
+
+    clear_stale_mount(mountpoint)?;
+    let fs_cfg = clusterfs_fs::Config {
+        threads: cfg.fuse_threads,
+        fsname: "clusterfs".into(),
+        ..clusterfs_fs::Config::default()
+    };
+    let fs = clusterfs_fs::SynthFs::new(Arc::new(View::new(cluster.clone())), fs_cfg);
+    let mount = clusterfs_fs::mount(fs, mountpoint, tokio::runtime::Handle::current())
+        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    info!(mountpoint = %mountpoint.display(), "mounted");
+
+    let server = tokio::spawn(listener::serve(cluster.clone(), listener, secret));
+    Ok(Head { addr, cluster, mount: Some(mount), server })
+}
+
+/// A FUSE mount whose daemon died answers ENOTCONN; detach it so we can mount again.
+/// A live clusterfs mount there is an error: another head is running.
+fn clear_stale_mount(mountpoint: &Path) -> anyhow::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|p| Path::new(&unescape(p)) == mountpoint));
+    // A listing must reach the daemon; stat may be answered from the kernel's cache.
+    match std::fs::read_dir(mountpoint).and_then(|_| std::fs::metadata(mountpoint)) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) || (mounted && e.raw_os_error() == Some(libc::EIO)) => {
+            warn!(mountpoint = %mountpoint.display(), "clearing a stale mount left by a crash");
+            nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
+                .with_context(|| format!("clearing the stale mount at {}", mountpoint.display()))?;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(mountpoint).with_context(|| format!("creating {}", mountpoint.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("checking {}", mountpoint.display())),
+        Ok(_) if mounted => bail!("{} is already mounted; is another head running?", mountpoint.display()),
+        Ok(m) if !m.is_dir() => bail!("{} is not a directory", mountpoint.display()),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// mountinfo escapes spaces and such as octal.
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            if let Ok(n) = u8::from_str_radix(&code, 8) {
+                out.push(n as char);
+                continue;
+            }
+            out.push('\\');
+            out.push_str(&code);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

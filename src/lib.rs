@@ -1,0 +1,13 @@
+//! clusterfs: the cluster model, protocol and head that serve a Linux cluster as one filesystem.
+
+pub mod auth;
+pub mod config;
+pub mod names;
+pub mod nodeset;
+pub mod proto;
+pub mod sitrep;
+
+#[cfg(feature = "head")]
+pub mod head;
+#[cfg(feature = "head")]
+pub mod view;

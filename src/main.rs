@@ -1,0 +1,175 @@
+//! clusterfs: mount a cluster as a filesystem (`up`, `mount`) and work with nodesets (`nodeset`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use anyhow::{Context, bail};
+use clap::{ArgGroup, Parser, Subcommand};
+use clusterfs::config::Config;
+use clusterfs::head;
+use clusterfs::nodeset::NodeSet;
+use tracing::{info, warn};
+
+#[derive(Debug, Parser)]
+#[command(name = "clusterfs", version, about = "Run a Linux cluster through one filesystem")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, clap::Args)]
+struct HeadArgs {
+    /// Where to mount the tree (created if missing; a stale mount left by a crash is cleared).
+    mountpoint: PathBuf,
+    /// Address agents dial, HOST:PORT (port 0 picks a free one; the choice is written to STATE/head.addr).
+    #[arg(long)]
+    listen: Option<String>,
+    /// State directory: store, cluster secret, spools [default: /var/lib/clusterfs].
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// TOML configuration file (see README.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Head plus one local agent per name in NODESET, state in one directory: a working cluster.
+    Up {
+        #[command(flatten)]
+        head: HeadArgs,
+        /// Node names served by local agents [default: this host's short name].
+        #[arg(long)]
+        nodes: Option<String>,
+    },
+    /// The head alone: mount the tree and wait for agents.
+    Mount {
+        #[command(flatten)]
+        head: HeadArgs,
+    },
+    /// Fold, expand or count nodesets, as ClusterShell's cluset does.
+    #[command(group(ArgGroup::new("mode").required(true).args(["fold", "expand", "count"])))]
+    Nodeset {
+        /// Print the folded set: cn[1-3,5].
+        #[arg(short = 'f', long)]
+        fold: bool,
+        /// Print every name, separated by spaces.
+        #[arg(short = 'e', long)]
+        expand: bool,
+        /// Print how many names.
+        #[arg(short = 'c', long)]
+        count: bool,
+        /// Where a mounted tree is, to resolve @group from its groups/.
+        #[arg(long, default_value = "/cluster")]
+        root: PathBuf,
+        /// Largest set accepted.
+        #[arg(long, default_value_t = clusterfs::nodeset::DEFAULT_LIMIT)]
+        limit: usize,
+        /// Nodesets; several are united.
+        #[arg(required = true)]
+        sets: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CLUSTERFS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::Up { head, nodes } => serve(head, Some(nodes.unwrap_or_else(short_hostname))),
+        Cmd::Mount { head } => serve(head, None),
+        Cmd::Nodeset { fold, expand, count, root, limit, sets } => nodeset(&sets, &root, limit, fold, expand, count),
+    }
+}
+
+fn short_hostname() -> String {
+    let name = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let short = name.split('.').next().unwrap_or_default().to_string();
+    if clusterfs::names::check("node", &short).is_ok() { short } else { "node0".into() }
+}
+
+/// Runs a head (and local agents when `nodes` is given) until SIGINT or SIGTERM.
+fn serve(args: HeadArgs, nodes: Option<String>) -> anyhow::Result<()> {
+    let mut cfg = Config::load(args.config.as_deref())?;
+    if let Some(l) = args.listen {
+        cfg.head.listen = l;
+    }
+    if let Some(s) = args.state {
+        cfg.head.state_dir = s;
+    }
+    let local = match &nodes {
+        Some(n) => {
+            Some(NodeSet::parse_with(n, &clusterfs::nodeset::NoGroups, cfg.head.nodeset_limit).context("--nodes")?)
+        }
+        None => None,
+    };
+    let mountpoint = std::path::absolute(&args.mountpoint)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let head = head::start(cfg.head.clone(), &mountpoint).await?;
+        let mut agent = match &local {
+            Some(set) if !set.is_empty() => Some(spawn_agent(&head.addr.to_string(), set, &cfg.head.state_dir)?),
+            _ => None,
+        };
+        println!("clusterfs: mounted at {}, agents dial {}", mountpoint.display(), head.addr);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+            _ = term.recv() => info!("SIGTERM: stopping"),
+        }
+        if let Some(child) = agent.as_mut() {
+            stop_child(child);
+        }
+        head.stop();
+        Ok(())
+    })
+}
+
+/// Starts the local agent process serving `set`, from the directory of this executable.
+fn spawn_agent(addr: &str, set: &NodeSet, state: &Path) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe()?;
+    let agent = exe.with_file_name("clusterfs-agent");
+    if !agent.exists() {
+        bail!("{} not found: build it with `cargo build` (it ships beside clusterfs)", agent.display());
+    }
+    let child = Command::new(&agent)
+        .args(["--head", addr, "--nodes", &set.fold(), "--secret-file"])
+        .arg(head::secret_path(state))
+        .spawn()
+        .with_context(|| format!("starting {}", agent.display()))?;
+    info!(nodes = %set, pid = child.id(), "local agent started");
+    Ok(child)
+}
+
+fn stop_child(child: &mut Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+        warn!(error = %e, "could not stop the local agent");
+    }
+    let _ = child.wait();
+}
+
+fn nodeset(sets: &[String], root: &Path, limit: usize, fold: bool, expand: bool, count: bool) -> anyhow::Result<()> {
+    let groups = |name: &str| {
+        clusterfs::names::check("group", name).ok()?;
+        std::fs::read_to_string(root.join("groups").join(name)).ok()
+    };
+    let mut all = NodeSet::new();
+    for s in sets {
+        let set = NodeSet::parse_with(s, &groups, limit).map_err(|e| anyhow::anyhow!("{s}: {e}"))?;
+        all.union(&set);
+        if all.len() > limit {
+            bail!("nodeset too large: {} names, the limit is {limit}", all.len());
+        }
+    }
+    if fold {
+        println!("{}", all.fold());
+    } else if expand {
+        println!("{}", all.iter().collect::<Vec<_>>().join(" "));
+    } else if count {
+        println!("{}", all.len());
+    }
+    Ok(())
+}

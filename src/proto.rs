@@ -1,0 +1,214 @@
+//! The head <-> agent wire: length-prefixed frames carrying JSON messages or raw bulk bytes.
+//!
+//! A frame is a 4-byte big-endian length, then one kind byte (`J` JSON, `B` bulk), then the
+//! payload. A frame longer than the limit is an error that closes the connection.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::sitrep::Report;
+
+/// The protocol version both sides must speak.
+pub const PROTOCOL: u32 = 1;
+/// Default largest frame: 16 MiB.
+pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connection closed")]
+    Closed,
+    #[error("bad frame: {0}")]
+    BadFrame(String),
+    #[error("unexpected message: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("refused by the head: {0}")]
+    Refused(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+/// Work the head asks an agent to do; each carries a request id the agent deduplicates on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// A round trip, for `nodes/<node>/ping`.
+    Ping,
+}
+
+/// What an agent answers to an [`Op`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Pong,
+}
+
+/// Every JSON message, in both directions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Agent -> head: who I claim to be, and my fresh nonce.
+    Hello { protocol: u32, node: String, agent_version: String, nonce: String },
+    /// Head -> agent: the head's nonce and its proof that it knows the secret.
+    Challenge { nonce: String, proof: String },
+    /// Agent -> head: the agent's proof.
+    Proof { proof: String },
+    /// Head -> agent: accepted; report every `interval_ms`.
+    Welcome { interval_ms: u64 },
+    /// Either way: refused, with the reason; the connection closes after it.
+    Refused { reason: String },
+    /// Agent -> head: one report of the node's state.
+    Sitrep { report: Report },
+    /// Head -> agent: do `op`.
+    Request { id: u64, op: Op },
+    /// Agent -> head: the outcome of request `id`.
+    Response { id: u64, result: Result<Reply, String> },
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Challenge { .. } => "challenge",
+            Message::Proof { .. } => "proof",
+            Message::Welcome { .. } => "welcome",
+            Message::Refused { .. } => "refused",
+            Message::Sitrep { .. } => "sitrep",
+            Message::Request { .. } => "request",
+            Message::Response { .. } => "response",
+        }
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Message(Message),
+    /// Raw bytes of stream `stream` (file copies).
+    Bulk {
+        stream: u64,
+        data: Bytes,
+    },
+}
+
+impl Frame {
+    /// Encodes the payload (kind byte + body), without the length prefix.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        match self {
+            Frame::Message(m) => {
+                out.put_u8(b'J');
+                out.extend_from_slice(&serde_json::to_vec(m).expect("messages always serialize"));
+            }
+            Frame::Bulk { stream, data } => {
+                out.put_u8(b'B');
+                out.put_u64(*stream);
+                out.extend_from_slice(data);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Decodes a payload; never panics on any input.
+    pub fn decode(payload: &[u8]) -> Result<Frame, ProtoError> {
+        match payload.split_first() {
+            Some((b'J', body)) => serde_json::from_slice(body)
+                .map(Frame::Message)
+                .map_err(|e| ProtoError::BadFrame(format!("message: {e}"))),
+            Some((b'B', body)) if body.len() >= 8 => {
+                let (id, data) = body.split_at(8);
+                let stream = u64::from_be_bytes(id.try_into().expect("split at 8"));
+                Ok(Frame::Bulk { stream, data: Bytes::copy_from_slice(data) })
+            }
+            Some((b'B', _)) => Err(ProtoError::BadFrame("bulk frame shorter than its header".into())),
+            Some((k, _)) => Err(ProtoError::BadFrame(format!("unknown frame kind {k:#04x}"))),
+            None => Err(ProtoError::BadFrame("empty frame".into())),
+        }
+    }
+}
+
+/// A framed connection.
+#[derive(Debug)]
+pub struct Conn<S> {
+    inner: Framed<S, LengthDelimitedCodec>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    pub fn new(stream: S, max_frame: usize) -> Conn<S> {
+        let codec = LengthDelimitedCodec::builder().max_frame_length(max_frame).new_codec();
+        Conn { inner: Framed::new(stream, codec) }
+    }
+
+    pub async fn send(&mut self, msg: &Message) -> Result<(), ProtoError> {
+        self.send_frame(&Frame::Message(msg.clone())).await
+    }
+
+    pub async fn send_frame(&mut self, frame: &Frame) -> Result<(), ProtoError> {
+        self.inner.send(frame.encode()).await?;
+        Ok(())
+    }
+
+    /// The next frame; an oversized or undecodable frame is an error.
+    pub async fn recv_frame(&mut self) -> Result<Frame, ProtoError> {
+        match self.inner.next().await {
+            Some(Ok(buf)) => Frame::decode(&buf),
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(ProtoError::BadFrame(format!("frame over the size limit: {e}")))
+            }
+            Some(Err(e)) => Err(e.into()),
+            None => Err(ProtoError::Closed),
+        }
+    }
+
+    /// The next JSON message (bulk frames are not expected here).
+    pub async fn recv(&mut self) -> Result<Message, ProtoError> {
+        match self.recv_frame().await? {
+            Frame::Message(m) => Ok(m),
+            Frame::Bulk { .. } => Err(ProtoError::Unexpected { expected: "a message", got: "bulk data".into() }),
+        }
+    }
+
+    pub fn into_parts(self) -> Framed<S, LengthDelimitedCodec> {
+        self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let frames = [
+            Frame::Message(Message::Request { id: 7, op: Op::Ping }),
+            Frame::Message(Message::Response { id: 7, result: Err("no".into()) }),
+            Frame::Bulk { stream: 3, data: Bytes::from_static(b"abc") },
+        ];
+        for f in frames {
+            assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn junk_is_an_error_not_a_panic() {
+        for junk in [&b""[..], b"X", b"J", b"J{", b"B\0\0", b"J{\"type\":\"nope\"}", &[0xff; 64]] {
+            assert!(Frame::decode(junk).is_err(), "{junk:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_closes() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut tx = Conn::new(a, 1 << 20);
+        let mut rx = Conn::new(b, 1024);
+        let big = Frame::Bulk { stream: 1, data: Bytes::from(vec![0u8; 4096]) };
+        tx.send_frame(&big).await.unwrap();
+        assert!(matches!(rx.recv_frame().await, Err(ProtoError::BadFrame(_))));
+    }
+}

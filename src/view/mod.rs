@@ -1,0 +1,178 @@
+//! The tree `/cluster` shows: renders the cluster model as files for `clusterfs-fs`.
+
+mod groups;
+mod nodes;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result, Tree, Write};
+
+use crate::head::cluster::Cluster;
+
+/// One file a directory always has: its name, kind, mode and what it holds.
+#[derive(Debug)]
+pub struct FileSpec {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub perm: u16,
+    pub help: &'static str,
+}
+
+/// One verb a control file takes.
+#[derive(Debug)]
+pub struct Verb {
+    pub name: &'static str,
+    pub args: &'static str,
+    pub help: &'static str,
+}
+
+const ROOT_FILES: &[FileSpec] = &[
+    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    FileSpec { name: "version", kind: Kind::Snapshot, perm: 0o444, help: "`clusterfs <version>`" },
+    FileSpec { name: "status", kind: Kind::Snapshot, perm: 0o444, help: "one line per subsystem with its counts" },
+    FileSpec {
+        name: "nodes",
+        kind: Kind::Dir,
+        perm: 0o755,
+        help: "every node: live sitreps, state, drain (see nodes/<node>/README)",
+    },
+    FileSpec {
+        name: "groups",
+        kind: Kind::Dir,
+        perm: 0o755,
+        help: "named nodesets, usable as @name (see groups/README)",
+    },
+];
+
+/// The README of a directory, generated from the tables the code uses.
+pub fn readme(title: &str, files: &[FileSpec], verbs: &[(&str, &[Verb])], extra: &str) -> Vec<u8> {
+    let mut out = format!("{title}\n\n");
+    for f in files {
+        let kind = match f.kind {
+            Kind::Dir => "dir ",
+            Kind::Control => "w   ",
+            Kind::Log => "log ",
+            _ => "r   ",
+        };
+        let _ = writeln!(out, "  {kind} {:<12} {}", f.name, f.help);
+    }
+    for (file, vs) in verbs {
+        let _ = writeln!(out, "\nverbs of {file} (one command per write):");
+        for v in *vs {
+            let _ = writeln!(out, "  {:<24} {}", format!("{} {}", v.name, v.args).trim_end(), v.help);
+        }
+    }
+    if !extra.is_empty() {
+        let _ = write!(out, "\n{extra}");
+    }
+    out.into_bytes()
+}
+
+/// The node of a fixed file in `files`.
+fn spec_node(files: &[FileSpec], name: &str) -> Option<Node> {
+    files.iter().find(|f| f.name == name).map(|f| Node::new(f.kind, f.perm).mtime(SystemTime::now()))
+}
+
+/// A control command as text: UTF-8, no NUL, one line, not empty.
+pub fn command_text(data: &[u8], max: usize) -> Result<&str> {
+    if data.len() > max {
+        return Err(FsError::invalid(format!("a command is at most {max} bytes (got {})", data.len())));
+    }
+    let text = std::str::from_utf8(data).map_err(|_| FsError::invalid("the command is not valid UTF-8"))?;
+    if text.contains('\0') {
+        return Err(FsError::invalid("the command contains a NUL byte"));
+    }
+    let text = text.strip_suffix('\n').unwrap_or(text).trim();
+    if text.is_empty() {
+        return Err(FsError::invalid("empty command"));
+    }
+    if text.contains('\n') {
+        return Err(FsError::invalid("one command per write (got several lines)"));
+    }
+    Ok(text)
+}
+
+/// Runs store-touching work off the FUSE thread.
+pub fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Answer<T> {
+    Answer::later(async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| Err(FsError::new(clusterfs_fs::Errno::Io, format!("internal error: {e}"))))
+    })
+}
+
+/// The `/cluster` tree.
+#[derive(Debug)]
+pub struct View {
+    cluster: Arc<Cluster>,
+}
+
+impl View {
+    pub fn new(cluster: Arc<Cluster>) -> View {
+        View { cluster }
+    }
+}
+
+impl Tree for View {
+    fn node(&self, path: &[&str]) -> Result<Node> {
+        let node = match path {
+            [] => Ok(Node::dir()),
+            [name] => spec_node(ROOT_FILES, name).ok_or_else(|| FsError::not_found(format!("/{name}"))),
+            ["nodes", rest @ ..] => nodes::node(&self.cluster, rest),
+            ["groups", rest @ ..] => groups::node(&self.cluster, rest),
+            _ => Err(FsError::not_found(path.join("/"))),
+        }?;
+        // Objects with no time of their own date from the head's start.
+        Ok(if node.mtime == SystemTime::UNIX_EPOCH { node.mtime(self.cluster.started_at) } else { node })
+    }
+
+    fn list(&self, path: &[&str]) -> Result<Vec<String>> {
+        match path {
+            [] => Ok(ROOT_FILES.iter().map(|f| f.name.to_string()).collect()),
+            ["nodes", rest @ ..] => nodes::list(&self.cluster, rest),
+            ["groups", rest @ ..] => groups::list(&self.cluster, rest),
+            _ => Err(FsError::not_found(path.join("/"))),
+        }
+    }
+
+    fn render(&self, path: &[&str], caller: &Caller, _nonblock: bool) -> Answer<Vec<u8>> {
+        match path {
+            ["README"] => Answer::Now(Ok(readme(
+                "/cluster: the whole cluster as one filesystem",
+                ROOT_FILES,
+                &[],
+                "Every directory that accepts writes has a README and an `error` file; `error`\n\
+                 shows the reader's own last failure there as `ERRNO: sentence`.\n",
+            ))),
+            ["version"] => Answer::Now(Ok(format!("clusterfs {}\n", env!("CARGO_PKG_VERSION")).into_bytes())),
+            ["status"] => Answer::Now(Ok(self.cluster.status().into_bytes())),
+            ["nodes", rest @ ..] => nodes::render(&self.cluster, rest, caller),
+            ["groups", rest @ ..] => groups::render(&self.cluster, rest),
+            _ => Answer::Now(Err(FsError::not_found(path.join("/")))),
+        }
+    }
+
+    fn write(&self, path: &[&str], caller: &Caller, write: Write<'_>) -> Answer<Vec<u8>> {
+        match path {
+            ["nodes", rest @ ..] => nodes::write(&self.cluster, rest, caller, write.data),
+            ["groups", rest @ ..] => groups::write(&self.cluster, rest, caller, write.data),
+            _ => Answer::Now(Err(FsError::denied("this file is read-only"))),
+        }
+    }
+
+    fn create(&self, path: &[&str], caller: &Caller, _mode: u32) -> Answer<()> {
+        match path {
+            ["groups", name] => groups::create(&self.cluster, name, caller),
+            _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "files cannot be made here"))),
+        }
+    }
+
+    fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        match path {
+            ["groups", name] => groups::remove(&self.cluster, name, caller),
+            _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "this file cannot be removed"))),
+        }
+    }
+}

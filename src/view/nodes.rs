@@ -1,0 +1,162 @@
+//! `nodes/`: folded node sets, the best node, and per node its sitrep, state, ctl and ping.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result};
+
+use super::{FileSpec, Verb, blocking, command_text, readme, spec_node};
+use crate::head::cluster::{Cluster, Which};
+use crate::proto::Op;
+use crate::sitrep::Sitrep;
+
+const SETS: &[(&str, Which)] =
+    &[("all", Which::All), ("up", Which::Up), ("down", Which::Down), ("drained", Which::Drained)];
+
+const DIR_FILES: &[FileSpec] = &[
+    FileSpec { name: "all", kind: Kind::Snapshot, perm: 0o444, help: "every known node, folded: cn[0-3,5-9]" },
+    FileSpec { name: "up", kind: Kind::Snapshot, perm: 0o444, help: "nodes up and not drained" },
+    FileSpec { name: "down", kind: Kind::Snapshot, perm: 0o444, help: "nodes whose agent is gone or silent" },
+    FileSpec { name: "drained", kind: Kind::Snapshot, perm: 0o444, help: "nodes up but drained" },
+    FileSpec {
+        name: "best",
+        kind: Kind::Snapshot,
+        perm: 0o444,
+        help: "the up, undrained node with the lowest load_index",
+    },
+];
+
+pub const NODE_FILES: &[FileSpec] = &[
+    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    FileSpec { name: "sitrep", kind: Kind::Snapshot, perm: 0o444, help: "`key value` lines in a fixed order" },
+    FileSpec { name: "sitrep.json", kind: Kind::Snapshot, perm: 0o444, help: "the same as one JSON object" },
+    FileSpec { name: "metrics", kind: Kind::Snapshot, perm: 0o444, help: "the same in Prometheus text format" },
+    FileSpec { name: "state", kind: Kind::Snapshot, perm: 0o444, help: "up | down <reason> | drained <reason>" },
+    FileSpec { name: "ctl", kind: Kind::Control, perm: 0o644, help: "root writes a verb below" },
+    FileSpec { name: "jobs", kind: Kind::Snapshot, perm: 0o444, help: "ids of jobs running here, one per line" },
+    FileSpec { name: "ping", kind: Kind::Snapshot, perm: 0o444, help: "a round trip to the agent at read: `0.21 ms`" },
+    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+];
+
+pub const VERBS: &[Verb] = &[
+    Verb { name: "drain", args: "[reason]", help: "take the node out of placement (kept across restarts)" },
+    Verb { name: "resume", args: "", help: "put a drained node back" },
+];
+
+/// Longest drain reason kept.
+const MAX_REASON: usize = 256;
+
+pub fn node(cluster: &Cluster, path: &[&str]) -> Result<Node> {
+    match path {
+        [] => Ok(Node::dir()),
+        [name] if cluster.exists(name) => Ok(Node::dir()),
+        [name] => spec_node(DIR_FILES, name).ok_or_else(|| FsError::not_found(format!("node {name}"))),
+        [name, file] => {
+            let v = cluster.view(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
+            let node = spec_node(NODE_FILES, file).ok_or_else(|| FsError::not_found(format!("nodes/{name}/{file}")))?;
+            Ok(match *file {
+                "sitrep" | "sitrep.json" | "metrics" => node.mtime(v.seen_at),
+                "state" => node.mtime(v.changed),
+                _ => node,
+            })
+        }
+        _ => Err(FsError::not_found(format!("nodes/{}", path.join("/")))),
+    }
+}
+
+pub fn list(cluster: &Cluster, path: &[&str]) -> Result<Vec<String>> {
+    match path {
+        [] => Ok(DIR_FILES.iter().map(|f| f.name.to_string()).chain(cluster.names()).collect()),
+        [name] if cluster.exists(name) => Ok(NODE_FILES.iter().map(|f| f.name.to_string()).collect()),
+        _ => Err(FsError::not_found(format!("nodes/{}", path.join("/")))),
+    }
+}
+
+pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer<Vec<u8>> {
+    let line = |s: String| Answer::Now(Ok(format!("{s}\n").into_bytes()));
+    match path {
+        ["best"] => line(cluster.best().unwrap_or_default()),
+        [set] => match SETS.iter().find(|(n, _)| n == set) {
+            Some((_, which)) => line(cluster.set(*which).fold()),
+            None => Answer::Now(Err(FsError::not_found(format!("nodes/{set}")))),
+        },
+        [name, "ping"] => ping(cluster.clone(), name.to_string()),
+        [name, file] => {
+            let Some(v) = cluster.view(name) else {
+                return Answer::Now(Err(FsError::not_found(format!("node {name}"))));
+            };
+            let state = v.state.line();
+            let sitrep = Sitrep { name, state: v.state.word(), age_s: v.age_s, report: &v.report };
+            Answer::Now(match *file {
+                "README" => Ok(readme(
+                    &format!("nodes/{name}: one node of the cluster"),
+                    NODE_FILES,
+                    &[("ctl", VERBS)],
+                    "The sitrep keys, their units and the perf_score and load_index formulas are in README.md.\n",
+                )),
+                "sitrep" => Ok(sitrep.text().into_bytes()),
+                "sitrep.json" => Ok(sitrep.json().into_bytes()),
+                "metrics" => Ok(sitrep.metrics().into_bytes()),
+                "state" => Ok(format!("{state}\n").into_bytes()),
+                "ctl" => Ok(VERBS
+                    .iter()
+                    .map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n")
+                    .collect::<String>()
+                    .into_bytes()),
+                // No job runs on a node until the jobs subsystem places one there.
+                "jobs" => Ok(Vec::new()),
+                _ => Err(FsError::not_found(format!("nodes/{name}/{file}"))),
+            })
+        }
+        _ => Answer::Now(Err(FsError::not_found(format!("nodes/{}", path.join("/"))))),
+    }
+}
+
+/// Measures a round trip to the agent now, from a task.
+fn ping(cluster: Arc<Cluster>, name: String) -> Answer<Vec<u8>> {
+    Answer::later(async move {
+        let timeout = Duration::from_millis(cluster.cfg.ping_timeout_ms);
+        let start = Instant::now();
+        cluster.request(&name, Op::Ping, timeout).await?;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        Ok(format!("{ms:.2} ms\n").into_bytes())
+    })
+}
+
+pub fn write(cluster: &Arc<Cluster>, path: &[&str], caller: &Caller, data: &[u8]) -> Answer<Vec<u8>> {
+    let [name, "ctl"] = path else {
+        return Answer::Now(Err(FsError::denied("this file is read-only")));
+    };
+    if !caller.is_root() {
+        return Answer::Now(Err(FsError::denied("only root may drain or resume a node")));
+    }
+    if !cluster.exists(name) {
+        return Answer::Now(Err(FsError::not_found(format!("node {name}"))));
+    }
+    let text = match command_text(data, 4096) {
+        Ok(t) => t,
+        Err(e) => return Answer::Now(Err(with_usage(e))),
+    };
+    let (verb, args) = text.split_once(char::is_whitespace).map_or((text, ""), |(v, a)| (v, a.trim()));
+    let name = name.to_string();
+    let cluster = cluster.clone();
+    match verb {
+        "drain" => {
+            if args.len() > MAX_REASON || args.chars().any(char::is_control) {
+                return Answer::Now(Err(FsError::invalid(format!(
+                    "a drain reason is at most {MAX_REASON} printable characters"
+                ))));
+            }
+            let reason = args.to_string();
+            blocking(move || cluster.drain(&name, &reason).map(|()| Vec::new()))
+        }
+        "resume" if args.is_empty() => blocking(move || cluster.resume(&name).map(|()| Vec::new())),
+        "resume" => Answer::Now(Err(FsError::invalid("resume takes no argument"))),
+        other => Answer::Now(Err(with_usage(FsError::invalid(format!("unknown verb {other:?}"))))),
+    }
+}
+
+fn with_usage(e: FsError) -> FsError {
+    let verbs: Vec<String> = VERBS.iter().map(|v| format!("{} {}", v.name, v.args).trim_end().to_string()).collect();
+    FsError::new(e.errno, format!("{}; nodes/<node>/ctl takes: {}", e.message, verbs.join(" | ")))
+}

@@ -1,0 +1,239 @@
+//! Starts real heads and agents on a temporary mountpoint; everything is stopped and unmounted on drop.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Polls `f` until it holds or `timeout` passes; returns whether it held.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let head = PathBuf::from(env!("CARGO_BIN_EXE_clusterfs"));
+    let p = head.with_file_name(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// A running cluster: `clusterfs up` with local agents, on its own mountpoint and state.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub state: PathBuf,
+    pub nodes: String,
+    head: Option<Child>,
+    agents: Vec<Child>,
+}
+
+impl Cluster {
+    /// `clusterfs up` serving `nodes`, reports every `interval_ms`; returns once all are up.
+    pub fn up(nodes: &str, interval_ms: u64) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("clusterfs-test").tempdir().expect("tempdir");
+        // Unprivileged test users must be able to reach the mountpoint.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mnt = dir.path().join("mnt");
+        let state = dir.path().join("state");
+        fs::write(
+            dir.path().join("config.toml"),
+            format!("[head]\ninterval_ms = {interval_ms}\nmissed_intervals = 3\nping_timeout_ms = 1000\n"),
+        )
+        .expect("config");
+        let mut c = Cluster { dir, mnt, state, nodes: nodes.to_string(), head: None, agents: Vec::new() };
+        c.start_head();
+        c
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("head.log")
+    }
+
+    /// Starts (or restarts) the head on the same state and mountpoint.
+    pub fn start_head(&mut self) {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log");
+        let child = Command::new(bin("clusterfs"))
+            .arg("up")
+            .arg(&self.mnt)
+            .args(["--nodes", &self.nodes, "--listen", "127.0.0.1:0", "--state"])
+            .arg(&self.state)
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .env("CLUSTERFS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start clusterfs up");
+        self.head = Some(child);
+        let want = format!("{}\n", fold(&self.nodes));
+        let ok = eventually(Duration::from_secs(20), || self.try_read("nodes/up").is_some_and(|s| s == want));
+        assert!(ok, "nodes/up never became {want:?}; head log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn try_read(&self, rel: &str) -> Option<String> {
+        fs::read_to_string(self.path(rel)).ok()
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    }
+
+    /// Writes `data` in one write(2), as `echo` would; returns the errno on failure.
+    pub fn write(&self, rel: &str, data: &[u8]) -> Result<(), i32> {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.path(rel))
+            .map_err(|e| e.raw_os_error().unwrap_or(0))?;
+        f.write(data).map(|_| ()).map_err(|e| e.raw_os_error().unwrap_or(0))
+    }
+
+    pub fn addr(&self) -> String {
+        fs::read_to_string(self.state.join("head.addr")).expect("head.addr").trim().to_string()
+    }
+
+    pub fn secret_file(&self) -> PathBuf {
+        self.state.join("secret")
+    }
+
+    /// Starts an extra agent process for `name`; it is stopped when the cluster drops.
+    pub fn agent(&mut self, name: &str) -> usize {
+        let child = Command::new(bin("clusterfs-agent"))
+            .args(["--head", &self.addr(), "--name", name, "--secret-file"])
+            .arg(self.secret_file())
+            .env("CLUSTERFS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start clusterfs-agent");
+        self.agents.push(child);
+        self.agents.len() - 1
+    }
+
+    pub fn agent_pid(&self, i: usize) -> i32 {
+        pid(&self.agents[i])
+    }
+
+    pub fn kill_agent(&mut self, i: usize) {
+        let _ = self.agents[i].kill();
+        let _ = self.agents[i].wait();
+    }
+
+    pub fn head_pid(&self) -> i32 {
+        pid(self.head.as_ref().expect("head running"))
+    }
+
+    /// SIGKILLs the head: the mount is left stale, as after a crash. Its local agent lives on
+    /// until it is killed too (it is a separate process).
+    pub fn crash_head(&mut self) {
+        if let Some(mut h) = self.head.take() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+
+    /// Stops the head with SIGTERM and waits for a clean unmount.
+    pub fn stop_head(&mut self) {
+        if let Some(mut h) = self.head.take() {
+            signal(pid(&h), libc::SIGTERM);
+            let done = eventually(Duration::from_secs(10), || matches!(h.try_wait(), Ok(Some(_))));
+            if !done {
+                let _ = h.kill();
+                let _ = h.wait();
+            }
+        }
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        is_mounted(&self.mnt)
+    }
+}
+
+pub fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    let p = p.to_string_lossy().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+fn detach(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path has no NUL");
+    // SAFETY: umount2 reads a valid NUL-terminated path; MNT_DETACH needs nothing else.
+    unsafe {
+        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        self.stop_head();
+        // The local agent of a crashed head outlives it: find it by its secret file path.
+        let secret = self.secret_file();
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(format!("--secret-file {}", secret.display())).status();
+        if is_mounted(&self.mnt) {
+            detach(&self.mnt);
+        }
+    }
+}
+
+/// Folds a nodeset with the project's own parser.
+pub fn fold(set: &str) -> String {
+    clusterfs::nodeset::NodeSet::parse(set).expect("test nodeset").fold()
+}
+
+/// Runs `bash -c script` as `user` (runuser); returns (exit code, stdout, stderr).
+pub fn sh_as(user: &str, script: &str) -> (i32, String, String) {
+    let out = Command::new("runuser").args(["-u", user, "--", "bash", "-c", script]).output().expect("runuser");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// Runs `bash -c script` as root; returns (exit code, stdout, stderr).
+pub fn sh(script: &str) -> (i32, String, String) {
+    let out = Command::new("bash").args(["-c", script]).output().expect("bash");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// A child's pid as kill(2) takes it (pids fit in i32 on Linux).
+fn pid(child: &Child) -> i32 {
+    i32::try_from(child.id()).expect("pids fit in i32")
+}

@@ -1,0 +1,1 @@
+//! NFS re-export through nfs-ganesha: see nfs tests.

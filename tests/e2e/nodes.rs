@@ -1,0 +1,209 @@
+//! nodes/: live sitreps, sets, state, drain/resume, down after missed reports, ping.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{Cluster, eventually, sh, sh_as, signal};
+use clusterfs::sitrep::KEYS;
+
+#[test]
+fn sitrep_has_every_key_in_order_in_three_formats() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn[0-2]", 200);
+    assert_eq!(c.read("nodes/all"), "cn[0-2]\n");
+    assert_eq!(c.read("nodes/down"), "\n");
+    assert_eq!(c.read("nodes/drained"), "\n");
+    assert!(["cn0\n", "cn1\n", "cn2\n"].contains(&c.read("nodes/best").as_str()));
+    let text = c.read("nodes/cn1/sitrep");
+    let lines: Vec<(&str, &str)> = text.lines().map(|l| l.split_once(' ').expect("key value")).collect();
+    assert_eq!(lines.iter().map(|l| l.0).collect::<Vec<_>>(), KEYS.iter().map(|k| k.0).collect::<Vec<_>>());
+    for (k, v) in &lines {
+        match *k {
+            "name" => assert_eq!(*v, "cn1"),
+            "state" => assert_eq!(*v, "up"),
+            "agent_version" => assert_eq!(*v, env!("CARGO_PKG_VERSION")),
+            _ => assert!(v.parse::<f64>().is_ok_and(f64::is_finite), "{k} = {v:?} is not a number"),
+        }
+    }
+    let get = |k: &str| lines.iter().find(|l| l.0 == k).map(|l| l.1.parse::<f64>().unwrap()).unwrap();
+    assert!(get("mem_total") > get("mem_avail") && get("mem_avail") > 0.0);
+    assert!(get("cpus") >= 1.0 && get("uptime_s") > 0.0 && get("perf_score") > 0.0);
+    assert!(get("age_s") < 1.0, "a node reporting every 200 ms has a fresh sitrep");
+
+    let json: serde_json::Value = serde_json::from_str(&c.read("nodes/cn1/sitrep.json")).unwrap();
+    let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+    let want: Vec<&str> = KEYS.iter().map(|k| k.0).collect();
+    assert_eq!(keys.iter().map(|k| k.as_str()).collect::<Vec<_>>(), want);
+    assert_eq!(json["name"], "cn1");
+    assert!(json["load1"].is_number() && json["mem_total"].is_u64());
+
+    let metrics = c.read("nodes/cn1/metrics");
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        assert!(line.contains("node=\"cn1\""), "unlabelled sample: {line}");
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+    assert!(metrics.contains("clusterfs_node_state{node=\"cn1\",state=\"up\"} 1\n"));
+    assert!(c.read("status").starts_with("nodes all=3 up=3 down=0 drained=0\n"));
+    assert_eq!(c.read("version"), format!("clusterfs {}\n", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn sitrep_is_live() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 100);
+    let uptime = |c: &Cluster| -> f64 {
+        let s = c.read("nodes/cn0/sitrep");
+        s.lines().find_map(|l| l.strip_prefix("uptime_s ")).unwrap().parse().unwrap()
+    };
+    let first = uptime(&c);
+    assert!(eventually(Duration::from_secs(5), || uptime(&c) >= first + 0.3), "uptime_s never advanced");
+}
+
+#[test]
+fn drain_resume_and_bad_commands() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn[0-2]", 200);
+    let (rc, _, err) = sh(&format!("echo 'drain disk swap' > {}", c.path("nodes/cn1/ctl").display()));
+    assert_eq!(rc, 0, "{err} {:?}\n{}", c.try_read("nodes/cn1/error"), c.log());
+    assert_eq!(c.read("nodes/drained"), "cn1\n");
+    assert_eq!(c.read("nodes/up"), "cn[0,2]\n");
+    assert_eq!(c.read("nodes/cn1/state"), "drained disk swap\n");
+    assert_ne!(c.read("nodes/best"), "cn1\n", "a drained node is never best");
+
+    // Each bad write: EINVAL from write(2), a sentence in error, and nothing changed.
+    let bad: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("unknown verb", b"bogus\n".to_vec(), "unknown verb \"bogus\""),
+        ("empty line", b"\n".to_vec(), "empty command"),
+        ("NUL byte", b"resume\0\n".to_vec(), "NUL"),
+        ("invalid UTF-8", b"drain \xff\xfe\n".to_vec(), "UTF-8"),
+        ("resume with args", b"resume now\n".to_vec(), "no argument"),
+        ("two lines", b"resume\ndrain x\n".to_vec(), "one command per write"),
+        ("1 MiB of garbage", vec![b'x'; 1 << 20], "at most 4096 bytes"),
+        ("control chars in reason", b"drain a\x07b\n".to_vec(), "printable"),
+    ];
+    for (what, data, sentence) in bad {
+        assert_eq!(c.write("nodes/cn1/ctl", &data), Err(libc::EINVAL), "{what}");
+        let err = c.read("nodes/cn1/error");
+        assert!(err.starts_with("EINVAL: ") && err.contains(sentence), "{what}: error file says {err:?}");
+        assert_eq!(c.read("nodes/cn1/state"), "drained disk swap\n", "{what} changed the state");
+    }
+    // The shell sees the write error too.
+    let (rc, _, err) = sh(&format!("echo bogus > {}", c.path("nodes/cn1/ctl").display()));
+    assert_ne!(rc, 0);
+    assert!(err.contains("Invalid argument"), "{err}");
+
+    // Only root drains; a user gets EACCES and the node is untouched.
+    let (rc, _, err) = sh_as("nobody", &format!("echo resume > {}", c.path("nodes/cn1/ctl").display()));
+    assert_ne!(rc, 0);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert_eq!(c.read("nodes/cn1/state"), "drained disk swap\n");
+    // Another user's error file is their own: root's failures are not shown to nobody.
+    let (_, out, _) = sh_as("nobody", &format!("cat {}", c.path("nodes/cn1/error").display()));
+    assert_eq!(out, "");
+
+    assert_eq!(c.write("nodes/cn1/ctl", b"resume\n"), Ok(()));
+    assert_eq!(c.read("nodes/cn1/state"), "up\n");
+    assert_eq!(c.read("nodes/drained"), "\n");
+    // A drain without a reason.
+    assert_eq!(c.write("nodes/cn2/ctl", b"drain"), Ok(()));
+    assert_eq!(c.read("nodes/cn2/state"), "drained\n");
+}
+
+#[test]
+fn drain_survives_a_head_restart() {
+    if !crate::can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn[0-1]", 200);
+    c.write("nodes/cn0/ctl", b"drain bad dimm\n").unwrap();
+    c.write("groups/pair", b"cn[0-1]\n").unwrap();
+    c.stop_head();
+    assert!(!c.is_mounted(), "SIGTERM unmounts cleanly");
+    c.nodes = "cn1".into();
+    c.start_head();
+    // cn0's agent went with the old head: known, down, and still drained.
+    assert!(c.read("nodes/cn0/state").starts_with("down"));
+    assert_eq!(c.read("groups/pair"), "cn[0-1]\n");
+    let mut c2 = c;
+    c2.agent("cn0");
+    assert!(eventually(Duration::from_secs(10), || c2.read("nodes/cn0/state") == "drained bad dimm\n"));
+}
+
+#[test]
+fn node_goes_down_after_missed_reports_and_comes_back() {
+    if !crate::can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn0", 100);
+    let a = c.agent("cn9");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0,9]\n"), "cn9 never came up");
+    // A stopped (not dead) agent keeps its TCP connection but stops reporting.
+    signal(c.agent_pid(a), libc::SIGSTOP);
+    let stopped = Instant::now();
+    assert!(eventually(Duration::from_secs(5), || c.read("nodes/down") == "cn9\n"));
+    let took = stopped.elapsed();
+    // The last report may be up to one interval old when the agent stops.
+    assert!(took >= Duration::from_millis(150), "down after 3 missed 100 ms intervals, not at once ({took:?})");
+    assert!(c.read("nodes/cn9/state").starts_with("down no report for"), "{}", c.read("nodes/cn9/state"));
+    // ping to a down node: EHOSTDOWN and a sentence.
+    let err = std::fs::read_to_string(c.path("nodes/cn9/ping")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EHOSTDOWN));
+    let sentence = c.read("nodes/cn9/error");
+    assert!(sentence.starts_with("EHOSTDOWN: node cn9 is down (no report for"), "{sentence:?}");
+    signal(c.agent_pid(a), libc::SIGCONT);
+    assert!(eventually(Duration::from_secs(5), || c.read("nodes/up") == "cn[0,9]\n"), "cn9 never came back");
+    // A killed agent: down at once (the connection closed), and up again when it returns.
+    c.kill_agent(a);
+    assert!(eventually(Duration::from_secs(5), || c.read("nodes/cn9/state").starts_with("down")));
+    c.agent("cn9");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/cn9/state") == "up\n"));
+}
+
+#[test]
+fn ping_measures_a_round_trip() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn[0-1]", 200);
+    let p = c.read("nodes/cn1/ping");
+    let ms: f64 = p.strip_suffix(" ms\n").unwrap_or_else(|| panic!("{p:?}")).parse().unwrap();
+    assert!(ms > 0.0 && ms < 1000.0, "{p}");
+}
+
+#[test]
+fn slow_agents_never_hold_fuse_threads() {
+    if !crate::can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn0", 200);
+    let a = c.agent("cn5");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0,5]\n"));
+    // SIGSTOP the agent just after its report: pings wait for it (up to the 1 s timeout).
+    signal(c.agent_pid(a), libc::SIGSTOP);
+    let ping = c.path("nodes/cn5/ping");
+    let pings: Vec<_> = (0..12)
+        .map(|_| {
+            let p = ping.clone();
+            std::thread::spawn(move || std::fs::read_to_string(p).map_err(|e| e.raw_os_error()))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // More pings wait than there are FUSE threads, yet other reads are answered at once.
+    let start = Instant::now();
+    assert_eq!(c.read("nodes/all"), "cn[0,5]\n");
+    let _ = c.read("nodes/cn0/sitrep");
+    assert!(start.elapsed() < Duration::from_millis(500), "a read waited behind pings: {:?}", start.elapsed());
+    for p in pings {
+        let r = p.join().unwrap();
+        assert!(matches!(r, Err(Some(libc::ETIMEDOUT)) | Err(Some(libc::EHOSTDOWN))), "{r:?}");
+    }
+    let err = c.read("nodes/cn5/error");
+    assert!(err.starts_with("ETIMEDOUT: node cn5 did not answer") || err.starts_with("EHOSTDOWN: node cn5"), "{err:?}");
+    signal(c.agent_pid(a), libc::SIGCONT);
+}

@@ -1,0 +1,72 @@
+//! A small tree for testing the layer: a growing log, a snapshot, a control file, a blocking file.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result, Tree, Write};
+
+#[derive(Debug, Default)]
+pub struct Toy {
+    pub log: Mutex<Vec<u8>>,
+    pub counter: AtomicU64,
+    /// Set: the `wait` file is ready with this content.
+    pub ready: Mutex<Option<String>>,
+}
+
+impl Tree for Toy {
+    fn node(&self, path: &[&str]) -> Result<Node> {
+        match path {
+            [] | ["d"] => Ok(Node::dir()),
+            ["log"] => Ok(Node::new(Kind::Log, 0o444).size(self.log.lock().unwrap().len() as u64)),
+            ["snap"] => Ok(Node::new(Kind::Snapshot, 0o444)),
+            ["ctl"] => Ok(Node::new(Kind::Control, 0o666)),
+            ["wait"] => Ok(Node::new(Kind::Blocking, 0o444)),
+            ["d", "error"] => Ok(Node::new(Kind::Error, 0o444)),
+            ["d", "ctl"] => Ok(Node::new(Kind::Control, 0o666)),
+            _ => Err(FsError::not_found(path.join("/"))),
+        }
+    }
+
+    fn list(&self, path: &[&str]) -> Result<Vec<String>> {
+        match path {
+            [] => Ok(["log", "snap", "ctl", "wait", "d"].map(String::from).to_vec()),
+            ["d"] => Ok(vec!["error".into(), "ctl".into()]),
+            _ => Err(FsError::not_found("dir")),
+        }
+    }
+
+    fn render(&self, path: &[&str], _caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
+        match path {
+            ["snap"] => {
+                let n = self.counter.fetch_add(1, Ordering::SeqCst);
+                Answer::Now(Ok(format!("render {n}\n").into_bytes()))
+            }
+            ["ctl"] | ["d", "ctl"] => Answer::Now(Ok(b"usage: ping\n".to_vec())),
+            ["wait"] => match self.ready.lock().unwrap().clone() {
+                Some(s) => Answer::Now(Ok(s.into_bytes())),
+                None if nonblock => Answer::Now(Err(FsError::new(Errno::Again, "not ready"))),
+                None => Answer::later(async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(b"done 0\n".to_vec())
+                }),
+            },
+            _ => Answer::Now(Err(FsError::not_found(path.join("/")))),
+        }
+    }
+
+    fn read_log(&self, _path: &[&str], _caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let log = self.log.lock().unwrap();
+        let start = (offset as usize).min(log.len());
+        let end = (start + size as usize).min(log.len());
+        Ok(log[start..end].to_vec())
+    }
+
+    fn write(&self, path: &[&str], _caller: &Caller, w: Write<'_>) -> Answer<Vec<u8>> {
+        match (path, w.data) {
+            (_, b"ping\n" | b"ping") => Answer::Now(Ok(format!("pong {}\n", w.handle).into_bytes())),
+            (["d", "ctl"], _) => Answer::Now(Err(FsError::invalid("d/ctl takes: ping"))),
+            _ => Answer::Now(Err(FsError::invalid("ctl takes: ping"))),
+        }
+    }
+}

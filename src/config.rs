@@ -70,6 +70,13 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Parses and checks configuration text; the error is a sentence.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let h = &self.head;
         if h.interval_ms < 10 {

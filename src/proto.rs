@@ -212,3 +212,23 @@ mod tests {
         assert!(matches!(rx.recv_frame().await, Err(ProtoError::BadFrame(_))));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_payload_decodes_or_errs(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(f) = Frame::decode(&data) {
+                prop_assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
+            }
+        }
+
+        #[test]
+        fn json_like_payloads_decode_or_err(body in "J\\{\"type\":\"(hello|sitrep|request|response)\"[ -~]{0,60}\\}") {
+            let _ = Frame::decode(body.as_bytes());
+        }
+    }
+}

@@ -117,7 +117,7 @@ struct Head {
 impl Drop for Head {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pids fit in i32"), libc::SIGTERM) };
         let _ = self.child.wait();
         let c = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
@@ -243,7 +243,7 @@ fn main() {
     let head = start_head(dir.path(), "many", None);
     let (cpu_many, rss_many) = {
         let h = &head;
-        let out = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let t = s.spawn(|| agent_cost(h, "sim[0-999]", secs));
             // While the agent runs: time `cat nodes/*/sitrep` over all 1,000 once they are up.
             wait_for("1000 nodes", Duration::from_secs(60), || {
@@ -266,8 +266,7 @@ fn main() {
             println!("| best | {:.3} s |", times[0].as_secs_f64());
             println!("| median | {:.3} s |\n", times[2].as_secs_f64());
             t.join().unwrap()
-        });
-        out
+        })
     };
     println!("| agent at a 1 s interval ({secs} s sampled) | CPU % of one core | RSS |\n|---|---|---|");
     println!("| 1 node name | {cpu:.3} % | {:.1} MiB |", rss as f64 / 1024.0);

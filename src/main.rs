@@ -1,5 +1,6 @@
 //! clusterfs: mount a cluster as a filesystem (`up`, `mount`) and work with nodesets (`nodeset`).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
@@ -134,11 +135,21 @@ fn spawn_agent(addr: &str, set: &NodeSet, state: &Path) -> anyhow::Result<Child>
     if !agent.exists() {
         bail!("{} not found: build it with `cargo build` (it ships beside clusterfs)", agent.display());
     }
-    let child = Command::new(&agent)
-        .args(["--head", addr, "--nodes", &set.fold(), "--secret-file"])
-        .arg(head::secret_path(state))
-        .spawn()
-        .with_context(|| format!("starting {}", agent.display()))?;
+    let mut cmd = Command::new(&agent);
+    cmd.args(["--head", addr, "--nodes", &set.fold(), "--secret-file"]).arg(head::secret_path(state));
+    // The local agents belong to this `up`: they end with it, even when it is killed, so a
+    // restarted `up` never finds its node names held by the agents of the last one.
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("starting {}", agent.display()))?;
     info!(nodes = %set, pid = child.id(), "local agent started");
     Ok(child)
 }

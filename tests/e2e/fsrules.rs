@@ -6,6 +6,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::harness::{Cluster, eventually, sh};
@@ -123,7 +124,13 @@ fn inodes_are_stable_across_a_crash_and_the_stale_mount_is_cleared() {
     uniq.sort();
     uniq.dedup();
     assert_eq!(uniq.len(), before.len(), "distinct objects, distinct inodes");
+    let agents = |c: &Cluster| {
+        let pattern = format!("secret-file {}", c.secret_file().display());
+        Command::new("pgrep").args(["-f", "--", &pattern]).output().map(|o| o.stdout.len()).unwrap_or(0)
+    };
+    assert!(agents(&c) > 0, "the local agent runs");
     c.crash_head();
+    assert!(eventually(Duration::from_secs(5), || agents(&c) == 0), "the local agent ends with its head");
     // Attributes may still be cached by the kernel; a listing must ask the dead daemon.
     let err = fs::read_dir(c.path("nodes/cn0")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "a crashed head leaves a stale mount");

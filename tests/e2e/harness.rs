@@ -199,9 +199,10 @@ impl Drop for Cluster {
             let _ = a.wait();
         }
         self.stop_head();
-        // The local agent of a crashed head outlives it: find it by its secret file path.
+        // A local agent whose head was killed ends with it (PDEATHSIG); make sure of it.
         let secret = self.secret_file();
-        let _ = Command::new("pkill").arg("-9").arg("-f").arg(format!("--secret-file {}", secret.display())).status();
+        let _ =
+            Command::new("pkill").args(["-9", "-f", "--"]).arg(format!("secret-file {}", secret.display())).status();
         if is_mounted(&self.mnt) {
             detach(&self.mnt);
         }

@@ -191,6 +191,10 @@ mod tests {
         Secret([b; 32])
     }
 
+    fn hello(na: &[u8]) -> Message {
+        Message::Hello { protocol: PROTOCOL, node: "cn1".into(), agent_version: "x".into(), nonce: hex::encode(na) }
+    }
+
     #[tokio::test]
     async fn same_secret_authenticates_both_ways() {
         let (mut a, mut h) = pair();
@@ -221,14 +225,7 @@ mod tests {
         let recorded = secret.proof("agent", "cn1", &na, &nh_old);
         let (mut a, mut h) = pair();
         let head = tokio::spawn(async move { head_handshake(&mut h, &key(3), |_| Ok(())).await });
-        a.send(&Message::Hello {
-            protocol: PROTOCOL,
-            node: "cn1".into(),
-            agent_version: "x".into(),
-            nonce: hex::encode(na),
-        })
-        .await
-        .unwrap();
+        a.send(&hello(&na)).await.unwrap();
         assert!(matches!(a.recv().await.unwrap(), Message::Challenge { .. }));
         a.send(&Message::Proof { proof: recorded }).await.unwrap();
         assert!(matches!(head.await.unwrap(), Err(ProtoError::Auth(_))));
@@ -236,23 +233,14 @@ mod tests {
 
     #[tokio::test]
     async fn reflected_head_proof_is_refused() {
-        let secret = key(4);
         let (mut a, mut h) = pair();
         let head = tokio::spawn(async move { head_handshake(&mut h, &key(4), |_| Ok(())).await });
         let na = nonce();
-        a.send(&Message::Hello {
-            protocol: PROTOCOL,
-            node: "cn1".into(),
-            agent_version: "x".into(),
-            nonce: hex::encode(na),
-        })
-        .await
-        .unwrap();
+        a.send(&hello(&na)).await.unwrap();
         let Message::Challenge { proof, .. } = a.recv().await.unwrap() else { panic!("challenge expected") };
         // Sending the head's own proof back must not pass as the agent's.
         a.send(&Message::Proof { proof }).await.unwrap();
         assert!(matches!(head.await.unwrap(), Err(ProtoError::Auth(_))));
-        let _ = secret;
     }
 
     #[test]

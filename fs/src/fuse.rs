@@ -13,7 +13,7 @@ use tokio::runtime::Handle;
 use tracing::{debug, debug_span, warn};
 
 use crate::error::FsError;
-use crate::fs::SynthFs;
+use crate::fs::{Entry, SynthFs};
 use crate::tree::{Answer, Caller, Tree};
 
 /// Logs a failed request at its level and replies with its errno.
@@ -42,6 +42,30 @@ impl<T: Tree> Adapter<T> {
             Answer::Later(fut) => {
                 self.rt.spawn(async move { reply(fut.await) });
             }
+        }
+    }
+}
+
+impl<T: Tree> Adapter<T> {
+    /// An operation on a name in `parent` that answers with an entry (mknod, mkdir).
+    fn entry_op(&self, op: &'static str, name: &OsStr, reply: ReplyEntry, f: impl FnOnce(&str) -> Answer<Entry>) {
+        match name_str(name) {
+            Ok(n) => self.answer(f(n), move |r| match r {
+                Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
+                Err(e) => fuse_error!(op, reply, e),
+            }),
+            Err(e) => fuse_error!(op, reply, e),
+        }
+    }
+
+    /// An operation on a name in `parent` that answers with nothing (unlink, rmdir).
+    fn empty_op(&self, op: &'static str, name: &OsStr, reply: ReplyEmpty, f: impl FnOnce(&str) -> Answer<()>) {
+        match name_str(name) {
+            Ok(n) => self.answer(f(n), move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => fuse_error!(op, reply, e),
+            }),
+            Err(e) => fuse_error!(op, reply, e),
         }
     }
 }
@@ -120,50 +144,22 @@ impl<T: Tree> Filesystem for Adapter<T> {
         reply: ReplyEntry,
     ) {
         let _s = debug_span!("mknod", req = req.unique().0, ino = parent.0, ?name).entered();
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return fuse_error!("mknod", reply, e),
-        };
-        self.answer(self.fs.create(parent.0, name, mode, &caller(req)), move |r| match r {
-            Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
-            Err(e) => fuse_error!("mknod", reply, e),
-        });
+        self.entry_op("mknod", name, reply, |n| self.fs.create(parent.0, n, mode, &caller(req)));
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let _s = debug_span!("mkdir", req = req.unique().0, ino = parent.0, ?name).entered();
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return fuse_error!("mkdir", reply, e),
-        };
-        self.answer(self.fs.mkdir(parent.0, name, mode, &caller(req)), move |r| match r {
-            Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
-            Err(e) => fuse_error!("mkdir", reply, e),
-        });
+        self.entry_op("mkdir", name, reply, |n| self.fs.mkdir(parent.0, n, mode, &caller(req)));
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("unlink", req = req.unique().0, ino = parent.0, ?name).entered();
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return fuse_error!("unlink", reply, e),
-        };
-        self.answer(self.fs.unlink(parent.0, name, &caller(req)), move |r| match r {
-            Ok(()) => reply.ok(),
-            Err(e) => fuse_error!("unlink", reply, e),
-        });
+        self.empty_op("unlink", name, reply, |n| self.fs.unlink(parent.0, n, &caller(req)));
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let _s = debug_span!("rmdir", req = req.unique().0, ino = parent.0, ?name).entered();
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return fuse_error!("rmdir", reply, e),
-        };
-        self.answer(self.fs.rmdir(parent.0, name, &caller(req)), move |r| match r {
-            Ok(()) => reply.ok(),
-            Err(e) => fuse_error!("rmdir", reply, e),
-        });
+        self.empty_op("rmdir", name, reply, |n| self.fs.rmdir(parent.0, n, &caller(req)));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {

@@ -8,6 +8,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::names::MAX_NAME;
+
 /// The default limit on how many names one nodeset may hold.
 pub const DEFAULT_LIMIT: usize = 100_000;
 
@@ -235,6 +237,7 @@ fn split_name(name: &str) -> Result<(Pattern, Vec<Index>), NodeSetError> {
     if name.is_empty() {
         return Err(NodeSetError::Syntax("empty node name".into()));
     }
+    check_len(name.len())?;
     let mut texts = vec![String::new()];
     let mut vector = Vec::new();
     let bytes = name.as_bytes();
@@ -253,6 +256,14 @@ fn split_name(name: &str) -> Result<(Pattern, Vec<Index>), NodeSetError> {
         }
     }
     Ok((Pattern(texts), vector))
+}
+
+/// A node name is at most [`MAX_NAME`] characters, as every node name in the tree.
+fn check_len(len: usize) -> Result<(), NodeSetError> {
+    if len > MAX_NAME {
+        return Err(NodeSetError::Syntax(format!("node names are at most {MAX_NAME} characters (one has {len})")));
+    }
+    Ok(())
 }
 
 /// Node names hold letters, digits, `.`, `_` and `-`.
@@ -464,6 +475,9 @@ fn expand_term(token: &str, limit: usize) -> Result<NodeSet, NodeSetError> {
     if texts.iter().all(String::is_empty) && dims.is_empty() {
         return Err(NodeSetError::Syntax("empty node name".into()));
     }
+    let longest: usize = texts.iter().map(String::len).sum::<usize>()
+        + dims.iter().map(|d| d.iter().map(|i| i.to_string().len()).max().unwrap_or(0)).sum::<usize>();
+    check_len(longest)?;
     let pattern = Pattern(texts);
     let mut set = NodeSet::new();
     // Two numeric groups with no text between them (`a[0-1]0`, `a[1-2][3-4]`) print as one
@@ -625,7 +639,8 @@ mod tests {
 
     #[test]
     fn bad_syntax_is_refused() {
-        for bad in ["cn[", "cn]", "cn[]", "cn[5-1]", "a/b", "cn[1-x]", "cn 1!", "!cn1", "cn[1-4/0]", "a b\0"] {
+        let long = "n".repeat(64);
+        for bad in ["cn[", "cn]", "cn[]", "cn[5-1]", "a/b", "cn[1-x]", "cn 1!", "!cn1", "cn[1-4/0]", "a b\0", &long] {
             assert!(NodeSet::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

@@ -33,6 +33,8 @@ pub struct Cluster {
     pub mnt: PathBuf,
     pub state: PathBuf,
     pub nodes: String,
+    /// Where the head listens: a free port at first, then the same one on every restart.
+    listen: String,
     head: Option<Child>,
     agents: Vec<Child>,
 }
@@ -50,7 +52,15 @@ impl Cluster {
             format!("[head]\ninterval_ms = {interval_ms}\nmissed_intervals = 3\nping_timeout_ms = 1000\n"),
         )
         .expect("config");
-        let mut c = Cluster { dir, mnt, state, nodes: nodes.to_string(), head: None, agents: Vec::new() };
+        let mut c = Cluster {
+            dir,
+            mnt,
+            state,
+            nodes: nodes.to_string(),
+            listen: "127.0.0.1:0".into(),
+            head: None,
+            agents: Vec::new(),
+        };
         c.start_head();
         c
     }
@@ -65,7 +75,7 @@ impl Cluster {
         let child = Command::new(bin("clusterfs"))
             .arg("up")
             .arg(&self.mnt)
-            .args(["--nodes", &self.nodes, "--listen", "127.0.0.1:0", "--state"])
+            .args(["--nodes", &self.nodes, "--listen", &self.listen, "--state"])
             .arg(&self.state)
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
@@ -78,6 +88,7 @@ impl Cluster {
         let want = format!("{}\n", fold(&self.nodes));
         let ok = eventually(Duration::from_secs(20), || self.try_read("nodes/up").is_some_and(|s| s == want));
         assert!(ok, "nodes/up never became {want:?}; head log:\n{}", self.log());
+        self.listen = self.addr();
     }
 
     pub fn log(&self) -> String {

@@ -116,23 +116,58 @@ fn drain_resume_and_bad_commands() {
 }
 
 #[test]
-fn drain_survives_a_head_restart() {
+fn drain_survives_a_head_restart_and_agents_reconnect_by_themselves() {
     if !crate::can_mount() {
         return;
     }
-    let mut c = Cluster::up("cn[0-1]", 200);
-    c.write("nodes/cn0/ctl", b"drain bad dimm\n").unwrap();
-    c.write("groups/pair", b"cn[0-1]\n").unwrap();
+    let mut c = Cluster::up("cn0", 200);
+    c.agent("cn7");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0,7]\n"));
+    c.write("nodes/cn7/ctl", b"drain bad dimm\n").unwrap();
+    c.write("groups/pair", b"cn[0,7]\n").unwrap();
     c.stop_head();
     assert!(!c.is_mounted(), "SIGTERM unmounts cleanly");
-    c.nodes = "cn1".into();
+    // The same state and address: cn7's agent process, still running, redials on its own.
     c.start_head();
-    // cn0's agent went with the old head: known, down, and still drained.
-    assert!(c.read("nodes/cn0/state").starts_with("down"));
-    assert_eq!(c.read("groups/pair"), "cn[0-1]\n");
-    let mut c2 = c;
-    c2.agent("cn0");
-    assert!(eventually(Duration::from_secs(10), || c2.read("nodes/cn0/state") == "drained bad dimm\n"));
+    assert_eq!(c.read("groups/pair"), "cn[0,7]\n");
+    assert!(
+        eventually(Duration::from_secs(15), || c.read("nodes/cn7/state") == "drained bad dimm\n"),
+        "cn7 reconnected drained; state: {}",
+        c.read("nodes/cn7/state")
+    );
+    assert_eq!(c.read("nodes/all"), "cn[0,7]\n");
+}
+
+#[test]
+fn hostile_writes_into_every_writable_file_change_nothing() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 200);
+    c.write("groups/g", b"cn0\n").unwrap();
+    let junk: Vec<(&str, Vec<u8>)> = vec![
+        ("newline only", b"\n".to_vec()),
+        ("spaces", b"   \n".to_vec()),
+        ("NUL bytes", b"\0\0\0".to_vec()),
+        ("invalid UTF-8", vec![0xc3, 0x28, 0xff]),
+        ("partial UTF-8", vec![b'c', b'n', 0xe2, 0x82]),
+        ("1 MiB", vec![b'a'; 1 << 20]),
+        ("binary", (0u8..=255).collect()),
+        ("path tricks", b"../../etc/passwd\n".to_vec()),
+        ("4 KiB name", vec![b'n'; 4096]),
+    ];
+    for file in ["nodes/cn0/ctl", "groups/g"] {
+        let dir = file.rsplit_once('/').unwrap().0;
+        let before = (c.read("nodes/cn0/state"), c.read("groups/g"), c.read("nodes/all"));
+        for (what, data) in &junk {
+            let r = c.write(file, data);
+            assert_eq!(r, Err(libc::EINVAL), "{file} {what}");
+            let err = c.read(&format!("{dir}/error"));
+            assert!(err.starts_with("EINVAL: ") && err.len() > 12, "{file} {what}: {err:?}");
+            assert_eq!((c.read("nodes/cn0/state"), c.read("groups/g"), c.read("nodes/all")), before, "{file} {what}");
+        }
+    }
+    assert_eq!(c.read("nodes/up"), "cn0\n", "the head is alive");
 }
 
 #[test]

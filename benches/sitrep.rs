@@ -174,6 +174,8 @@ fn agent_cost(head: &Head, nodes: &str, seconds: u64) -> (f64, u64) {
         .args(["--head", std::fs::read_to_string(head.state.join("head.addr")).unwrap().trim(), "--nodes", nodes])
         .arg("--secret-file")
         .arg(head.state.join("secret"))
+        .arg("--state")
+        .arg(head.state.join("bench-agents"))
         .env("CLUSTERFS_LOG", "warn")
         .spawn()
         .expect("agent");

@@ -9,6 +9,27 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub head: HeadConfig,
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: submission and the queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Whether root (on the head) may submit jobs that run as root.
+    pub allow_root: bool,
+    /// Seconds an ended job stays listed before it and its output are removed.
+    pub retention_s: u64,
+    /// Seconds a node may stay down before its running jobs are declared lost.
+    pub lost_after_s: u64,
+    /// A `jobs/new` writer that neither writes nor closes for this long has finished its spec.
+    pub release_after_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> JobsConfig {
+        JobsConfig { allow_root: true, retention_s: 7 * 86400, lost_after_s: 300, release_after_ms: 250 }
+    }
 }
 
 /// `[head]`: the head daemon.

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod jobs;
 pub mod names;
 pub mod nodeset;
 pub mod proto;

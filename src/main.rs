@@ -109,7 +109,7 @@ fn serve(args: HeadArgs, nodes: Option<String>) -> anyhow::Result<()> {
     let mountpoint = std::path::absolute(&args.mountpoint)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let head = head::start(cfg.head.clone(), &mountpoint).await?;
+        let head = head::start(cfg.clone(), &mountpoint).await?;
         let mut agent = match &local {
             Some(set) if !set.is_empty() => Some(spawn_agent(&head.addr.to_string(), set, &cfg.head.state_dir)?),
             _ => None,
@@ -136,7 +136,10 @@ fn spawn_agent(addr: &str, set: &NodeSet, state: &Path) -> anyhow::Result<Child>
         bail!("{} not found: build it with `cargo build` (it ships beside clusterfs)", agent.display());
     }
     let mut cmd = Command::new(&agent);
-    cmd.args(["--head", addr, "--nodes", &set.fold(), "--secret-file"]).arg(head::secret_path(state));
+    cmd.args(["--head", addr, "--nodes", &set.fold(), "--secret-file"])
+        .arg(head::secret_path(state))
+        .arg("--state")
+        .arg(state.join("agent"));
     // The local agents belong to this `up`: they end with it, even when it is killed, so a
     // restarted `up` never finds its node names held by the agents of the last one.
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use crate::jobs::{Exit, Run, RunStatus};
 use crate::sitrep::Report;
 
 /// The protocol version both sides must speak.
@@ -40,6 +41,12 @@ pub enum ProtoError {
 pub enum Op {
     /// A round trip, for `nodes/<node>/ping`.
     Ping,
+    /// Start a run (once: a run the agent already knows is not started again).
+    Run(Box<Run>),
+    /// Send a signal to a run's processes.
+    Signal { run: u64, signal: i32 },
+    /// The head has everything of a run: drop its local files.
+    Forget { run: u64 },
 }
 
 /// What an agent answers to an [`Op`].
@@ -47,6 +54,11 @@ pub enum Op {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Pong,
+    /// The run started now.
+    Started,
+    /// The run was started before (a resent request): nothing was done.
+    Known,
+    Done,
 }
 
 /// Every JSON message, in both directions.
@@ -69,6 +81,12 @@ pub enum Message {
     Request { id: u64, op: Op },
     /// Agent -> head: the outcome of request `id`.
     Response { id: u64, result: Result<Reply, String> },
+    /// Agent -> head, after each welcome: every run the agent still has.
+    Runs { runs: Vec<RunStatus> },
+    /// Head -> agent: send this run's output from these offsets on (what the head holds).
+    Resume { run: u64, from: [u64; 2] },
+    /// Agent -> head: a run ended; all its output was sent before this.
+    Exited { run: u64, exit: Exit, len: [u64; 2] },
 }
 
 impl Message {
@@ -82,6 +100,9 @@ impl Message {
             Message::Sitrep { .. } => "sitrep",
             Message::Request { .. } => "request",
             Message::Response { .. } => "response",
+            Message::Runs { .. } => "runs",
+            Message::Resume { .. } => "resume",
+            Message::Exited { .. } => "exited",
         }
     }
 }
@@ -90,9 +111,10 @@ impl Message {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Message(Message),
-    /// Raw bytes of stream `stream` (file copies).
+    /// Raw bytes of stream `stream` at byte `offset` of it (job output, file copies).
     Bulk {
         stream: u64,
+        offset: u64,
         data: Bytes,
     },
 }
@@ -106,9 +128,10 @@ impl Frame {
                 out.put_u8(b'J');
                 out.extend_from_slice(&serde_json::to_vec(m).expect("messages always serialize"));
             }
-            Frame::Bulk { stream, data } => {
+            Frame::Bulk { stream, offset, data } => {
                 out.put_u8(b'B');
                 out.put_u64(*stream);
+                out.put_u64(*offset);
                 out.extend_from_slice(data);
             }
         }
@@ -121,10 +144,11 @@ impl Frame {
             Some((b'J', body)) => serde_json::from_slice(body)
                 .map(Frame::Message)
                 .map_err(|e| ProtoError::BadFrame(format!("message: {e}"))),
-            Some((b'B', body)) if body.len() >= 8 => {
-                let (id, data) = body.split_at(8);
-                let stream = u64::from_be_bytes(id.try_into().expect("split at 8"));
-                Ok(Frame::Bulk { stream, data: Bytes::copy_from_slice(data) })
+            Some((b'B', body)) if body.len() >= 16 => {
+                let (head, data) = body.split_at(16);
+                let stream = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+                let offset = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+                Ok(Frame::Bulk { stream, offset, data: Bytes::copy_from_slice(data) })
             }
             Some((b'B', _)) => Err(ProtoError::BadFrame("bulk frame shorter than its header".into())),
             Some((k, _)) => Err(ProtoError::BadFrame(format!("unknown frame kind {k:#04x}"))),
@@ -188,7 +212,7 @@ mod tests {
         let frames = [
             Frame::Message(Message::Request { id: 7, op: Op::Ping }),
             Frame::Message(Message::Response { id: 7, result: Err("no".into()) }),
-            Frame::Bulk { stream: 3, data: Bytes::from_static(b"abc") },
+            Frame::Bulk { stream: 3, offset: 9, data: Bytes::from_static(b"abc") },
         ];
         for f in frames {
             assert_eq!(Frame::decode(&f.encode()).unwrap(), f);
@@ -207,7 +231,7 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 20);
         let mut tx = Conn::new(a, 1 << 20);
         let mut rx = Conn::new(b, 1024);
-        let big = Frame::Bulk { stream: 1, data: Bytes::from(vec![0u8; 4096]) };
+        let big = Frame::Bulk { stream: 1, offset: 0, data: Bytes::from(vec![0u8; 4096]) };
         tx.send_frame(&big).await.unwrap();
         assert!(matches!(rx.recv_frame().await, Err(ProtoError::BadFrame(_))));
     }

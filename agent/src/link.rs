@@ -1,15 +1,25 @@
 //! One node identity's connection to the head: dial, authenticate, report, answer; redial on loss.
 
 use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use clusterfs::auth::{Secret, agent_handshake};
-use clusterfs::proto::{Conn, Message, Op, ProtoError, Reply};
+use clusterfs::jobs::{STDERR, STDOUT, stream_id};
+use clusterfs::proto::{Conn, Frame, Message, Op, ProtoError, Reply};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::probe::Shared;
+use crate::runner::{Runner, Started};
+
+/// How often output of running jobs is sent on.
+const SYNC_EVERY: Duration = Duration::from_millis(50);
+/// Largest piece of output in one frame.
+const CHUNK: usize = 256 * 1024;
 
 /// Settings shared by every identity of one agent process.
 #[derive(Debug)]
@@ -17,6 +27,15 @@ pub struct LinkConfig {
     pub heads: Vec<String>,
     pub secret: Secret,
     pub max_frame: usize,
+    /// Where each node name keeps its runs (`<state>/<node>/runs`).
+    pub state: PathBuf,
+}
+
+/// Where the head's copy of a run's output stands, for this connection.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    sent: [u64; 2],
+    exited_sent: bool,
 }
 
 /// Answers already given, by request id: a request seen again (after a reconnect) is
@@ -48,12 +67,16 @@ impl Done {
 
 /// Runs `node`'s link forever, redialling with exponential backoff (100 ms to 5 s, jittered).
 pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) {
+    let runner = match Runner::new(cfg.state.join(&node).join("runs")) {
+        Ok(r) => r,
+        Err(e) => return warn!(node, error = %e, "cannot keep runs: this node will not serve"),
+    };
     let mut backoff = Duration::from_millis(100);
     let mut done = Done::default();
     let mut next_head = 0usize;
     loop {
         let head = &cfg.heads[next_head % cfg.heads.len()];
-        match session(&node, head, &cfg, &probe, &mut done).await {
+        match session(&node, head, &cfg, &probe, &runner, &mut done).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(ProtoError::Refused(reason)) => warn!(node, head, reason, "refused by the head"),
             Err(e) => debug!(node, head, error = %e, "link lost"),
@@ -78,6 +101,7 @@ async fn session(
     head: &str,
     cfg: &LinkConfig,
     probe: &Arc<Mutex<Shared>>,
+    runner: &Runner,
     done: &mut Done,
 ) -> Result<(), ProtoError> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(head))
@@ -90,25 +114,39 @@ async fn session(
         .map_err(|_| ProtoError::Timeout("the handshake"))??;
     let interval = Duration::from_millis(interval_ms.max(10));
     info!(node, head, interval_ms, "connected");
+    // The head learns every run this node has; it answers with what it wants resent.
+    conn.send(&Message::Runs { runs: runner.list() }).await?;
+    let mut cursors: HashMap<u64, Cursor> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sync = tokio::time::interval(SYNC_EVERY);
+    sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let report = probe.lock().expect("probe lock is never poisoned: sampling does not panic").report(interval / 2);
+                let mut report = probe.lock().expect("probe lock is never poisoned: sampling does not panic").report(interval / 2);
+                report.jobs = runner.running();
                 conn.send(&Message::Sitrep { report }).await?;
+            }
+            _ = sync.tick() => {
+                for (run, cursor) in cursors.iter_mut() {
+                    send_output(&mut conn, runner, *run, cursor).await?;
+                }
             }
             msg = conn.recv() => match msg? {
                 Message::Request { id, op } => {
                     let answer = match done.get(id) {
                         Some(a) => a,
                         None => {
-                            let a = execute(op);
+                            let a = execute(op, runner, &mut cursors);
                             done.put(id, a.clone());
                             a
                         }
                     };
                     conn.send(&Message::Response { id, result: answer }).await?;
+                }
+                Message::Resume { run, from } => {
+                    cursors.insert(run, Cursor { sent: from, exited_sent: false });
                 }
                 other => return Err(ProtoError::Unexpected { expected: "a request", got: other.name().into() }),
             },
@@ -116,9 +154,68 @@ async fn session(
     }
 }
 
-fn execute(op: Op) -> Result<Reply, String> {
+/// Sends what the head lacks of `run`'s output, then its exit once all output is out.
+async fn send_output(
+    conn: &mut Conn<TcpStream>,
+    runner: &Runner,
+    run: u64,
+    cursor: &mut Cursor,
+) -> Result<(), ProtoError> {
+    let status = runner.status(run);
+    for stream in [STDOUT, STDERR] {
+        let s = stream as usize;
+        while cursor.sent[s] < status.len[s] {
+            let want = usize::try_from(status.len[s] - cursor.sent[s]).unwrap_or(CHUNK).min(CHUNK);
+            let path = runner.run_dir(run).join(if stream == STDOUT { "stdout" } else { "stderr" });
+            let data = read_at(&path, cursor.sent[s], want).map_err(ProtoError::Io)?;
+            if data.is_empty() {
+                break;
+            }
+            let n = data.len() as u64;
+            conn.send_frame(&Frame::Bulk {
+                stream: stream_id(run, stream),
+                offset: cursor.sent[s],
+                data: Bytes::from(data),
+            })
+            .await?;
+            cursor.sent[s] += n;
+        }
+    }
+    if let Some(exit) = status.exit
+        && cursor.sent == status.len
+        && !cursor.exited_sent
+    {
+        conn.send(&Message::Exited { run, exit, len: status.len }).await?;
+        cursor.exited_sent = true;
+    }
+    Ok(())
+}
+
+fn read_at(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+fn execute(op: Op, runner: &Runner, cursors: &mut HashMap<u64, Cursor>) -> Result<Reply, String> {
     match op {
         Op::Ping => Ok(Reply::Pong),
+        Op::Run(run) => {
+            let started = runner.start(&run)?;
+            cursors.entry(run.run).or_insert(Cursor { sent: [0, 0], exited_sent: false });
+            Ok(match started {
+                Started::Now => Reply::Started,
+                Started::Before => Reply::Known,
+            })
+        }
+        Op::Signal { run, signal } => runner.signal(run, signal).map(|()| Reply::Done),
+        Op::Forget { run } => {
+            runner.forget(run);
+            cursors.remove(&run);
+            Ok(Reply::Done)
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 
 mod link;
 mod probe;
+mod runner;
+mod shim;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,9 +34,17 @@ struct Args {
     /// Largest frame accepted from the head, in bytes.
     #[arg(long, default_value_t = clusterfs::proto::DEFAULT_MAX_FRAME)]
     max_frame: usize,
+    /// Where runs are kept (`<state>/<node>/runs`); they outlive agent restarts.
+    #[arg(long, default_value = "/var/lib/clusterfs-agent")]
+    state: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
+    // The per-run supervisor mode the agent starts for each job (not for people).
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.len() == 3 && argv[1] == "--shim" {
+        std::process::exit(shim::main(std::path::Path::new(&argv[2])));
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CLUSTERFS_LOG").unwrap_or_else(|_| "info".into()))
@@ -49,7 +59,7 @@ fn main() -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires --name or --nodes"),
     };
     let secret = Secret::load(&args.secret_file)?;
-    let cfg = Arc::new(link::LinkConfig { heads: args.head, secret, max_frame: args.max_frame });
+    let cfg = Arc::new(link::LinkConfig { heads: args.head, secret, max_frame: args.max_frame, state: args.state });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let probe = Arc::new(Mutex::new(probe::Shared::default()));

@@ -35,6 +35,15 @@ pub struct Adapter<T: Tree> {
 }
 
 impl<T: Tree> Adapter<T> {
+    /// Runs a request inside the runtime (so the tree may spawn tasks) and contains a panic
+    /// to that request: its reply is dropped, which answers EIO, and the FUSE thread lives.
+    fn guard(&self, op: &'static str, f: impl FnOnce()) {
+        let _rt = self.rt.enter();
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+            tracing::error!(op, "request handler panicked; answered EIO");
+        }
+    }
+
     /// Replies now, or from a task once a slow answer is ready.
     fn answer<X: Send + 'static>(&self, a: Answer<X>, reply: impl FnOnce(crate::Result<X>) + Send + 'static) {
         match a {
@@ -92,19 +101,23 @@ impl<T: Tree> Filesystem for Adapter<T> {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _s = debug_span!("lookup", req = req.unique().0, ino = parent.0, ?name).entered();
-        match name_str(name).and_then(|n| self.fs.lookup(parent.0, n, &caller(req))) {
-            Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
-            Err(e) => fuse_error!("lookup", reply, e),
-        }
+        self.guard("lookup", || {
+            let _s = debug_span!("lookup", req = req.unique().0, ino = parent.0, ?name).entered();
+            match name_str(name).and_then(|n| self.fs.lookup(parent.0, n, &caller(req))) {
+                Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
+                Err(e) => fuse_error!("lookup", reply, e),
+            }
+        });
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _s = debug_span!("getattr", req = req.unique().0, ino = ino.0).entered();
-        match self.fs.getattr(ino.0, fh.map(|f| f.0), &caller(req)) {
-            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
-            Err(e) => fuse_error!("getattr", reply, e),
-        }
+        self.guard("getattr", || {
+            let _s = debug_span!("getattr", req = req.unique().0, ino = ino.0).entered();
+            match self.fs.getattr(ino.0, fh.map(|f| f.0), &caller(req)) {
+                Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+                Err(e) => fuse_error!("getattr", reply, e),
+            }
+        });
     }
 
     fn setattr(
@@ -125,12 +138,14 @@ impl<T: Tree> Filesystem for Adapter<T> {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _s = debug_span!("setattr", req = req.unique().0, ino = ino.0, ?size).entered();
-        let chown = mode.is_some() || uid.is_some() || gid.is_some();
-        match self.fs.setattr(ino.0, size, chown, &caller(req)) {
-            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
-            Err(e) => fuse_error!("setattr", reply, e),
-        }
+        self.guard("setattr", || {
+            let _s = debug_span!("setattr", req = req.unique().0, ino = ino.0, ?size).entered();
+            let chown = mode.is_some() || uid.is_some() || gid.is_some();
+            match self.fs.setattr(ino.0, size, chown, &caller(req)) {
+                Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+                Err(e) => fuse_error!("setattr", reply, e),
+            }
+        });
     }
 
     fn mknod(
@@ -143,32 +158,42 @@ impl<T: Tree> Filesystem for Adapter<T> {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _s = debug_span!("mknod", req = req.unique().0, ino = parent.0, ?name).entered();
-        self.entry_op("mknod", name, reply, |n| self.fs.create(parent.0, n, mode, &caller(req)));
+        self.guard("mknod", || {
+            let _s = debug_span!("mknod", req = req.unique().0, ino = parent.0, ?name).entered();
+            self.entry_op("mknod", name, reply, |n| self.fs.create(parent.0, n, mode, &caller(req)));
+        });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let _s = debug_span!("mkdir", req = req.unique().0, ino = parent.0, ?name).entered();
-        self.entry_op("mkdir", name, reply, |n| self.fs.mkdir(parent.0, n, mode, &caller(req)));
+        self.guard("mkdir", || {
+            let _s = debug_span!("mkdir", req = req.unique().0, ino = parent.0, ?name).entered();
+            self.entry_op("mkdir", name, reply, |n| self.fs.mkdir(parent.0, n, mode, &caller(req)));
+        });
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _s = debug_span!("unlink", req = req.unique().0, ino = parent.0, ?name).entered();
-        self.empty_op("unlink", name, reply, |n| self.fs.unlink(parent.0, n, &caller(req)));
+        self.guard("unlink", || {
+            let _s = debug_span!("unlink", req = req.unique().0, ino = parent.0, ?name).entered();
+            self.empty_op("unlink", name, reply, |n| self.fs.unlink(parent.0, n, &caller(req)));
+        });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _s = debug_span!("rmdir", req = req.unique().0, ino = parent.0, ?name).entered();
-        self.empty_op("rmdir", name, reply, |n| self.fs.rmdir(parent.0, n, &caller(req)));
+        self.guard("rmdir", || {
+            let _s = debug_span!("rmdir", req = req.unique().0, ino = parent.0, ?name).entered();
+            self.empty_op("rmdir", name, reply, |n| self.fs.rmdir(parent.0, n, &caller(req)));
+        });
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _s = debug_span!("open", req = req.unique().0, ino = ino.0).entered();
-        let nonblock = flags.0 & libc::O_NONBLOCK != 0;
-        let fs = self.fs.clone();
-        self.answer(self.fs.open(ino.0, nonblock, &caller(req)), move |r| match r {
-            Ok(fh) => reply.opened(FileHandle(fh), open_flags(fs.direct_io(fh))),
-            Err(e) => fuse_error!("open", reply, e),
+        self.guard("open", || {
+            let _s = debug_span!("open", req = req.unique().0, ino = ino.0).entered();
+            let nonblock = flags.0 & libc::O_NONBLOCK != 0;
+            let fs = self.fs.clone();
+            self.answer(self.fs.open(ino.0, nonblock, &caller(req)), move |r| match r {
+                Ok(fh) => reply.opened(FileHandle(fh), open_flags(fs.direct_io(fh))),
+                Err(e) => fuse_error!("open", reply, e),
+            });
         });
     }
 
@@ -182,36 +207,38 @@ impl<T: Tree> Filesystem for Adapter<T> {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _s = debug_span!("create", req = req.unique().0, ino = parent.0, ?name).entered();
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return fuse_error!("create", reply, e),
-        };
-        let who = caller(req);
-        let fs = self.fs.clone();
-        let nonblock = flags & libc::O_NONBLOCK != 0;
-        let rt = self.rt.clone();
-        self.answer(self.fs.create(parent.0, name, mode, &who), move |r| match r {
-            Ok(entry) => {
-                let ino = entry.attr.ino.0;
-                let reply_open = move |r: crate::Result<u64>| match r {
-                    Ok(fh) => reply.created(
-                        &entry.ttl,
-                        &entry.attr,
-                        Generation(entry.generation),
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_DIRECT_IO,
-                    ),
-                    Err(e) => fuse_error!("create", reply, e),
-                };
-                match fs.open(ino, nonblock, &who) {
-                    Answer::Now(r) => reply_open(r),
-                    Answer::Later(fut) => {
-                        rt.spawn(async move { reply_open(fut.await) });
+        self.guard("create", || {
+            let _s = debug_span!("create", req = req.unique().0, ino = parent.0, ?name).entered();
+            let name = match name_str(name) {
+                Ok(n) => n,
+                Err(e) => return fuse_error!("create", reply, e),
+            };
+            let who = caller(req);
+            let fs = self.fs.clone();
+            let nonblock = flags & libc::O_NONBLOCK != 0;
+            let rt = self.rt.clone();
+            self.answer(self.fs.create(parent.0, name, mode, &who), move |r| match r {
+                Ok(entry) => {
+                    let ino = entry.attr.ino.0;
+                    let reply_open = move |r: crate::Result<u64>| match r {
+                        Ok(fh) => reply.created(
+                            &entry.ttl,
+                            &entry.attr,
+                            Generation(entry.generation),
+                            FileHandle(fh),
+                            FopenFlags::FOPEN_DIRECT_IO,
+                        ),
+                        Err(e) => fuse_error!("create", reply, e),
+                    };
+                    match fs.open(ino, nonblock, &who) {
+                        Answer::Now(r) => reply_open(r),
+                        Answer::Later(fut) => {
+                            rt.spawn(async move { reply_open(fut.await) });
+                        }
                     }
                 }
-            }
-            Err(e) => fuse_error!("create", reply, e),
+                Err(e) => fuse_error!("create", reply, e),
+            });
         });
     }
 
@@ -226,11 +253,13 @@ impl<T: Tree> Filesystem for Adapter<T> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _s = debug_span!("read", req = req.unique().0, ino = ino.0, offset, size).entered();
-        match self.fs.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => fuse_error!("read", reply, e),
-        }
+        self.guard("read", || {
+            let _s = debug_span!("read", req = req.unique().0, ino = ino.0, offset, size).entered();
+            match self.fs.read(fh.0, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => fuse_error!("read", reply, e),
+            }
+        });
     }
 
     fn write(
@@ -245,15 +274,19 @@ impl<T: Tree> Filesystem for Adapter<T> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _s = debug_span!("write", req = req.unique().0, ino = ino.0, offset, len = data.len()).entered();
-        self.answer(self.fs.write(fh.0, offset, data, &caller(req)), move |r| match r {
-            Ok(n) => reply.written(n),
-            Err(e) => fuse_error!("write", reply, e),
+        self.guard("write", || {
+            let _s = debug_span!("write", req = req.unique().0, ino = ino.0, offset, len = data.len()).entered();
+            self.answer(self.fs.write(fh.0, offset, data, &caller(req)), move |r| match r {
+                Ok(n) => reply.written(n),
+                Err(e) => fuse_error!("write", reply, e),
+            });
         });
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        self.guard("flush", || {
+            reply.ok();
+        });
     }
 
     fn release(
@@ -266,44 +299,71 @@ impl<T: Tree> Filesystem for Adapter<T> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
-        reply.ok();
+        self.guard("release", || {
+            self.fs.release(fh.0);
+            reply.ok();
+        });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok();
+        self.guard("fsync", || {
+            reply.ok();
+        });
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let _s = debug_span!("readdir", req = req.unique().0, ino = ino.0, offset).entered();
-        match self.fs.readdir(ino.0, offset) {
-            Ok(entries) => {
-                for e in entries {
-                    if reply.add(INodeNo(e.ino), e.cookie, e.kind, &e.name) {
-                        break;
+        self.guard("readdir", || {
+            let _s = debug_span!("readdir", req = req.unique().0, ino = ino.0, offset).entered();
+            match self.fs.readdir(ino.0, offset) {
+                Ok(entries) => {
+                    for e in entries {
+                        if reply.add(INodeNo(e.ino), e.cookie, e.kind, &e.name) {
+                            break;
+                        }
                     }
+                    reply.ok();
                 }
-                reply.ok();
+                Err(e) => fuse_error!("readdir", reply, e),
             }
-            Err(e) => fuse_error!("readdir", reply, e),
-        }
+        });
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok();
+        self.guard("fsyncdir", || {
+            reply.ok();
+        });
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        // No extended attributes (the kernel asks for security.capability before writes).
-        reply.error(FuseErrno::from_i32(libc::ENODATA));
+        self.guard("getxattr", || {
+            // No extended attributes (the kernel asks for security.capability before writes).
+            reply.error(FuseErrno::from_i32(libc::ENODATA));
+        });
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+        self.guard("listxattr", || if size == 0 { reply.size(0) } else { reply.data(&[]) });
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Not a terminal, not a device: shells probe with TCGETS.
+        reply.error(FuseErrno::from_i32(libc::ENOTTY));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        // Permission checks are the kernel's (default_permissions) and the tree's.
-        reply.ok();
+        self.guard("access", || {
+            // Permission checks are the kernel's (default_permissions) and the tree's.
+            reply.ok();
+        });
     }
 }

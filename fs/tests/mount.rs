@@ -116,3 +116,29 @@ fn echo_into_a_control_file_and_read_back_on_the_same_handle() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Invalid argument"), "{out:?}");
     assert_eq!(std::fs::read_to_string(m.path.join("d/error")).unwrap(), "EINVAL: d/ctl takes: ping\n");
 }
+
+#[test]
+fn a_panicking_tree_answers_eio_and_the_mount_lives() {
+    if !can_mount() {
+        return;
+    }
+    let m = mounted();
+    for _ in 0..8 {
+        // More panics than FUSE threads: none of them may take a thread down.
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!("echo panic > {}", m.path.join("ctl").display()))
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Input/output error"), "{out:?}");
+    }
+    let mut s = String::new();
+    std::fs::File::open(m.path.join("snap")).unwrap().read_to_string(&mut s).unwrap();
+    assert!(s.starts_with("render "), "{s}");
+    // release spawned a task (it needs the runtime) and it ran.
+    let t = Instant::now();
+    while m.fs.tree().released.lock().unwrap().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!m.fs.tree().released.lock().unwrap().is_empty());
+}

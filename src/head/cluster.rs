@@ -143,6 +143,10 @@ impl Cluster {
         })
     }
 
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     fn interval(&self) -> Duration {
         Duration::from_millis(self.cfg.interval_ms)
     }

@@ -10,8 +10,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::{Secret, head_handshake};
 use crate::head::cluster::{Cluster, Link};
+use crate::head::jobs::Jobs;
 use crate::names;
-use crate::proto::{Conn, Message, ProtoError};
+use crate::proto::{Conn, Frame, Message, ProtoError};
 
 /// How long an agent has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -19,13 +20,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 /// Serves agents on `listener` until the task is dropped.
-pub async fn serve(cluster: Arc<Cluster>, listener: TcpListener, secret: Arc<Secret>) {
+pub async fn serve(cluster: Arc<Cluster>, jobs: Arc<Jobs>, listener: TcpListener, secret: Arc<Secret>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("agent", conn, %peer);
-                tokio::spawn(handle(cluster.clone(), stream, secret.clone(), conn).instrument(span));
+                tokio::spawn(handle(cluster.clone(), jobs.clone(), stream, secret.clone(), conn).instrument(span));
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -35,7 +36,7 @@ pub async fn serve(cluster: Arc<Cluster>, listener: TcpListener, secret: Arc<Sec
     }
 }
 
-async fn handle(cluster: Arc<Cluster>, stream: TcpStream, secret: Arc<Secret>, conn_id: u64) {
+async fn handle(cluster: Arc<Cluster>, jobs: Arc<Jobs>, stream: TcpStream, secret: Arc<Secret>, conn_id: u64) {
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::new(stream, cluster.cfg.max_frame);
     let peer =
@@ -59,12 +60,33 @@ async fn handle(cluster: Arc<Cluster>, stream: TcpStream, secret: Arc<Secret>, c
     info!(node, version = peer.agent_version, "agent connected");
     let why = loop {
         tokio::select! {
-            msg = conn.recv() => match msg {
-                Ok(Message::Sitrep { report }) => cluster.report(&node, conn_id, report),
-                Ok(Message::Response { id, result }) => cluster.answered(id, result),
-                Ok(other) => break format!("protocol violation: unexpected {}", other.name()),
-                Err(ProtoError::Closed) => break "agent disconnected".to_string(),
-                Err(e) => break format!("connection error: {e}"),
+            frame = conn.recv_frame() => {
+                let answer = match frame {
+                    Ok(Frame::Message(Message::Sitrep { report })) => {
+                        cluster.report(&node, conn_id, report);
+                        Vec::new()
+                    }
+                    Ok(Frame::Message(Message::Response { id, result })) => {
+                        cluster.answered(id, result);
+                        Vec::new()
+                    }
+                    Ok(Frame::Message(Message::Runs { runs })) => jobs.reconcile(&node, runs),
+                    Ok(Frame::Message(Message::Exited { run, exit, len })) => jobs.exited(&node, run, exit, len).into_iter().collect(),
+                    Ok(Frame::Bulk { stream, offset, data }) => jobs.output(&node, stream, offset, &data).into_iter().collect(),
+                    Ok(Frame::Message(other)) => break format!("protocol violation: unexpected {}", other.name()),
+                    Err(ProtoError::Closed) => break "agent disconnected".to_string(),
+                    Err(e) => break format!("connection error: {e}"),
+                };
+                let mut failed = None;
+                for msg in answer {
+                    if let Err(e) = conn.send(&msg).await {
+                        failed = Some(format!("connection error: {e}"));
+                        break;
+                    }
+                }
+                if let Some(why) = failed {
+                    break why;
+                }
             },
             out = rx.recv() => match out {
                 Some(msg) => if let Err(e) = conn.send(&msg).await {

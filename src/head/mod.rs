@@ -1,6 +1,7 @@
 //! The head daemon: the store, the cluster model, the agent listener and the mounted tree.
 
 pub mod cluster;
+pub mod jobs;
 pub mod listener;
 pub mod store;
 
@@ -14,9 +15,10 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::auth::Secret;
-use crate::config::HeadConfig;
+use crate::config::Config;
 use crate::view::View;
 use cluster::Cluster;
+use jobs::Jobs;
 use store::Store;
 
 /// A running head: dropping it unmounts and stops serving agents.
@@ -24,14 +26,17 @@ use store::Store;
 pub struct Head {
     pub addr: SocketAddr,
     pub cluster: Arc<Cluster>,
+    pub jobs: Arc<Jobs>,
     mount: Option<clusterfs_fs::Mount>,
-    server: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Head {
     /// Unmounts and stops serving.
     pub fn stop(mut self) {
-        self.server.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         if let Some(m) = self.mount.take() {
             if let Err(e) = m.unmount() {
                 warn!(error = %e, "unmount failed");
@@ -45,7 +50,8 @@ pub fn secret_path(state_dir: &Path) -> PathBuf {
 }
 
 /// Starts a head: opens the state, listens for agents, mounts the tree at `mountpoint`.
-pub async fn start(cfg: HeadConfig, mountpoint: &Path) -> anyhow::Result<Head> {
+pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
+    let cfg = config.head.clone();
     let state = cfg.state_dir.clone();
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -56,6 +62,7 @@ pub async fn start(cfg: HeadConfig, mountpoint: &Path) -> anyhow::Result<Head> {
     let secret = Arc::new(Secret::load_or_create(&secret_path(&state))?);
     let store = Store::open(&state.join("store.redb"))?;
     let cluster = Arc::new(Cluster::load(cfg.clone(), store)?);
+    let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), state.join("spool"))?);
 
     let listener =
         TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening for agents on {}", cfg.listen))?;
@@ -69,13 +76,16 @@ pub async fn start(cfg: HeadConfig, mountpoint: &Path) -> anyhow::Result<Head> {
         fsname: "clusterfs".into(),
         ..clusterfs_fs::Config::default()
     };
-    let fs = clusterfs_fs::SynthFs::new(Arc::new(View::new(cluster.clone())), fs_cfg);
+    let fs = clusterfs_fs::SynthFs::new(Arc::new(View::new(cluster.clone(), jobs.clone())), fs_cfg);
     let mount = clusterfs_fs::mount(fs, mountpoint, tokio::runtime::Handle::current())
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
     info!(mountpoint = %mountpoint.display(), "mounted");
 
-    let server = tokio::spawn(listener::serve(cluster.clone(), listener, secret));
-    Ok(Head { addr, cluster, mount: Some(mount), server })
+    let tasks = vec![
+        tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), listener, secret)),
+        tokio::spawn(jobs.clone().scheduler()),
+    ];
+    Ok(Head { addr, cluster, jobs, mount: Some(mount), tasks })
 }
 
 /// A FUSE mount whose daemon died answers ENOTCONN; detach it so we can mount again.

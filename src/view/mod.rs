@@ -1,6 +1,7 @@
 //! The tree `/cluster` shows: renders the cluster model as files for `clusterfs-fs`.
 
 mod groups;
+mod jobs;
 mod nodes;
 
 use std::fmt::Write as _;
@@ -10,6 +11,7 @@ use std::time::SystemTime;
 use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result, Tree, Write};
 
 use crate::head::cluster::Cluster;
+use crate::head::jobs::Jobs;
 
 /// One file a directory always has: its name, kind, mode and what it holds.
 #[derive(Debug)]
@@ -44,6 +46,7 @@ const ROOT_FILES: &[FileSpec] = &[
         perm: 0o755,
         help: "named nodesets, usable as @name (see groups/README)",
     },
+    FileSpec { name: "jobs", kind: Kind::Dir, perm: 0o1777, help: "submit and control jobs (see jobs/README)" },
 ];
 
 /// The README of a directory, generated from the tables the code uses.
@@ -107,11 +110,12 @@ pub fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'stati
 #[derive(Debug)]
 pub struct View {
     cluster: Arc<Cluster>,
+    jobs: jobs::JobsView,
 }
 
 impl View {
-    pub fn new(cluster: Arc<Cluster>) -> View {
-        View { cluster }
+    pub fn new(cluster: Arc<Cluster>, jobs: Arc<Jobs>) -> View {
+        View { cluster, jobs: jobs::JobsView::new(jobs) }
     }
 }
 
@@ -122,6 +126,7 @@ impl Tree for View {
             [name] => spec_node(ROOT_FILES, name).ok_or_else(|| FsError::not_found(format!("/{name}"))),
             ["nodes", rest @ ..] => nodes::node(&self.cluster, rest),
             ["groups", rest @ ..] => groups::node(&self.cluster, rest),
+            ["jobs", rest @ ..] => self.jobs.node(rest),
             _ => Err(FsError::not_found(path.join("/"))),
         }?;
         // Objects with no time of their own date from the head's start.
@@ -133,11 +138,12 @@ impl Tree for View {
             [] => Ok(ROOT_FILES.iter().map(|f| f.name.to_string()).collect()),
             ["nodes", rest @ ..] => nodes::list(&self.cluster, rest),
             ["groups", rest @ ..] => groups::list(&self.cluster, rest),
+            ["jobs", rest @ ..] => self.jobs.list(rest),
             _ => Err(FsError::not_found(path.join("/"))),
         }
     }
 
-    fn render(&self, path: &[&str], caller: &Caller, _nonblock: bool) -> Answer<Vec<u8>> {
+    fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
         match path {
             ["README"] => Answer::Now(Ok(readme(
                 "/cluster: the whole cluster as one filesystem",
@@ -147,8 +153,12 @@ impl Tree for View {
                  shows the reader's own last failure there as `ERRNO: sentence`.\n",
             ))),
             ["version"] => Answer::Now(Ok(format!("clusterfs {}\n", env!("CARGO_PKG_VERSION")).into_bytes())),
-            ["status"] => Answer::Now(Ok(self.cluster.status().into_bytes())),
+            ["status"] => Answer::Now(Ok((self.cluster.status() + &self.jobs.status()).into_bytes())),
+            ["nodes", name, "jobs"] if self.cluster.exists(name) => {
+                Answer::Now(Ok(self.jobs.on_node(name).into_bytes()))
+            }
             ["nodes", rest @ ..] => nodes::render(&self.cluster, rest, caller),
+            ["jobs", rest @ ..] => self.jobs.render(rest, caller, nonblock),
             ["groups", rest @ ..] => groups::render(&self.cluster, rest),
             _ => Answer::Now(Err(FsError::not_found(path.join("/")))),
         }
@@ -158,7 +168,28 @@ impl Tree for View {
         match path {
             ["nodes", rest @ ..] => nodes::write(&self.cluster, rest, caller, write.data),
             ["groups", rest @ ..] => groups::write(&self.cluster, rest, caller, write.data),
+            ["jobs", rest @ ..] => self.jobs.write(rest, caller, write.handle, write.offset, write.data),
             _ => Answer::Now(Err(FsError::denied("this file is read-only"))),
+        }
+    }
+
+    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
+        match path {
+            ["jobs", rest @ ..] => self.jobs.read_log(rest, caller, offset, size),
+            _ => Err(FsError::invalid("not a log file")),
+        }
+    }
+
+    fn release(&self, path: &[&str], _caller: &Caller, handle: u64) {
+        if let ["jobs", rest @ ..] = path {
+            self.jobs.release(rest, handle);
+        }
+    }
+
+    fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        match path {
+            ["jobs", rest @ ..] => self.jobs.rmdir(rest, caller),
+            _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "this directory cannot be removed"))),
         }
     }
 

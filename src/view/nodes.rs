@@ -103,8 +103,6 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
                     .map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n")
                     .collect::<String>()
                     .into_bytes()),
-                // No job runs on a node until the jobs subsystem places one there.
-                "jobs" => Ok(Vec::new()),
                 _ => Err(FsError::not_found(format!("nodes/{name}/{file}"))),
             })
         }

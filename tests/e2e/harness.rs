@@ -107,16 +107,14 @@ impl Cluster {
         fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
     }
 
-    /// Writes `data` in one write(2), as `echo` would; returns the errno on failure.
+    /// Writes `data` as `echo` or `cat` would (one write(2), continued while it is short);
+    /// returns the errno of the first failure.
     pub fn write(&self, rel: &str, data: &[u8]) -> Result<(), i32> {
         use std::io::Write;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(self.path(rel))
-            .map_err(|e| e.raw_os_error().unwrap_or(0))?;
-        f.write(data).map(|_| ()).map_err(|e| e.raw_os_error().unwrap_or(0))
+        let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
+        let mut f =
+            fs::OpenOptions::new().write(true).create(true).truncate(true).open(self.path(rel)).map_err(errno)?;
+        f.write_all(data).map_err(errno)
     }
 
     pub fn addr(&self) -> String {
@@ -132,6 +130,8 @@ impl Cluster {
         let child = Command::new(bin("clusterfs-agent"))
             .args(["--head", &self.addr(), "--name", name, "--secret-file"])
             .arg(self.secret_file())
+            .arg("--state")
+            .arg(self.dir.path().join("agents"))
             .env("CLUSTERFS_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -6,6 +6,7 @@
 mod fsrules;
 mod groups;
 mod harness;
+mod jobs;
 mod nfs;
 mod nodes;
 mod nodeset;

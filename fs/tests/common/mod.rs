@@ -12,6 +12,8 @@ pub struct Toy {
     pub counter: AtomicU64,
     /// Set: the `wait` file is ready with this content.
     pub ready: Mutex<Option<String>>,
+    /// Handles released, recorded from a task the tree spawned.
+    pub released: std::sync::Arc<Mutex<Vec<u64>>>,
 }
 
 impl Tree for Toy {
@@ -55,6 +57,12 @@ impl Tree for Toy {
         }
     }
 
+    fn release(&self, _path: &[&str], _caller: &Caller, handle: u64) {
+        // Trees may spawn tasks from any method: the layer runs them inside the runtime.
+        let released = self.released.clone();
+        tokio::spawn(async move { released.lock().unwrap().push(handle) });
+    }
+
     fn read_log(&self, _path: &[&str], _caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
         let log = self.log.lock().unwrap();
         let start = (offset as usize).min(log.len());
@@ -65,6 +73,7 @@ impl Tree for Toy {
     fn write(&self, path: &[&str], _caller: &Caller, w: Write<'_>) -> Answer<Vec<u8>> {
         match (path, w.data) {
             (_, b"ping\n" | b"ping") => Answer::Now(Ok(format!("pong {}\n", w.handle).into_bytes())),
+            (_, b"panic\n") => panic!("a bug in the tree"),
             (["d", "ctl"], _) => Answer::Now(Err(FsError::invalid("d/ctl takes: ping"))),
             _ => Answer::Now(Err(FsError::invalid("ctl takes: ping"))),
         }

@@ -1,0 +1,194 @@
+//! Runs on this node, kept as files: each run has a directory the shim writes and the link reads.
+//!
+//! `<runs>/<run>/` holds `run.json` (what the head asked), `script`, `stdout`, `stderr`, `pid`
+//! (written by the shim) and `exit.json` (written by the shim when the run ends). A run whose
+//! directory exists has been started: a resent request never starts it again. The files, not
+//! the agent's memory, are the truth, so runs outlive an agent restart.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use clusterfs::jobs::{Exit, Run, RunStatus};
+use tracing::{info, warn};
+
+/// The runs of one node name.
+#[derive(Debug)]
+pub struct Runner {
+    dir: PathBuf,
+}
+
+/// What a start request did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Started {
+    Now,
+    Before,
+}
+
+impl Runner {
+    pub fn new(dir: PathBuf) -> std::io::Result<Runner> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        Ok(Runner { dir })
+    }
+
+    pub fn run_dir(&self, run: u64) -> PathBuf {
+        self.dir.join(run.to_string())
+    }
+
+    /// Starts `run` through the shim unless it was started before.
+    pub fn start(&self, run: &Run) -> Result<Started, String> {
+        let dir = self.run_dir(run.run);
+        // Creating the directory is the once-only step: it fails if the run is known.
+        match fs::DirBuilder::new().mode(0o711).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(Started::Before),
+            Err(e) => return Err(format!("cannot make {}: {e}", dir.display())),
+        }
+        let setup = || -> std::io::Result<()> {
+            write_new(&dir.join("run.json"), &serde_json::to_vec(run).expect("runs serialize"), 0o600)?;
+            // The script is read by the job's user; everything else stays root's.
+            let script = dir.join("script");
+            write_new(&script, run.script.as_bytes(), 0o500)?;
+            nix::unistd::chown(&script, Some(run.uid.into()), Some(run.gid.into()))?;
+            for f in ["stdout", "stderr"] {
+                write_new(&dir.join(f), b"", 0o600)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = setup() {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(format!("cannot prepare run {}: {e}", run.run));
+        }
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("--shim").arg(&dir);
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        // The shim leads its own session: it outlives the agent and is never signalled with it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        match cmd.spawn() {
+            Ok(mut child) => {
+                // Reap the shim when it ends so it leaves no zombie.
+                std::thread::spawn(move || child.wait());
+                info!(run = run.run, user = run.user, "run started");
+                Ok(Started::Now)
+            }
+            Err(e) => {
+                // A run that could not start still ends, with the reason.
+                let exit = Exit { code: 127, signal: None, reason: Some(format!("failed to start: {e}")) };
+                write_exit(&dir, &exit).map_err(|e| e.to_string())?;
+                Ok(Started::Now)
+            }
+        }
+    }
+
+    /// Sends `signal` to the run's process group.
+    pub fn signal(&self, run: u64, signal: i32) -> Result<(), String> {
+        let dir = self.run_dir(run);
+        if !dir.exists() {
+            return Err(format!("run {run} is not known here"));
+        }
+        if dir.join("exit.json").exists() {
+            return Ok(());
+        }
+        let pid: i32 = fs::read_to_string(dir.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| format!("run {run} has not started its process yet"))?;
+        let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| format!("no signal {signal}"))?;
+        match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(format!("signal {sig} to run {run}: {e}")),
+        }
+    }
+
+    /// Drops a run's files once the head has all of it.
+    pub fn forget(&self, run: u64) {
+        let dir = self.run_dir(run);
+        if dir.exists() && !dir.join("exit.json").exists() {
+            warn!(run, "asked to forget a run still going: signalling it first");
+            let _ = self.signal(run, libc::SIGKILL);
+        }
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    /// Every run this node still has.
+    pub fn list(&self) -> Vec<RunStatus> {
+        let Ok(entries) = fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut out: Vec<RunStatus> = entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .map(|run| self.status(run))
+            .collect();
+        out.sort_by_key(|s| s.run);
+        out
+    }
+
+    pub fn status(&self, run: u64) -> RunStatus {
+        let dir = self.run_dir(run);
+        // The exit first: once it is there the job is gone, so the lengths read after it are final.
+        let exit = read_exit(&dir);
+        let len = |f: &str| fs::metadata(dir.join(f)).map_or(0, |m| m.len());
+        RunStatus { run, len: [len("stdout"), len("stderr")], exit }
+    }
+
+    /// How many runs are going now.
+    pub fn running(&self) -> u64 {
+        self.list().iter().filter(|s| s.exit.is_none()).count() as u64
+    }
+}
+
+fn write_new(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Writes `exit.json` atomically: a reader sees the whole status or none.
+pub fn write_exit(dir: &Path, exit: &Exit) -> std::io::Result<()> {
+    let tmp = dir.join("exit.json.tmp");
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, &serde_json::to_vec(exit).expect("exits serialize"), 0o600)?;
+    fs::rename(tmp, dir.join("exit.json"))
+}
+
+pub fn read_exit(dir: &Path) -> Option<Exit> {
+    serde_json::from_slice(&fs::read(dir.join("exit.json")).ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(n: u64) -> Run {
+        Run {
+            run: n,
+            script: "true\n".into(),
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            user: "root".into(),
+            env: Default::default(),
+            cwd: None,
+            timeout_s: None,
+            isolate: clusterfs::jobs::Isolate::None,
+            rootfs: None,
+            cpus: 1,
+            mem: None,
+        }
+    }
+
+    #[test]
+    fn a_run_is_started_once_and_listed_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Runner::new(dir.path().join("runs")).unwrap();
+        // The shim is this test binary, which does not know --shim: the run fails to run
+        // its script, but it was started exactly once and is listed.
+        assert_eq!(r.start(&run(7)).unwrap(), Started::Now);
+        assert_eq!(r.start(&run(7)).unwrap(), Started::Before);
+        assert_eq!(r.list().iter().map(|s| s.run).collect::<Vec<_>>(), vec![7]);
+        write_exit(&r.run_dir(7), &Exit { code: 0, signal: None, reason: None }).unwrap();
+        assert_eq!(r.status(7).exit.unwrap().code, 0);
+        r.forget(7);
+        assert!(r.list().is_empty());
+    }
+}

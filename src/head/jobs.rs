@@ -1,0 +1,637 @@
+//! Jobs on the head: submission, the queue, placement, dispatch, output spools, and
+//! reconciliation with agents so that no run is lost or started twice.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use clusterfs_fs::{Errno, FsError};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::config::JobsConfig;
+use crate::head::cluster::{Cluster, NodeState};
+use crate::jobs::spec::Nodes;
+use crate::jobs::{Exit, Run, RunStatus, STDERR, STDOUT, Spec, split_stream};
+use crate::proto::{Op, Reply};
+
+/// Who submitted a job, from the FUSE request of the first write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub user: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Killed,
+    Timeout,
+    Lost,
+}
+
+impl State {
+    pub fn word(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Done => "done",
+            State::Failed => "failed",
+            State::Killed => "killed",
+            State::Timeout => "timeout",
+            State::Lost => "lost",
+        }
+    }
+
+    pub fn ended(self) -> bool {
+        !matches!(self, State::Queued | State::Running)
+    }
+}
+
+/// Everything the store keeps of a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub owner: Owner,
+    /// The spec as the user wrote it.
+    pub text: String,
+    pub spec: Spec,
+    pub state: State,
+    pub reason: String,
+    pub node: Option<String>,
+    pub exit: Option<Exit>,
+    /// Still being written through `jobs/new`: not schedulable yet.
+    pub held: bool,
+    /// The agent said it started (or knew) the run.
+    pub confirmed: bool,
+    /// Who asked for it to be killed, so its end reads `killed by <user>`.
+    pub killed_by: Option<String>,
+    pub submitted_ms: u64,
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+}
+
+impl Job {
+    /// `state` as the file shows it: the word, then what explains it.
+    pub fn state_line(&self) -> String {
+        let detail = match self.state {
+            State::Queued if self.held => "being written".to_string(),
+            State::Queued => self.reason.clone(),
+            State::Running => format!("on {}", self.node.as_deref().unwrap_or("?")),
+            State::Done | State::Failed => {
+                let code = self.exit.as_ref().map_or(String::new(), |e| e.code.to_string());
+                format!("{code} {}", self.reason).trim().to_string()
+            }
+            State::Killed | State::Timeout | State::Lost => self.reason.clone(),
+        };
+        if detail.is_empty() { self.state.word().into() } else { format!("{} {detail}", self.state.word()) }
+    }
+
+    pub fn name(&self) -> &str {
+        self.spec.name.as_deref().unwrap_or("-")
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn store_err(e: crate::head::store::StoreError) -> FsError {
+    FsError::new(Errno::Io, format!("the store failed: {e}"))
+}
+
+/// All jobs.
+#[derive(Debug)]
+pub struct Jobs {
+    pub cfg: JobsConfig,
+    cluster: Arc<Cluster>,
+    spool: PathBuf,
+    jobs: DashMap<u64, Job>,
+    next_id: AtomicU64,
+    /// Woken on every change a waiter or the scheduler may care about.
+    pub changed: Notify,
+    /// Runs whose agent has been asked to start them and has not answered yet.
+    dispatching: DashMap<u64, ()>,
+}
+
+impl Jobs {
+    /// Loads jobs from the store; jobs caught being written when the head stopped are released.
+    pub fn load(
+        cfg: JobsConfig,
+        cluster: Arc<Cluster>,
+        spool: PathBuf,
+    ) -> Result<Jobs, crate::head::store::StoreError> {
+        std::fs::create_dir_all(&spool).map_err(|e| crate::head::store::StoreError::Db(e.to_string()))?;
+        let jobs = DashMap::new();
+        let mut max = 0;
+        for (_, mut job) in cluster.store().scan::<Job>("jobs")? {
+            max = max.max(job.id);
+            if job.held {
+                job.held = false;
+                cluster.store().put("jobs", &job.id.to_string(), &job)?;
+            }
+            jobs.insert(job.id, job);
+        }
+        let stored: u64 =
+            cluster.store().scan::<u64>("meta")?.into_iter().find(|(k, _)| k == "next_job").map_or(1, |(_, v)| v);
+        Ok(Jobs {
+            cfg,
+            cluster,
+            spool,
+            jobs,
+            next_id: AtomicU64::new(stored.max(max + 1)),
+            changed: Notify::new(),
+            dispatching: DashMap::new(),
+        })
+    }
+
+    pub fn get(&self, id: u64) -> Option<Job> {
+        self.jobs.get(&id).map(|j| j.clone())
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.jobs.iter().map(|j| *j.key()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// `jobs/queue`: one line per job not yet ended.
+    pub fn queue(&self) -> String {
+        let mut out = String::new();
+        for id in self.ids() {
+            if let Some(j) = self.get(id).filter(|j| !j.state.ended()) {
+                let state = if j.held { "writing" } else { j.state.word() };
+                out.push_str(&format!(
+                    "{} {} {} {} {}\n",
+                    j.id,
+                    j.owner.user,
+                    state,
+                    j.node.as_deref().unwrap_or("-"),
+                    j.name()
+                ));
+            }
+        }
+        out
+    }
+
+    pub fn spool_path(&self, id: u64, stream: u64) -> PathBuf {
+        self.spool.join(id.to_string()).join(if stream == STDOUT { "stdout" } else { "stderr" })
+    }
+
+    pub fn output_len(&self, id: u64, stream: u64) -> u64 {
+        std::fs::metadata(self.spool_path(id, stream)).map_or(0, |m| m.len())
+    }
+
+    fn persist(&self, job: &Job) -> Result<(), FsError> {
+        self.cluster.store().put("jobs", &job.id.to_string(), job).map_err(store_err)
+    }
+
+    /// Applies `f` to job `id` and stores the result.
+    fn update(&self, id: u64, f: impl FnOnce(&mut Job)) -> Result<Job, FsError> {
+        let mut job = self.get(id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
+        f(&mut job);
+        self.persist(&job)?;
+        self.jobs.insert(id, job.clone());
+        self.changed.notify_waiters();
+        Ok(job)
+    }
+
+    /// Creates a job from a checked spec; `held` while its writer may still add to it.
+    pub fn submit(&self, owner: Owner, text: String, spec: Spec, held: bool) -> Result<u64, FsError> {
+        if owner.uid == 0 && !self.cfg.allow_root {
+            return Err(FsError::new(
+                Errno::Perm,
+                "root jobs are forbidden by this cluster's configuration (jobs.allow_root)",
+            ));
+        }
+        self.check_supported(&spec)?;
+        for dep in spec.after.iter().chain(&spec.afterany) {
+            if !self.jobs.contains_key(dep) {
+                return Err(FsError::invalid(format!("after: job {dep} does not exist")));
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        std::fs::create_dir_all(self.spool.join(id.to_string()))
+            .map_err(|e| FsError::new(Errno::Io, format!("cannot make the spool of job {id}: {e}")))?;
+        for stream in [STDOUT, STDERR] {
+            std::fs::write(self.spool_path(id, stream), b"")
+                .map_err(|e| FsError::new(Errno::Io, format!("cannot make the spool of job {id}: {e}")))?;
+        }
+        let job = Job {
+            id,
+            owner,
+            text,
+            spec,
+            state: State::Queued,
+            reason: "waiting for a node".into(),
+            node: None,
+            exit: None,
+            held,
+            confirmed: false,
+            killed_by: None,
+            submitted_ms: now_ms(),
+            started_ms: None,
+            ended_ms: None,
+        };
+        self.persist(&job)?;
+        self.cluster.store().put("meta", "next_job", &(id + 1)).map_err(store_err)?;
+        info!(job = id, user = job.owner.user, held, "job submitted");
+        self.jobs.insert(id, job);
+        self.changed.notify_waiters();
+        Ok(id)
+    }
+
+    /// Parts of the spec language whose scheduling is not built yet are refused, not ignored.
+    fn check_supported(&self, spec: &Spec) -> Result<(), FsError> {
+        match &spec.nodes {
+            Nodes::Count(1) => {}
+            Nodes::Count(_) | Nodes::Set(_) => {
+                return Err(FsError::new(Errno::NoSys, "nodes: multi-node jobs are not supported by this head yet"));
+            }
+        }
+        if spec.array.is_some() {
+            return Err(FsError::new(Errno::NoSys, "array: array jobs are not supported by this head yet"));
+        }
+        Ok(())
+    }
+
+    /// Replaces a held job's spec (a later write of the same `jobs/new` handle).
+    pub fn amend(&self, id: u64, text: String, spec: Spec) -> Result<(), FsError> {
+        self.check_supported(&spec)?;
+        self.update(id, |j| {
+            j.text = text;
+            j.spec = spec;
+        })
+        .map(|_| ())
+    }
+
+    /// Ends a job that never started, with the reason (a spec found broken when complete).
+    pub fn fail(&self, id: u64, reason: &str) {
+        let _ = self.update(id, |j| {
+            if j.state == State::Queued {
+                j.state = State::Failed;
+                j.reason = reason.to_string();
+                j.ended_ms = Some(now_ms());
+            }
+        });
+    }
+
+    /// The writer is done: the job may run.
+    pub fn release(&self, id: u64) {
+        if self.get(id).is_some_and(|j| j.held) {
+            if let Err(e) = self.update(id, |j| j.held = false) {
+                warn!(job = id, error = %e, "could not release the job");
+            }
+        }
+    }
+
+    /// `kill` / `signal` from `ctl`, by `who`.
+    pub async fn signal(&self, id: u64, signal: i32, who: &str) -> Result<(), FsError> {
+        let job = self.get(id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
+        match job.state {
+            State::Queued => {
+                if signal == libc::SIGTERM || signal == libc::SIGKILL {
+                    self.update(id, |j| {
+                        j.state = State::Killed;
+                        j.reason = format!("by {who} before it started");
+                        j.ended_ms = Some(now_ms());
+                    })?;
+                    Ok(())
+                } else {
+                    Err(FsError::invalid(format!("job {id} is queued: only kill applies")))
+                }
+            }
+            State::Running => {
+                let node = job.node.clone().unwrap_or_default();
+                if signal == libc::SIGTERM || signal == libc::SIGKILL {
+                    self.update(id, |j| j.killed_by = Some(who.to_string()))?;
+                }
+                let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
+                self.cluster.request(&node, Op::Signal { run: id, signal }, timeout).await?;
+                if signal == libc::SIGTERM {
+                    // A job that ignores SIGTERM gets SIGKILL a second later.
+                    let cluster = self.cluster.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let _ = cluster.request(&node, Op::Signal { run: id, signal: libc::SIGKILL }, timeout).await;
+                    });
+                }
+                Ok(())
+            }
+            _ => Err(FsError::invalid(format!("job {id} has ended ({})", job.state_line()))),
+        }
+    }
+
+    /// `rmdir jobs/<id>`: kills it if running and removes it with its output.
+    pub async fn remove(&self, id: u64) -> Result<(), FsError> {
+        let job = self.get(id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
+        if job.state == State::Running {
+            if let Some(node) = &job.node {
+                let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
+                // The agent kills a run it is told to forget; a down node is told when it returns.
+                let _ = self.cluster.request(node, Op::Forget { run: id }, timeout).await;
+            }
+        }
+        self.cluster.store().delete("jobs", &id.to_string()).map_err(store_err)?;
+        self.jobs.remove(&id);
+        let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));
+        self.changed.notify_waiters();
+        info!(job = id, "job removed");
+        Ok(())
+    }
+
+    /// Waits until job `id` ends; its final state.
+    pub async fn wait(&self, id: u64) -> Result<Job, FsError> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let job = self.get(id).ok_or_else(|| FsError::not_found(format!("job {id} (removed while waited on)")))?;
+            if job.state.ended() {
+                return Ok(job);
+            }
+            notified.await;
+        }
+    }
+
+    /// One pass of the scheduler: dependencies, placement, lost nodes, retention.
+    pub fn schedule(self: &Arc<Self>) {
+        let mut reserved: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for j in self.jobs.iter().filter(|j| j.state == State::Running) {
+            if let Some(n) = &j.node {
+                let r = reserved.entry(n.clone()).or_default();
+                r.0 += u64::from(j.spec.cpus);
+                r.1 += j.spec.mem.unwrap_or(0);
+            }
+        }
+        for id in self.ids() {
+            let Some(job) = self.get(id) else { continue };
+            match job.state {
+                State::Queued if !job.held => self.try_start(job, &mut reserved),
+                State::Running => self.check_lost(&job),
+                s if s.ended() => self.expire(&job),
+                _ => {}
+            }
+        }
+    }
+
+    fn try_start(self: &Arc<Self>, job: Job, reserved: &mut BTreeMap<String, (u64, u64)>) {
+        // Dependencies first.
+        for (deps, need_ok) in [(&job.spec.after, true), (&job.spec.afterany, false)] {
+            for dep in deps {
+                match self.get(*dep) {
+                    Some(d) if !d.state.ended() => return self.set_reason(&job, format!("waiting for job {dep}")),
+                    Some(d) if need_ok && d.state != State::Done => {
+                        let reason = format!("dependency {dep} ended {}", d.state_line());
+                        let _ = self.update(job.id, |j| {
+                            j.state = State::Failed;
+                            j.reason = reason;
+                            j.ended_ms = Some(now_ms());
+                        });
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut best: Option<(f64, String)> = None;
+        let (mut any_up, mut max_cpus, mut max_mem) = (false, 0u64, 0u64);
+        for name in self.cluster.names() {
+            let Some(v) = self.cluster.view(&name) else { continue };
+            if v.state != NodeState::Up {
+                continue;
+            }
+            any_up = true;
+            let (cpus, mem) = reserved.get(&name).copied().unwrap_or_default();
+            let free_cpus = v.report.cpus.saturating_sub(cpus);
+            let free_mem = v.report.mem_total.saturating_sub(mem);
+            max_cpus = max_cpus.max(free_cpus);
+            max_mem = max_mem.max(free_mem);
+            if free_cpus >= u64::from(job.spec.cpus) && free_mem >= job.spec.mem.unwrap_or(0) {
+                let load = v.report.load_index();
+                if best.as_ref().is_none_or(|(l, _)| load < *l) {
+                    best = Some((load, name));
+                }
+            }
+        }
+        let Some((_, node)) = best else {
+            let reason = if !any_up {
+                "waiting for a node to be up".to_string()
+            } else if u64::from(job.spec.cpus) > max_cpus {
+                format!("waiting for a node with {} free cpus", job.spec.cpus)
+            } else {
+                format!("waiting for a node with {} bytes of free memory", job.spec.mem.unwrap_or(0))
+            };
+            return self.set_reason(&job, reason);
+        };
+        let r = reserved.entry(node.clone()).or_default();
+        r.0 += u64::from(job.spec.cpus);
+        r.1 += job.spec.mem.unwrap_or(0);
+        // The run now belongs to this node: from here it is only ever resent there.
+        let Ok(job) = self.update(job.id, |j| {
+            j.state = State::Running;
+            j.node = Some(node.clone());
+            j.reason.clear();
+            j.started_ms = Some(now_ms());
+        }) else {
+            return;
+        };
+        info!(job = job.id, node, "job placed");
+        self.dispatch(job);
+    }
+
+    fn set_reason(&self, job: &Job, reason: String) {
+        if job.reason != reason {
+            let _ = self.update(job.id, |j| j.reason = reason);
+        }
+    }
+
+    /// The run request for a placed job.
+    fn run_of(&self, job: &Job) -> Run {
+        let node = job.node.clone().unwrap_or_default();
+        let mut env = job.spec.env.clone();
+        env.insert("CLUSTER_JOB_ID".into(), job.id.to_string());
+        env.insert("CLUSTER_NODE".into(), node.clone());
+        env.insert("CLUSTER_NODES".into(), node);
+        env.insert("CLUSTER_ARRAY_INDEX".into(), String::new());
+        Run {
+            run: job.id,
+            script: job.spec.script.clone(),
+            uid: job.owner.uid,
+            gid: job.owner.gid,
+            groups: job.owner.groups.clone(),
+            user: job.owner.user.clone(),
+            env,
+            cwd: job.spec.cwd.clone(),
+            timeout_s: job.spec.timeout_s,
+            isolate: job.spec.isolate,
+            rootfs: job.spec.rootfs.clone(),
+            cpus: job.spec.cpus,
+            mem: job.spec.mem,
+        }
+    }
+
+    /// Asks the job's node to start it, from a task; a resend is harmless (the agent dedups).
+    fn dispatch(self: &Arc<Self>, job: Job) {
+        if self.dispatching.insert(job.id, ()).is_some() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let node = job.node.clone().unwrap_or_default();
+            let timeout = Duration::from_millis(this.cluster.cfg.ping_timeout_ms.max(2000));
+            match this.cluster.request(&node, Op::Run(Box::new(this.run_of(&job))), timeout).await {
+                Ok(Reply::Started | Reply::Known) => {
+                    let _ = this.update(job.id, |j| j.confirmed = true);
+                }
+                Ok(other) => warn!(job = job.id, ?other, "unexpected answer to a run"),
+                // Not started, or not known to be: the reconnect reconciliation resends it.
+                Err(e) => warn!(job = job.id, node, error = %e, "dispatch not confirmed"),
+            }
+            this.dispatching.remove(&job.id);
+        });
+    }
+
+    fn check_lost(&self, job: &Job) {
+        let Some(node) = &job.node else { return };
+        let Some(v) = self.cluster.view(node) else { return };
+        let down_for = v.changed.elapsed().unwrap_or_default();
+        if matches!(v.state, NodeState::Down(_)) && down_for > Duration::from_secs(self.cfg.lost_after_s) {
+            let reason = format!("node {node} down for {} s", down_for.as_secs());
+            warn!(job = job.id, node, "job lost");
+            let _ = self.update(job.id, |j| {
+                j.state = State::Lost;
+                j.reason = reason;
+                j.ended_ms = Some(now_ms());
+            });
+        }
+    }
+
+    fn expire(&self, job: &Job) {
+        let ended = job.ended_ms.unwrap_or(job.submitted_ms);
+        if now_ms().saturating_sub(ended) > self.cfg.retention_s.saturating_mul(1000) {
+            let _ = self.cluster.store().delete("jobs", &job.id.to_string());
+            self.jobs.remove(&job.id);
+            let _ = std::fs::remove_dir_all(self.spool.join(job.id.to_string()));
+        }
+    }
+
+    /// An agent (re)connected and listed its runs: resume, resend, forget or declare lost.
+    pub fn reconcile(self: &Arc<Self>, node: &str, runs: Vec<RunStatus>) -> Vec<crate::proto::Message> {
+        let known: HashSet<u64> = runs.iter().map(|r| r.run).collect();
+        let mut out = Vec::new();
+        for id in self.ids() {
+            let Some(job) = self.get(id) else { continue };
+            if job.state != State::Running || job.node.as_deref() != Some(node) {
+                continue;
+            }
+            if known.contains(&id) {
+                out.push(crate::proto::Message::Resume {
+                    run: id,
+                    from: [self.output_len(id, STDOUT), self.output_len(id, STDERR)],
+                });
+            } else if job.confirmed {
+                let _ = self.update(id, |j| {
+                    j.state = State::Lost;
+                    j.reason = format!("the agent on {node} no longer knows it");
+                    j.ended_ms = Some(now_ms());
+                });
+            } else {
+                self.dispatch(job);
+            }
+        }
+        for r in runs {
+            let wanted = self.get(r.run).is_some_and(|j| j.state == State::Running && j.node.as_deref() == Some(node));
+            if !wanted {
+                let (cluster, node, run) = (self.cluster.clone(), node.to_string(), r.run);
+                tokio::spawn(async move {
+                    let _ = cluster.request(&node, Op::Forget { run }, Duration::from_secs(5)).await;
+                });
+            }
+        }
+        out
+    }
+
+    /// Output from an agent; returns a resume request when a gap shows data was missed.
+    pub fn output(&self, node: &str, stream: u64, offset: u64, data: &[u8]) -> Option<crate::proto::Message> {
+        let (run, s) = split_stream(stream);
+        let job = self.get(run)?;
+        if job.state != State::Running || job.node.as_deref() != Some(node) {
+            return None;
+        }
+        let len = self.output_len(run, s);
+        if offset > len {
+            return Some(crate::proto::Message::Resume {
+                run,
+                from: [self.output_len(run, STDOUT), self.output_len(run, STDERR)],
+            });
+        }
+        let skip = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len());
+        if skip < data.len() {
+            let appended = std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.spool_path(run, s))
+                .and_then(|mut f| f.write_all(&data[skip..]));
+            if let Err(e) = appended {
+                warn!(job = run, error = %e, "cannot write job output to the spool");
+            }
+            self.changed.notify_waiters();
+        }
+        None
+    }
+
+    /// A run ended on `node`. Accepted once all its output is here; then the agent may forget it.
+    pub fn exited(self: &Arc<Self>, node: &str, run: u64, exit: Exit, len: [u64; 2]) -> Option<crate::proto::Message> {
+        let job = self.get(run)?;
+        if job.state != State::Running || job.node.as_deref() != Some(node) {
+            return None;
+        }
+        let have = [self.output_len(run, STDOUT), self.output_len(run, STDERR)];
+        if have != len {
+            return Some(crate::proto::Message::Resume { run, from: have });
+        }
+        let (state, reason) = match (&job.killed_by, &exit.reason) {
+            (Some(who), _) => (State::Killed, format!("by {who}")),
+            (None, Some(r)) if r.starts_with("timeout") => {
+                (State::Timeout, r.trim_start_matches("timeout ").to_string())
+            }
+            (None, Some(r)) => (State::Failed, r.clone()),
+            (None, None) if exit.code == 0 => (State::Done, String::new()),
+            (None, None) => (State::Failed, String::new()),
+        };
+        info!(job = run, node, code = exit.code, state = state.word(), "job ended");
+        let _ = self.update(run, |j| {
+            j.state = state;
+            j.reason = reason;
+            j.exit = Some(exit);
+            j.ended_ms = Some(now_ms());
+        });
+        let (cluster, node) = (self.cluster.clone(), node.to_string());
+        tokio::spawn(async move {
+            let _ = cluster.request(&node, Op::Forget { run }, Duration::from_secs(5)).await;
+        });
+        None
+    }
+
+    /// Runs the scheduler until the task is dropped: on every change and every 200 ms.
+    pub async fn scheduler(self: Arc<Self>) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.schedule();
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Jobs as both sides see them: the spec users write, and what the head asks an agent to run.
+
+pub mod spec;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use spec::{Isolate, Spec, SpecError};
+
+/// One execution of a job on one node, as the head asks an agent for it. `run` is unique
+/// for ever: the agent starts a given run at most once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub run: u64,
+    pub script: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub user: String,
+    /// Every variable the job gets besides HOME, USER, LOGNAME, PATH, SHELL.
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub timeout_s: Option<u64>,
+    pub isolate: Isolate,
+    pub rootfs: Option<String>,
+    pub cpus: u32,
+    pub mem: Option<u64>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exit {
+    /// The exit code, or 128 + signal when killed by a signal (as shells report it).
+    pub code: i32,
+    pub signal: Option<i32>,
+    /// Why clusterfs ended it, when it did: `timeout`, `killed by <user>`, `failed to start: ...`.
+    pub reason: Option<String>,
+}
+
+/// An agent's account of a run it knows, sent when it (re)connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunStatus {
+    pub run: u64,
+    /// Bytes of stdout and stderr written so far.
+    pub len: [u64; 2],
+    pub exit: Option<Exit>,
+}
+
+/// Output streams of a run, as numbered in bulk frames.
+pub const STDOUT: u64 = 0;
+pub const STDERR: u64 = 1;
+
+/// The bulk-frame stream id of a run's stdout or stderr.
+pub fn stream_id(run: u64, stream: u64) -> u64 {
+    (run << 1) | (stream & 1)
+}
+
+/// The run and stream of a bulk-frame stream id.
+pub fn split_stream(id: u64) -> (u64, u64) {
+    (id >> 1, id & 1)
+}

@@ -1,0 +1,439 @@
+//! `jobs/`: `new` takes specs, `queue` lists what has not ended, `<id>/` shows and controls a job.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
+use dashmap::DashMap;
+
+use super::{FileSpec, Verb, command_text, readme, spec_node};
+use crate::head::jobs::{Job, Jobs, Owner, State};
+use crate::jobs::spec::{KEYS, MAX_SPEC, Spec};
+use crate::jobs::{STDERR, STDOUT};
+
+const DIR_FILES: &[FileSpec] = &[
+    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    FileSpec {
+        name: "new",
+        kind: Kind::Control,
+        perm: 0o666,
+        help: "write a job spec; read the same handle back for its id",
+    },
+    FileSpec {
+        name: "queue",
+        kind: Kind::Snapshot,
+        perm: 0o444,
+        help: "jobs not ended: `id user state node name` per line",
+    },
+    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+];
+
+const JOB_FILES: &[FileSpec] = &[
+    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    FileSpec { name: "spec", kind: Kind::Snapshot, perm: 0o400, help: "the spec as written (owner)" },
+    FileSpec {
+        name: "state",
+        kind: Kind::Snapshot,
+        perm: 0o444,
+        help: "queued <why> | running on <node> | done <exit> | failed <exit> | killed by <user> | timeout ... | lost <why>",
+    },
+    FileSpec { name: "nodes", kind: Kind::Snapshot, perm: 0o444, help: "where it runs or ran, folded" },
+    FileSpec {
+        name: "exit",
+        kind: Kind::Snapshot,
+        perm: 0o444,
+        help: "the exit status once ended (128+N when killed by signal N)",
+    },
+    FileSpec {
+        name: "wait",
+        kind: Kind::Blocking,
+        perm: 0o444,
+        help: "blocks until the job ends, then gives its exit status (EAGAIN under O_NONBLOCK)",
+    },
+    FileSpec { name: "stdout", kind: Kind::Log, perm: 0o400, help: "standard output, growing while it runs (owner)" },
+    FileSpec { name: "stderr", kind: Kind::Log, perm: 0o400, help: "standard error, growing while it runs (owner)" },
+    FileSpec { name: "ctl", kind: Kind::Control, perm: 0o600, help: "the owner or root writes a verb below" },
+    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+];
+
+pub const VERBS: &[Verb] = &[
+    Verb { name: "kill", args: "", help: "SIGTERM, then SIGKILL a second later; a queued job never starts" },
+    Verb {
+        name: "signal",
+        args: "<SIG>",
+        help: "send a signal: TERM, KILL, INT, HUP, USR1, USR2, STOP, CONT (or its number)",
+    },
+];
+
+/// A `jobs/new` handle still being written.
+#[derive(Debug, Default)]
+struct Pending {
+    id: Option<u64>,
+    text: Vec<u8>,
+    /// Bumped on each write; the quiet-time release checks it has not moved.
+    writes: u64,
+    /// Why a piece was refused: the rest of this spec is refused the same way.
+    failed: Option<FsError>,
+}
+
+/// The pieces of one handle's spec, put together in offset order: the kernel may send
+/// several writes of one large write(2) at once.
+#[derive(Debug, Default)]
+struct Slot {
+    pending: tokio::sync::Mutex<Pending>,
+    moved: tokio::sync::Notify,
+}
+
+/// How long a piece waits for the pieces before it.
+const PIECE_WAIT: Duration = Duration::from_secs(10);
+
+/// The `jobs/` part of the tree.
+#[derive(Debug)]
+pub struct JobsView {
+    jobs: Arc<Jobs>,
+    pending: Arc<DashMap<u64, Arc<Slot>>>,
+}
+
+fn parse_id(s: &str) -> Option<u64> {
+    s.parse().ok().filter(|_| !s.starts_with('0') && !s.starts_with('+'))
+}
+
+fn owned(node: Node, job: &Job) -> Node {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(job.ended_ms.or(job.started_ms).unwrap_or(job.submitted_ms));
+    node.owned(job.owner.uid, job.owner.gid).mtime(t)
+}
+
+impl JobsView {
+    pub fn new(jobs: Arc<Jobs>) -> JobsView {
+        JobsView { jobs, pending: Arc::default() }
+    }
+
+    fn job(&self, id: &str) -> Result<Job> {
+        parse_id(id).and_then(|n| self.jobs.get(n)).ok_or_else(|| FsError::not_found(format!("job {id}")))
+    }
+
+    pub fn node(&self, path: &[&str]) -> Result<Node> {
+        match path {
+            [] => Ok(Node::new(Kind::Dir, 0o1777)),
+            [name] if parse_id(name).is_some() => self.job(name).map(|j| owned(Node::new(Kind::Dir, 0o755), &j)),
+            [name] => spec_node(DIR_FILES, name).ok_or_else(|| FsError::not_found(format!("jobs/{name}"))),
+            [id, file] => {
+                let job = self.job(id)?;
+                let node = spec_node(JOB_FILES, file).ok_or_else(|| FsError::not_found(format!("jobs/{id}/{file}")))?;
+                Ok(match *file {
+                    "stdout" => owned(node, &job).size(self.jobs.output_len(job.id, STDOUT)).mtime(SystemTime::now()),
+                    "stderr" => owned(node, &job).size(self.jobs.output_len(job.id, STDERR)).mtime(SystemTime::now()),
+                    _ => owned(node, &job),
+                })
+            }
+            _ => Err(FsError::not_found(format!("jobs/{}", path.join("/")))),
+        }
+    }
+
+    pub fn list(&self, path: &[&str]) -> Result<Vec<String>> {
+        match path {
+            [] => Ok(DIR_FILES
+                .iter()
+                .map(|f| f.name.to_string())
+                .chain(self.jobs.ids().iter().map(u64::to_string))
+                .collect()),
+            [id] => self.job(id).map(|_| JOB_FILES.iter().map(|f| f.name.to_string()).collect()),
+            _ => Err(FsError::new(Errno::NotDir, "not a directory")),
+        }
+    }
+
+    pub fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
+        let now = |r: Result<String>| Answer::Now(r.map(String::into_bytes));
+        match path {
+            ["README"] => {
+                Answer::Now(Ok(readme("jobs/: submit, watch, wait for and control jobs", DIR_FILES, &[], &spec_help())))
+            }
+            ["new"] => now(Ok(String::new())),
+            ["queue"] => now(Ok(self.jobs.queue())),
+            [id, file] => {
+                let job = match self.job(id) {
+                    Ok(j) => j,
+                    Err(e) => return Answer::Now(Err(e)),
+                };
+                match *file {
+                    "README" => {
+                        Answer::Now(Ok(readme(&format!("jobs/{id}: one job"), JOB_FILES, &[("ctl", VERBS)], "")))
+                    }
+                    "spec" => now(owner_only(&job, caller).map(|()| job.text.clone())),
+                    "state" => now(Ok(format!("{}\n", job.state_line()))),
+                    "nodes" => now(Ok(format!("{}\n", job.node.clone().unwrap_or_default()))),
+                    "exit" => now(Ok(job.exit.as_ref().map_or(String::new(), |e| format!("{}\n", e.code)))),
+                    "ctl" => now(Ok(VERBS
+                        .iter()
+                        .map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n")
+                        .collect())),
+                    "wait" if job.state.ended() => now(Ok(wait_line(&job))),
+                    "wait" if nonblock => {
+                        Answer::Now(Err(FsError::new(Errno::Again, format!("job {id} has not ended"))))
+                    }
+                    "wait" => {
+                        let jobs = self.jobs.clone();
+                        Answer::later(async move { jobs.wait(job.id).await.map(|j| wait_line(&j).into_bytes()) })
+                    }
+                    _ => Answer::Now(Err(FsError::not_found(format!("jobs/{id}/{file}")))),
+                }
+            }
+            _ => Answer::Now(Err(FsError::not_found(format!("jobs/{}", path.join("/"))))),
+        }
+    }
+
+    pub fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let [id, file @ ("stdout" | "stderr")] = path else { return Err(FsError::invalid("not a log file")) };
+        let job = self.job(id)?;
+        owner_only(&job, caller)?;
+        let stream = if *file == "stdout" { STDOUT } else { STDERR };
+        read_at(&self.jobs.spool_path(job.id, stream), offset, size)
+    }
+
+    pub fn write(&self, path: &[&str], caller: &Caller, handle: u64, offset: u64, data: &[u8]) -> Answer<Vec<u8>> {
+        match path {
+            ["new"] => self.write_new(caller, handle, offset, data),
+            [id, "ctl"] => {
+                let job = match self.job(id) {
+                    Ok(j) => j,
+                    Err(e) => return Answer::Now(Err(e)),
+                };
+                if let Err(e) = owner_only(&job, caller) {
+                    return Answer::Now(Err(e));
+                }
+                let text = match command_text(data, 256) {
+                    Ok(t) => t.to_string(),
+                    Err(e) => return Answer::Now(Err(with_usage(e))),
+                };
+                let signal = match text.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    ["kill"] => libc::SIGTERM,
+                    ["signal", sig] => match parse_signal(sig) {
+                        Some(s) => s,
+                        None => {
+                            return Answer::Now(Err(with_usage(FsError::invalid(format!("unknown signal {sig:?}")))));
+                        }
+                    },
+                    _ => return Answer::Now(Err(with_usage(FsError::invalid(format!("unknown command {text:?}"))))),
+                };
+                let (jobs, who, id) = (self.jobs.clone(), user_name(caller.uid), job.id);
+                Answer::later(async move { jobs.signal(id, signal, &who).await.map(|()| Vec::new()) })
+            }
+            _ => Answer::Now(Err(FsError::denied("this file is read-only"))),
+        }
+    }
+
+    /// `jobs/new`: the first write of a handle creates the job (held) and answers its id;
+    /// later writes on that handle extend the spec.
+    fn write_new(&self, caller: &Caller, handle: u64, offset: u64, data: &[u8]) -> Answer<Vec<u8>> {
+        let slot = self.pending.entry(handle).or_default().clone();
+        let (jobs, pending, caller, data) = (self.jobs.clone(), self.pending.clone(), *caller, data.to_vec());
+        let release_after = Duration::from_millis(self.jobs.cfg.release_after_ms);
+        Answer::later(async move {
+            let mut p = loop {
+                let moved = slot.moved.notified();
+                let p = slot.pending.lock().await;
+                if let Some(e) = &p.failed {
+                    return Err(e.clone());
+                }
+                if p.text.len() as u64 >= offset {
+                    break p;
+                }
+                drop(p);
+                tokio::time::timeout(PIECE_WAIT, moved)
+                    .await
+                    .map_err(|_| FsError::new(Errno::Io, "a piece of the spec before this one never came"))?;
+            };
+            // A piece that overlaps what is there (a retried write) adds only what is new.
+            let skip = usize::try_from(p.text.len() as u64 - offset).unwrap_or(usize::MAX).min(data.len());
+            let mut text = p.text.clone();
+            text.extend_from_slice(&data[skip..]);
+            let checked = if text.len() > MAX_SPEC {
+                Err(FsError::new(Errno::FBig, format!("a job spec is at most {MAX_SPEC} bytes; nothing was submitted")))
+            } else {
+                // Only a write that filled a writer's buffer can have cut a line or a JSON text short.
+                Spec::parse_prefix(&text, data.len() >= 4096).map_err(|e| FsError::invalid(e.0))
+            };
+            let stored = match checked {
+                Ok(spec) => {
+                    let (jobs, id, body) = (jobs.clone(), p.id, String::from_utf8_lossy(&text).into_owned());
+                    tokio::task::spawn_blocking(move || match id {
+                        Some(id) => jobs.amend(id, body, spec).map(|()| id),
+                        None => jobs.submit(owner_of(&caller), body, spec, true),
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(FsError::new(Errno::Io, format!("internal error: {e}"))))
+                }
+                Err(e) => Err(e),
+            };
+            let first = p.id.is_none();
+            let id = match stored {
+                Ok(id) => id,
+                Err(e) => {
+                    p.failed = Some(e.clone());
+                    if let Some(id) = p.id {
+                        let _ = jobs.remove(id).await;
+                    }
+                    slot.moved.notify_waiters();
+                    return Err(e);
+                }
+            };
+            p.id = Some(id);
+            p.text = text;
+            p.writes += 1;
+            let seq = p.writes;
+            drop(p);
+            slot.moved.notify_waiters();
+            // A writer that never closes (NFS) has finished once it stays quiet.
+            tokio::spawn(async move {
+                tokio::time::sleep(release_after).await;
+                let quiet = slot.pending.lock().await.writes == seq;
+                if quiet && pending.remove_if(&handle, |_, s| Arc::ptr_eq(s, &slot)).is_some() {
+                    finish(&jobs, &*slot.pending.lock().await);
+                }
+            });
+            Ok(if first { format!("{id}\n").into_bytes() } else { Vec::new() })
+        })
+    }
+
+    /// The writer of a `jobs/new` handle closed it.
+    pub fn release(&self, path: &[&str], handle: u64) {
+        if path == ["new"] {
+            if let Some((_, slot)) = self.pending.remove(&handle) {
+                let jobs = self.jobs.clone();
+                tokio::spawn(async move { finish(&jobs, &*slot.pending.lock().await) });
+            }
+        }
+    }
+
+    pub fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        let [id] = path else { return Answer::Now(Err(FsError::new(Errno::Perm, "this directory cannot be removed"))) };
+        let job = match self.job(id) {
+            Ok(j) => j,
+            Err(e) => return Answer::Now(Err(e)),
+        };
+        if let Err(e) = owner_only(&job, caller) {
+            return Answer::Now(Err(e));
+        }
+        let jobs = self.jobs.clone();
+        Answer::later(async move { jobs.remove(job.id).await })
+    }
+
+    /// Ids of jobs running on `node`, one per line.
+    pub fn on_node(&self, node: &str) -> String {
+        self.jobs
+            .ids()
+            .into_iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.state == State::Running && j.node.as_deref() == Some(node))
+            .map(|j| format!("{}\n", j.id))
+            .collect()
+    }
+
+    /// The `jobs ...` line of `/cluster/status`.
+    pub fn status(&self) -> String {
+        let (mut queued, mut running, mut ended) = (0, 0, 0);
+        for id in self.jobs.ids() {
+            match self.jobs.get(id).map(|j| j.state) {
+                Some(State::Queued) => queued += 1,
+                Some(State::Running) => running += 1,
+                Some(_) => ended += 1,
+                None => {}
+            }
+        }
+        format!("jobs queued={queued} running={running} ended={ended}\n")
+    }
+}
+
+/// The final parse at release: a spec that turned out broken fails the job with the reason.
+fn finish(jobs: &Arc<Jobs>, p: &Pending) {
+    let Some(id) = p.id.filter(|_| p.failed.is_none()) else { return };
+    match Spec::parse(&p.text) {
+        Ok(spec) => {
+            let body = String::from_utf8_lossy(&p.text).into_owned();
+            if let Err(e) = jobs.amend(id, body, spec) {
+                tracing::warn!(job = id, error = %e, "final spec refused");
+            }
+        }
+        Err(e) => {
+            tracing::debug!(job = id, error = %e, "the spec was incomplete when its writer stopped");
+            jobs.fail(id, &format!("spec: {e}"));
+        }
+    }
+    jobs.release(id);
+}
+
+fn wait_line(job: &Job) -> String {
+    match &job.exit {
+        Some(e) => format!("{}\n", e.code),
+        None => format!("{}\n", job.state_line()),
+    }
+}
+
+fn owner_only(job: &Job, caller: &Caller) -> Result<()> {
+    if caller.is_root() || caller.uid == job.owner.uid {
+        Ok(())
+    } else {
+        Err(FsError::denied(format!("job {} belongs to {}", job.id, job.owner.user)))
+    }
+}
+
+fn with_usage(e: FsError) -> FsError {
+    FsError::new(e.errno, format!("{}; jobs/<id>/ctl takes: kill | signal <SIG>", e.message))
+}
+
+fn parse_signal(s: &str) -> Option<i32> {
+    let name = s.strip_prefix("SIG").unwrap_or(s);
+    let sig = match name {
+        "TERM" => libc::SIGTERM,
+        "KILL" => libc::SIGKILL,
+        "INT" => libc::SIGINT,
+        "HUP" => libc::SIGHUP,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "STOP" => libc::SIGSTOP,
+        "CONT" => libc::SIGCONT,
+        "QUIT" => libc::SIGQUIT,
+        n => n.parse().ok().filter(|n| (1..=64).contains(n))?,
+    };
+    Some(sig)
+}
+
+fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(uid.into()).ok().flatten().map_or_else(|| uid.to_string(), |u| u.name)
+}
+
+/// The submitter: uid and gid of the request, supplementary groups of the writing process
+/// when that process is the caller (an NFS server writing for a client gets only the gid).
+fn owner_of(caller: &Caller) -> Owner {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", caller.pid)).unwrap_or_default();
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
+    let process_uid: Option<u32> = field("Uid:").split_whitespace().nth(1).and_then(|u| u.parse().ok());
+    let groups = if process_uid == Some(caller.uid) {
+        field("Groups:").split_whitespace().filter_map(|g| g.parse().ok()).collect()
+    } else {
+        vec![caller.gid]
+    };
+    Owner { uid: caller.uid, gid: caller.gid, groups, user: user_name(caller.uid) }
+}
+
+fn read_at(path: &std::path::Path, offset: u64, size: u32) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let io = |e: std::io::Error| FsError::new(Errno::Io, format!("reading the spool: {e}"));
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    f.seek(SeekFrom::Start(offset)).map_err(io)?;
+    let mut buf = Vec::with_capacity(size as usize);
+    f.take(u64::from(size)).read_to_end(&mut buf).map_err(io)?;
+    Ok(buf)
+}
+
+fn spec_help() -> String {
+    let mut s = String::from(
+        "A spec is one shell line, or `#CLUSTER key=value ...` lines then a script, or one JSON\n\
+         object (with \"cmd\"). The job runs as you, on the best node that fits.\n\
+         \n  exec 3<>/cluster/jobs/new; echo 'make -j4' >&3; read id <&3; cat /cluster/jobs/$id/wait\n\nkeys:\n",
+    );
+    for (k, help) in KEYS {
+        s.push_str(&format!("  {k:<10} {help}\n"));
+    }
+    s
+}

@@ -1,0 +1,286 @@
+//! jobs/: submit as the calling user, watch, wait, kill, remove; durable across a head crash.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Cluster, eventually, sh, sh_as};
+
+/// Two real users for identity and permission checks (made once per test run).
+fn users() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = Command::new("groupadd").arg("cfteam").status();
+        for u in ["cfalice", "cfbob"] {
+            if !Command::new("id").arg(u).output().is_ok_and(|o| o.status.success()) {
+                let ok = Command::new("useradd").args(["-m", "-s", "/bin/bash", u]).status().unwrap().success();
+                assert!(ok, "useradd {u}");
+            }
+            assert!(Command::new("usermod").args(["-aG", "cfteam", u]).status().unwrap().success(), "usermod {u}");
+        }
+    });
+}
+
+/// Submits `spec` as `user` the way a script without binaries does; returns the id.
+fn submit_as(c: &Cluster, user: &str, spec: &str) -> u64 {
+    let new = c.path("jobs/new");
+    let script = format!("exec 3<>{}; printf '%s' \"$SPEC\" >&3; read id <&3; echo $id", new.display());
+    let out =
+        Command::new("runuser").args(["-u", user, "--", "bash", "-c", &script]).env("SPEC", spec).output().unwrap();
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    id.parse().unwrap_or_else(|_| panic!("no id for {spec:?}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn wait(c: &Cluster, id: u64) -> String {
+    c.read(&format!("jobs/{id}/wait"))
+}
+
+#[test]
+fn a_job_runs_as_the_user_who_wrote_it() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn[0-1]", 200);
+    let id = submit_as(
+        &c,
+        "cfalice",
+        "id -u; id -G; echo \"$USER $HOME $CLUSTER_JOB_ID $CLUSTER_NODE\"; pwd; echo oops >&2\n",
+    );
+    assert_eq!(wait(&c, id), "0\n");
+    let out = c.read(&format!("jobs/{id}/stdout"));
+    let lines: Vec<&str> = out.lines().collect();
+    let uid = String::from_utf8(Command::new("id").args(["-u", "cfalice"]).output().unwrap().stdout).unwrap();
+    let team = String::from_utf8(Command::new("getent").args(["group", "cfteam"]).output().unwrap().stdout).unwrap();
+    let team_gid = team.split(':').nth(2).unwrap();
+    assert_eq!(lines[0], uid.trim(), "the job's uid is the submitter's");
+    assert!(lines[1].split(' ').any(|g| g == team_gid), "supplementary groups kept: {}", lines[1]);
+    let node = c.read(&format!("jobs/{id}/nodes"));
+    assert_eq!(lines[2], format!("cfalice /home/cfalice {id} {}", node.trim()));
+    assert_eq!(lines[3], "/home/cfalice");
+    assert_eq!(c.read(&format!("jobs/{id}/stderr")), "oops\n");
+    assert_eq!(c.read(&format!("jobs/{id}/state")), "done 0\n");
+    assert_eq!(c.read(&format!("jobs/{id}/exit")), "0\n");
+    // Root's jobs run as root.
+    let id = submit_as(&c, "root", "id -u\n");
+    assert_eq!(wait(&c, id), "0\n");
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), "0\n");
+}
+
+#[test]
+fn other_users_cannot_kill_remove_or_read_output_but_can_see_state() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn0", 200);
+    let id = submit_as(&c, "cfalice", "echo secret; sleep 30\n");
+    assert!(eventually(Duration::from_secs(10), || c.read(&format!("jobs/{id}/state")).starts_with("running")));
+    let dir = c.path(&format!("jobs/{id}"));
+    for (what, script) in [
+        ("read stdout", format!("cat {}/stdout", dir.display())),
+        ("read spec", format!("cat {}/spec", dir.display())),
+        ("kill", format!("echo kill > {}/ctl", dir.display())),
+        ("rmdir", format!("rmdir {}", dir.display())),
+    ] {
+        let (rc, _, err) = sh_as("cfbob", &script);
+        assert_ne!(rc, 0, "bob could {what}");
+        assert!(err.contains("Permission denied") || err.contains("Operation not permitted"), "{what}: {err}");
+    }
+    let (rc, out, _) =
+        sh_as("cfbob", &format!("cat {0}/state; ls {0}; cat {1}", dir.display(), c.path("jobs/queue").display()));
+    assert_eq!(rc, 0);
+    assert!(out.starts_with("running on cn0\n"), "{out}");
+    assert!(out.contains(&format!("{id} cfalice running cn0 -")), "{out}");
+    assert!(c.read(&format!("jobs/{id}/state")).starts_with("running"), "still running");
+    // The owner may.
+    let (rc, out, _) = sh_as("cfalice", &format!("cat {}/stdout", dir.display()));
+    assert_eq!((rc, out.as_str()), (0, "secret\n"));
+    let (rc, _, err) = sh_as("cfalice", &format!("rmdir {}", dir.display()));
+    assert_eq!(rc, 0, "{err}");
+    assert!(!dir.exists());
+}
+
+#[test]
+fn stdout_grows_while_the_job_runs() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 200);
+    let id = submit_as(&c, "root", "echo first; sleep 2; echo second\n");
+    let mut tail = Command::new("tail")
+        .args(["-n", "+1", "-s", "0.1", "-f"])
+        .arg(c.path(&format!("jobs/{id}/stdout")))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(tail.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "first\n");
+    assert!(c.read(&format!("jobs/{id}/state")).starts_with("running"), "seen before the job ended");
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "second\n");
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert_eq!(wait(&c, id), "0\n");
+}
+
+#[test]
+fn kill_signal_and_timeout() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn0", 200);
+    let id = submit_as(&c, "cfalice", "sleep 60\n");
+    assert!(eventually(Duration::from_secs(10), || c.read(&format!("jobs/{id}/state")).starts_with("running")));
+    let start = Instant::now();
+    let (rc, _, err) = sh_as("cfalice", &format!("echo kill > {}", c.path(&format!("jobs/{id}/ctl")).display()));
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(wait(&c, id), "143\n");
+    assert!(start.elapsed() < Duration::from_secs(2), "killed in {:?}", start.elapsed());
+    assert_eq!(c.read(&format!("jobs/{id}/state")), "killed by cfalice\n");
+
+    // A job that ignores SIGTERM still dies (SIGKILL a second later).
+    let id = submit_as(&c, "root", "trap '' TERM; sleep 60\n");
+    assert!(eventually(Duration::from_secs(10), || c.read(&format!("jobs/{id}/state")).starts_with("running")));
+    c.write(&format!("jobs/{id}/ctl"), b"kill\n").unwrap();
+    let start = Instant::now();
+    assert_eq!(wait(&c, id), "137\n");
+    assert!(start.elapsed() < Duration::from_secs(3));
+
+    let id = submit_as(&c, "root", "trap 'echo got usr1; exit 7' USR1; while :; do sleep 0.1; done\n");
+    assert!(eventually(Duration::from_secs(10), || c.read(&format!("jobs/{id}/state")).starts_with("running")));
+    std::thread::sleep(Duration::from_millis(300));
+    c.write(&format!("jobs/{id}/ctl"), b"signal USR1\n").unwrap();
+    assert_eq!(wait(&c, id), "7\n");
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), "got usr1\n");
+    assert_eq!(c.read(&format!("jobs/{id}/state")), "failed 7\n");
+
+    let id = submit_as(&c, "root", "#CLUSTER timeout=1\nsleep 30\n");
+    let start = Instant::now();
+    assert_eq!(wait(&c, id), "143\n");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert_eq!(c.read(&format!("jobs/{id}/state")), "timeout after 1 s\n");
+
+    for bad in ["bogus", "signal NOPE", "signal", "kill now", "\n"] {
+        assert_eq!(c.write(&format!("jobs/{id}/ctl"), bad.as_bytes()), Err(libc::EINVAL), "{bad:?}");
+    }
+    assert!(c.read(&format!("jobs/{id}/error")).contains("jobs/<id>/ctl takes"));
+}
+
+#[test]
+fn after_orders_jobs_and_queued_jobs_say_why() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 200);
+    let mark = c.dir.path().join("mark");
+    let a = submit_as(&c, "root", &format!("sleep 1; echo a > {}\n", mark.display()));
+    let b = submit_as(&c, "root", &format!("#CLUSTER after={a}\ncat {}\n", mark.display()));
+    assert!(c.read(&format!("jobs/{b}/state")).starts_with("queued"), "{}", c.read(&format!("jobs/{b}/state")));
+    assert_eq!(wait(&c, b), "0\n");
+    assert_eq!(c.read(&format!("jobs/{b}/stdout")), "a\n", "b ran after a");
+    // A failed dependency fails the dependent job; afterany runs anyway.
+    let f = submit_as(&c, "root", "exit 1\n");
+    let d = submit_as(&c, "root", &format!("#CLUSTER after={f}\necho never\n"));
+    let any = submit_as(&c, "root", &format!("#CLUSTER afterany={f}\necho anyway\n"));
+    assert!(wait(&c, d).starts_with("failed dependency"), "{}", c.read(&format!("jobs/{d}/state")));
+    assert_eq!(wait(&c, any), "0\n");
+    // Nothing fits: the job waits, saying why.
+    let big = submit_as(&c, "root", "#CLUSTER cpus=999\ntrue\n");
+    assert!(eventually(Duration::from_secs(5), || c.read(&format!("jobs/{big}/state"))
+        == "queued waiting for a node with 999 free cpus\n"));
+    assert!(c.read("jobs/queue").contains(&format!("{big} root queued - -")));
+    let err = std::fs::OpenOptions::new().read(true).custom_flags_nonblock().open(c.path(&format!("jobs/{big}/wait")));
+    assert_eq!(err.unwrap_err().raw_os_error(), Some(libc::EAGAIN), "O_NONBLOCK wait returns at once");
+}
+
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonBlock for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::custom_flags(self, libc::O_NONBLOCK)
+    }
+}
+
+#[test]
+fn bad_specs_create_nothing() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 200);
+    let listed = |c: &Cluster| std::fs::read_dir(c.path("jobs")).unwrap().count();
+    let before = listed(&c);
+    let cases: Vec<(&str, Vec<u8>, i32, &str)> = vec![
+        ("unknown key", b"#CLUSTER colour=red\ntrue\n".to_vec(), libc::EINVAL, "unknown key \"colour\""),
+        ("bad cpus", b"#CLUSTER cpus=0\ntrue\n".to_vec(), libc::EINVAL, "cpus="),
+        ("bad mem", b"#CLUSTER mem=lots\ntrue\n".to_vec(), libc::EINVAL, "mem="),
+        ("bad timeout", b"#CLUSTER timeout=soon\ntrue\n".to_vec(), libc::EINVAL, "timeout="),
+        ("bad cwd", b"#CLUSTER cwd=tmp\ntrue\n".to_vec(), libc::EINVAL, "cwd="),
+        ("bad isolate", b"#CLUSTER isolate=vm\ntrue\n".to_vec(), libc::EINVAL, "isolate="),
+        ("bad after", b"#CLUSTER after=x\ntrue\n".to_vec(), libc::EINVAL, "after="),
+        ("unknown dependency", b"#CLUSTER after=99999\ntrue\n".to_vec(), libc::EINVAL, "does not exist"),
+        ("bad env", b"#CLUSTER env.1=x\ntrue\n".to_vec(), libc::EINVAL, "env.1"),
+        ("bad JSON", b"{\"cmd\": ".to_vec(), libc::EINVAL, "JSON"),
+        ("JSON unknown key", b"{\"cmd\":\"true\",\"gpu\":1}".to_vec(), libc::EINVAL, "unknown key \"gpu\""),
+        ("binary junk", (0u8..=255).cycle().take(5000).collect(), libc::EINVAL, "UTF-8"),
+        ("NUL", b"true\0\n".to_vec(), libc::EINVAL, "NUL"),
+        ("2 MiB", vec![b'#'; 2 << 20], libc::EFBIG, "at most"),
+    ];
+    for (what, data, errno, sentence) in cases {
+        assert_eq!(c.write("jobs/new", &data), Err(errno), "{what}");
+        let err = c.read("jobs/error");
+        assert!(err.contains(sentence), "{what}: {err}");
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(listed(&c), before, "no job was created");
+    assert_eq!(c.read("jobs/queue"), "");
+    // A spec of several writes on one handle is one job.
+    let (rc, out, err) = sh(&format!(
+        "exec 3<>{0}; printf '#CLUSTER name=multi\\n' >&3; printf 'echo one\\n' >&3; printf 'echo two\\n' >&3; read id <&3; exec 3>&-; cat {1}/$id/wait; cat {1}/$id/stdout",
+        c.path("jobs/new").display(),
+        c.path("jobs").display()
+    ));
+    assert_eq!((rc, out.as_str()), (0, "0\none\ntwo\n"), "{err}");
+    // Directives alone, and the writer stops: the job fails and says why.
+    let (rc, out, err) =
+        sh(&format!("exec 3<>{}; printf '#CLUSTER cpus=1\n' >&3; read id <&3; echo $id", c.path("jobs/new").display()));
+    assert_eq!(rc, 0, "{err}");
+    let id = out.trim();
+    assert!(eventually(Duration::from_secs(5), || c.read(&format!("jobs/{id}/state"))
+        == "failed spec: the job has no command\n"));
+}
+
+#[test]
+fn a_head_crash_loses_no_job_and_runs_none_twice() {
+    if !crate::can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn[0-1]", 200);
+    let ids_file = c.dir.path().join("ids");
+    std::fs::write(&ids_file, "").unwrap();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let spec = format!("sleep 0.{}; echo $CLUSTER_JOB_ID >> {}\n", i % 10, ids_file.display());
+        ids.push(submit_as(&c, "root", &spec));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    c.crash_head();
+    c.start_head();
+    for id in &ids {
+        let w = wait(&c, *id);
+        assert_eq!(w, "0\n", "job {id}: {}", c.read(&format!("jobs/{id}/state")));
+    }
+    let mut seen: Vec<u64> = std::fs::read_to_string(&ids_file).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    seen.sort_unstable();
+    let mut want = ids.clone();
+    want.sort_unstable();
+    assert_eq!(seen, want, "every job ran exactly once");
+    assert_eq!(c.read("jobs/queue"), "");
+}

@@ -1,5 +1,6 @@
 //! clusterfs-agent: serves one or many node names of this machine to a clusterfs head.
 
+mod isolate;
 mod link;
 mod probe;
 mod runner;

@@ -68,6 +68,7 @@ impl Runner {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         match cmd.spawn() {
             Ok(mut child) => {
+                let _ = fs::write(dir.join("shim.pid"), format!("{}\n", child.id()));
                 // Reap the shim when it ends so it leaves no zombie.
                 std::thread::spawn(move || child.wait());
                 info!(run = run.run, user = run.user, "run started");
@@ -95,6 +96,15 @@ impl Runner {
             .ok()
             .and_then(|p| p.trim().parse().ok())
             .ok_or_else(|| format!("run {run} has not started its process yet"))?;
+        // The job's pid is only its own while the shim has not reaped it: a pid whose parent is
+        // no longer this run's shim belongs to someone else now.
+        let shim: Option<i32> = fs::read_to_string(dir.join("shim.pid")).ok().and_then(|p| p.trim().parse().ok());
+        let parent: Option<i32> = fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok());
+        if shim.is_none() || parent != shim {
+            return Ok(());
+        }
         let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| format!("no signal {signal}"))?;
         match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
@@ -126,7 +136,7 @@ impl Runner {
     pub fn status(&self, run: u64) -> RunStatus {
         let dir = self.run_dir(run);
         // The exit first: once it is there the job is gone, so the lengths read after it are final.
-        let exit = read_exit(&dir);
+        let exit = read_exit(&dir).or_else(|| self.orphaned(&dir));
         let len = |f: &str| fs::metadata(dir.join(f)).map_or(0, |m| m.len());
         RunStatus { run, len: [len("stdout"), len("stderr")], exit }
     }
@@ -134,6 +144,22 @@ impl Runner {
     /// How many runs are going now.
     pub fn running(&self) -> u64 {
         self.list().iter().filter(|s| s.exit.is_none()).count() as u64
+    }
+}
+
+impl Runner {
+    /// A run whose supervisor is gone without writing its exit ends now, with that reason.
+    fn orphaned(&self, dir: &Path) -> Option<Exit> {
+        let pid: i32 = fs::read_to_string(dir.join("shim.pid")).ok()?.trim().parse().ok()?;
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            && fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("--shim"));
+        if alive || read_exit(dir).is_some() {
+            return None;
+        }
+        let exit = Exit { code: 255, signal: None, reason: Some("its supervisor died".into()) };
+        warn!(dir = %dir.display(), "run supervisor died without an exit status");
+        write_exit(dir, &exit).ok()?;
+        Some(exit)
     }
 }
 

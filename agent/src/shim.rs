@@ -8,10 +8,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clusterfs::jobs::{Exit, Run};
+use clusterfs::jobs::{Exit, Isolate, Run};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid, User};
 
+use crate::isolate::{Cgroup, ChildSetup, unshare_namespaces};
 use crate::runner::write_exit;
 
 /// The descriptor a job reads its script from.
@@ -42,6 +43,29 @@ pub fn main(dir: &Path) -> i32 {
 }
 
 fn execute(dir: &Path, run: &Run) -> std::io::Result<Exit> {
+    // Limits first: the shim joins the run's cgroup and the job, forked next, inherits it.
+    let cgroup =
+        Cgroup::create(run.run, run.cpus, run.mem).map_err(|e| std::io::Error::other(format!("cgroup: {e}")))?;
+    let namespaces = run.isolate == Isolate::Ns;
+    if namespaces {
+        let host = run.env.get("CLUSTER_NODE").map_or("", String::as_str);
+        unshare_namespaces(host).map_err(|e| std::io::Error::other(format!("namespaces: {e}")))?;
+    }
+    let setup = ChildSetup::new(run.rootfs.as_deref(), namespaces)?;
+    let result = supervise(dir, run, setup);
+    let oom = cgroup.as_ref().is_some_and(Cgroup::oom_killed);
+    if let Some(c) = cgroup {
+        c.remove();
+    }
+    let mut exit = result?;
+    if oom && exit.reason.is_none() {
+        exit.reason = Some(format!("out of memory (limit {} bytes)", run.mem.unwrap_or(0)));
+    }
+    Ok(exit)
+}
+
+/// Starts the job as its user, waits for it and enforces the timeout.
+fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> {
     let user = User::from_uid(Uid::from_raw(run.uid)).ok().flatten();
     let home = user.as_ref().map_or_else(|| "/".into(), |u| u.dir.clone());
     let append = |f: &str| fs::OpenOptions::new().append(true).open(dir.join(f));
@@ -73,19 +97,31 @@ fn execute(dir: &Path, run: &Run) -> std::io::Result<Exit> {
         .stdout(append("stdout")?)
         .stderr(append("stderr")?)
         .process_group(0);
-    let cwd =
-        run.cwd.clone().unwrap_or_else(|| if home.is_dir() { home.to_string_lossy().into_owned() } else { "/".into() });
+    // Inside a rootfs the default is its root; elsewhere the user's home when it exists.
+    let cwd = run.cwd.clone().unwrap_or_else(|| {
+        if run.rootfs.is_none() && home.is_dir() { home.to_string_lossy().into_owned() } else { "/".into() }
+    });
+    // Checked here, with a sentence: an error inside the child reaches us as a bare errno.
+    let seen_from_host = match &run.rootfs {
+        Some(root) => Path::new(root).join(cwd.trim_start_matches('/')),
+        None => Path::new(&cwd).to_path_buf(),
+    };
+    if !seen_from_host.is_dir() {
+        return Err(std::io::Error::other(format!("cwd {cwd} is not a directory on this node")));
+    }
     let cwd = CString::new(cwd).map_err(|_| std::io::Error::other("cwd has a NUL byte"))?;
     let (uid, gid) = (Uid::from_raw(run.uid), Gid::from_raw(run.gid));
     let groups: Vec<Gid> = run.groups.iter().map(|g| Gid::from_raw(*g)).collect();
-    // SAFETY: the closure runs in the child between fork and exec; it only makes
-    // async-signal-safe system calls (dup2, setgroups, setgid, setuid, chdir) on data prepared before fork.
+    // SAFETY: the closure runs in the child between fork and exec; it only makes system calls
+    // (dup2, mount, pivot_root, setgroups, setgid, setuid, chdir) on data prepared before fork,
+    // in a process that had a single thread when it forked.
     unsafe {
         cmd.pre_exec(move || {
             // dup2 leaves the copy open across exec (no close-on-exec flag).
             if libc::dup2(script_fd, SCRIPT_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            setup.apply()?;
             nix::unistd::setgroups(&groups)?;
             nix::unistd::setgid(gid)?;
             nix::unistd::setuid(uid)?;
@@ -99,30 +135,42 @@ fn execute(dir: &Path, run: &Run) -> std::io::Result<Exit> {
     let pid = i32::try_from(child.id()).expect("pids fit in i32");
     fs::write(dir.join("pid"), format!("{pid}\n"))?;
     let deadline = run.timeout_s.map(|s| Instant::now() + Duration::from_secs(s));
-    let mut timed_out = false;
+    // No helper thread: a process that unshared its PID namespace may not make threads.
+    let mut kill_at: Option<Instant> = None;
     let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+        if exited_unreaped(pid)? {
+            // The job is a zombie: its pid, and so its process group, cannot be reused yet.
+            // Whatever it left in its group ends now, then it is reaped.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            break child.wait()?;
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) && !timed_out {
-            timed_out = true;
-            stop_group(pid);
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) && kill_at.is_none() {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+            kill_at = Some(now + GRACE);
+        }
+        if kill_at.is_some_and(|k| now >= k) {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    // Whatever the job left in its process group ends with it.
-    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    let timed_out = kill_at.is_some();
     let signal = std::os::unix::process::ExitStatusExt::signal(&status);
     let code = status.code().unwrap_or_else(|| 128 + signal.unwrap_or(0));
     let reason = timed_out.then(|| format!("timeout after {} s", run.timeout_s.unwrap_or(0)));
     Ok(Exit { code, signal, reason })
 }
 
-/// SIGTERM to the group, then SIGKILL after the grace period (from a thread: the waiter goes on).
-fn stop_group(pid: i32) {
-    let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-    std::thread::spawn(move || {
-        std::thread::sleep(GRACE);
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    });
+/// Whether the child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`).
+fn exited_unreaped(pid: i32) -> std::io::Result<bool> {
+    // SAFETY: siginfo_t is plain data the kernel fills; zeroed is a valid starting value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let id = libc::id_t::try_from(pid).map_err(|_| std::io::Error::other("bad pid"))?;
+    // SAFETY: waitid writes only into `info`, which lives for the call.
+    let rc = unsafe { libc::waitid(libc::P_PID, id, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: after a successful waitid, si_pid is set (0 when no child has changed state).
+    Ok(unsafe { info.si_pid() } != 0)
 }

@@ -268,6 +268,9 @@ impl Spec {
         if self.script.trim().is_empty() {
             return err("the job has no command");
         }
+        if self.rootfs.is_some() && self.isolate == Isolate::None {
+            return err("rootfs needs isolate=ns (its own mount namespace)");
+        }
         Ok(self)
     }
 }

@@ -284,3 +284,70 @@ fn a_head_crash_loses_no_job_and_runs_none_twice() {
     assert_eq!(seen, want, "every job ran exactly once");
     assert_eq!(c.read("jobs/queue"), "");
 }
+
+#[test]
+fn jobs_are_isolated_limited_and_can_run_in_their_own_root() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn3", 200);
+    // Default isolation: own PID, mount, UTS namespaces; limited to its cpus.
+    let id = submit_as(&c, "root", "echo $$; hostname; ls /proc | grep -c '^[0-9]'\n");
+    assert_eq!(wait(&c, id), "0\n");
+    let out = c.read(&format!("jobs/{id}/stdout"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1", "the job is PID 1 of its own namespace");
+    assert_eq!(lines[1], "cn3", "its hostname is the node's name");
+    assert!(lines[2].parse::<u32>().unwrap() < 10, "it sees only its own processes: {}", lines[2]);
+    let id = submit_as(&c, "root", "#CLUSTER isolate=none\necho $$\n");
+    assert_eq!(wait(&c, id), "0\n");
+    assert_ne!(c.read(&format!("jobs/{id}/stdout")), "1\n");
+
+    // A memory limit kills a job that allocates past it, and says so.
+    let id = submit_as(&c, "root", "#CLUSTER mem=64M\npython3 -c 'x = bytearray(400 * 1024 * 1024)'\n");
+    assert_eq!(wait(&c, id), "137\n");
+    assert_eq!(c.read(&format!("jobs/{id}/state")), "failed 137 out of memory (limit 67108864 bytes)\n");
+    let id = submit_as(&c, "root", "#CLUSTER mem=512M\npython3 -c 'x = bytearray(100 * 1024 * 1024); print(len(x))'\n");
+    assert_eq!(wait(&c, id), "0\n");
+    // cpus=2 is a CFS quota of two CPUs.
+    let id =
+        submit_as(&c, "root", "#CLUSTER cpus=2\ncat /proc/self/cgroup | grep -o 'clusterfs/run-[0-9-]*' | head -1\n");
+    assert_eq!(wait(&c, id), "0\n");
+    let cg = c.read(&format!("jobs/{id}/stdout"));
+    assert!(cg.starts_with(&format!("clusterfs/run-{id}-")), "{cg}");
+
+    // A rootfs job sees only that tree.
+    let root = c.dir.path().join("rootfs");
+    for d in ["bin", "proc", "tmp"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for tool in ["sh", "ls", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    std::fs::write(root.join("only-here"), "inside\n").unwrap();
+    let id = submit_as(&c, "root", &format!("#CLUSTER rootfs={}\nls /; cat /only-here\n", root.display()));
+    assert_eq!(wait(&c, id), "0\n", "{}{}", c.read(&format!("jobs/{id}/state")), c.read(&format!("jobs/{id}/stderr")));
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), "bin\nonly-here\nproc\ntmp\ninside\n");
+    // A rootfs without a shell: a clear failure, not a hang.
+    let empty = c.dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("proc")).unwrap();
+    let id = submit_as(&c, "root", &format!("#CLUSTER rootfs={}\ntrue\n", empty.display()));
+    assert_eq!(wait(&c, id), "127\n");
+    assert!(c.read(&format!("jobs/{id}/state")).contains("has no /bin/sh"), "{}", c.read(&format!("jobs/{id}/state")));
+
+    // A working directory the node does not have: a clear failure.
+    let id = submit_as(&c, "root", "#CLUSTER cwd=/no/such/dir\ntrue\n");
+    assert_eq!(wait(&c, id), "127\n");
+    assert_eq!(
+        c.read(&format!("jobs/{id}/state")),
+        "failed 127 failed to start: cwd /no/such/dir is not a directory on this node\n"
+    );
+
+    // Nothing is left behind: the cgroup the cpus=2 job ran in is gone now it has ended.
+    let name = cg.trim();
+    for ctl in ["memory", "cpu"] {
+        let dir = format!("/sys/fs/cgroup/{ctl}/{name}");
+        assert!(eventually(Duration::from_secs(3), || !std::path::Path::new(&dir).exists()), "{dir} left behind");
+    }
+}

@@ -1,0 +1,199 @@
+//! Job isolation on the node: namespaces, a root filesystem, and cgroup limits (v1 or v2).
+
+use std::ffi::CString;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Where the job's limits live: one cgroup per run in each controller used.
+#[derive(Debug)]
+pub struct Cgroup {
+    /// (controller directory, whether it is the memory controller) — v1 has one per controller,
+    /// v2 one directory for all.
+    dirs: Vec<PathBuf>,
+    memory: Option<PathBuf>,
+    v2: bool,
+}
+
+const ROOT: &str = "/sys/fs/cgroup";
+/// CFS period used for `cpus` quotas, in microseconds.
+const PERIOD_US: u64 = 100_000;
+
+impl Cgroup {
+    /// Makes the run's cgroup with `cpus` and `mem` limits and moves the calling process into
+    /// it (the job, forked after, inherits it). None when the node has no usable controller.
+    pub fn create(run: u64, cpus: u32, mem: Option<u64>) -> std::io::Result<Option<Cgroup>> {
+        // The shim's pid keeps names unique on a machine serving several node names.
+        let name = format!("clusterfs/run-{run}-{}", std::process::id());
+        let quota = u64::from(cpus) * PERIOD_US;
+        let v2 = fs::read_to_string(Path::new(ROOT).join("cgroup.controllers"))
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory") && c.split_whitespace().any(|x| x == "cpu"));
+        let me = std::process::id().to_string();
+        if v2 {
+            let dir = Path::new(ROOT).join(&name);
+            // Children of the parent need the controllers enabled.
+            let parent = Path::new(ROOT).join("clusterfs");
+            fs::create_dir_all(&parent)?;
+            let _ = fs::write(Path::new(ROOT).join("cgroup.subtree_control"), "+cpu +memory");
+            let _ = fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
+            fs::create_dir_all(&dir)?;
+            fs::write(dir.join("cpu.max"), format!("{quota} {PERIOD_US}"))?;
+            if let Some(m) = mem {
+                fs::write(dir.join("memory.max"), m.to_string())?;
+                let _ = fs::write(dir.join("memory.swap.max"), "0");
+            }
+            fs::write(dir.join("cgroup.procs"), &me)?;
+            return Ok(Some(Cgroup { dirs: vec![dir.clone()], memory: Some(dir), v2 }));
+        }
+        let cpu = Path::new(ROOT).join("cpu");
+        let memory = Path::new(ROOT).join("memory");
+        if !cpu.join("cpu.cfs_quota_us").exists() && !memory.join("memory.limit_in_bytes").exists() {
+            return Ok(None);
+        }
+        let mut cg = Cgroup { dirs: Vec::new(), memory: None, v2 };
+        if cpu.join("cpu.cfs_quota_us").exists() {
+            let dir = cpu.join(&name);
+            fs::create_dir_all(&dir)?;
+            fs::write(dir.join("cpu.cfs_period_us"), PERIOD_US.to_string())?;
+            fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+            fs::write(dir.join("cgroup.procs"), &me)?;
+            cg.dirs.push(dir);
+        }
+        if memory.join("memory.limit_in_bytes").exists() {
+            let dir = memory.join(&name);
+            fs::create_dir_all(&dir)?;
+            if let Some(m) = mem {
+                fs::write(dir.join("memory.limit_in_bytes"), m.to_string())?;
+                // No swap beyond the limit, where the kernel accounts swap.
+                let _ = fs::write(dir.join("memory.memsw.limit_in_bytes"), m.to_string());
+            }
+            fs::write(dir.join("cgroup.procs"), &me)?;
+            cg.memory = Some(dir.clone());
+            cg.dirs.push(dir);
+        }
+        Ok(Some(cg))
+    }
+
+    /// Whether the kernel's OOM killer killed something in this cgroup.
+    pub fn oom_killed(&self) -> bool {
+        let Some(dir) = &self.memory else { return false };
+        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.strip_prefix("oom_kill ").is_some_and(|n| n.trim() != "0"))
+    }
+
+    /// Moves the calling process out and removes the cgroup (retrying while it drains).
+    pub fn remove(self) {
+        let me = std::process::id().to_string();
+        for dir in &self.dirs {
+            // The parent of the run's cgroup is `clusterfs/`; its parent is the hierarchy root.
+            if let Some(root) = dir.parent().and_then(Path::parent) {
+                let _ = fs::write(root.join("cgroup.procs"), &me);
+            }
+            for _ in 0..50 {
+                if fs::remove_dir(dir).is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Puts the calling (single-threaded) process in new PID, IPC and UTS namespaces: its next
+/// child is PID 1 of the new PID namespace. The mount namespace is the child's own
+/// ([`ChildSetup::apply`]), so the caller keeps its view of the filesystem.
+pub fn unshare_namespaces(hostname: &str) -> std::io::Result<()> {
+    use nix::sched::CloneFlags;
+    nix::sched::unshare(CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)?;
+    if !hostname.is_empty() {
+        nix::unistd::sethostname(hostname)?;
+    }
+    Ok(())
+}
+
+/// What the child does before exec, prepared before fork so that it only makes system calls.
+#[derive(Debug)]
+pub struct ChildSetup {
+    rootfs: Option<CString>,
+    proc_: bool,
+}
+
+impl ChildSetup {
+    pub fn new(rootfs: Option<&str>, namespaces: bool) -> std::io::Result<ChildSetup> {
+        let rootfs = match rootfs {
+            Some(r) => {
+                let p = Path::new(r);
+                if !p.join("bin/sh").exists() && !p.join("bin/sh").is_symlink() {
+                    return Err(std::io::Error::other(format!("rootfs {r} has no /bin/sh")));
+                }
+                if !p.join("proc").is_dir() {
+                    return Err(std::io::Error::other(format!("rootfs {r} has no /proc directory")));
+                }
+                Some(CString::new(r).map_err(|_| std::io::Error::other("rootfs has a NUL byte"))?)
+            }
+            None => None,
+        };
+        Ok(ChildSetup { rootfs, proc_: namespaces })
+    }
+
+    /// In the child, as root, before dropping privileges: enter the root filesystem and mount
+    /// a /proc that shows the job's PID namespace.
+    ///
+    /// # Safety
+    /// Call only between fork and exec; it makes system calls on memory prepared before fork.
+    pub unsafe fn apply(&self) -> std::io::Result<()> {
+        // Each step names itself: the message reaches the job's `state`. (The message is a
+        // static string: nothing is allocated here unless a step fails.)
+        let step = |rc: libc::c_int, what: &'static str| {
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                Err(std::io::Error::new(e.kind(), format!("{what}: {e}")))
+            } else {
+                Ok(())
+            }
+        };
+        if !self.proc_ && self.rootfs.is_none() {
+            return Ok(());
+        }
+        // SAFETY: every pointer is a NUL-terminated string that lives in `self` or is static.
+        unsafe {
+            // A mount namespace of the job's own: its /proc and root change nothing outside.
+            step(libc::unshare(libc::CLONE_NEWNS), "unshare the mount namespace")?;
+            step(
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ),
+                "make mounts private",
+            )?;
+            if let Some(root) = &self.rootfs {
+                step(
+                    libc::mount(
+                        root.as_ptr(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REC,
+                        std::ptr::null(),
+                    ),
+                    "bind the rootfs",
+                )?;
+                step(libc::chdir(root.as_ptr()), "enter the rootfs")?;
+                let dot = c".".as_ptr();
+                step(libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int, "pivot_root")?;
+                step(libc::umount2(dot, libc::MNT_DETACH), "detach the old root")?;
+                step(libc::chdir(c"/".as_ptr()), "chdir /")?;
+            }
+            let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            step(
+                libc::mount(c"proc".as_ptr(), c"/proc".as_ptr(), c"proc".as_ptr(), flags, std::ptr::null()),
+                "mount /proc",
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -150,7 +150,20 @@ impl Runner {
 impl Runner {
     /// A run whose supervisor is gone without writing its exit ends now, with that reason.
     fn orphaned(&self, dir: &Path) -> Option<Exit> {
-        let pid: i32 = fs::read_to_string(dir.join("shim.pid")).ok()?.trim().parse().ok()?;
+        let Some(pid) = fs::read_to_string(dir.join("shim.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) else {
+            // No supervisor was ever recorded: the agent stopped while starting the run.
+            let age = fs::metadata(dir).and_then(|m| m.modified()).ok()?.elapsed().ok()?;
+            if age < std::time::Duration::from_secs(10) || read_exit(dir).is_some() {
+                return None;
+            }
+            let exit = Exit {
+                code: 255,
+                signal: None,
+                reason: Some("never started (the agent stopped while starting it)".into()),
+            };
+            write_exit(dir, &exit).ok()?;
+            return Some(exit);
+        };
         let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
             && fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("--shim"));
         if alive || read_exit(dir).is_some() {

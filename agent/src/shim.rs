@@ -68,10 +68,17 @@ fn execute(dir: &Path, run: &Run) -> std::io::Result<Exit> {
 fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> {
     let user = User::from_uid(Uid::from_raw(run.uid)).ok().flatten();
     let home = user.as_ref().map_or_else(|| "/".into(), |u| u.dir.clone());
-    let append = |f: &str| fs::OpenOptions::new().append(true).open(dir.join(f));
+    let append = |f: &str| {
+        let path = dir.join(f);
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    };
     // The job reads its script through an inherited descriptor: the run directory lives
     // under root's state, which the job's user cannot (and need not) traverse.
-    let script = fs::File::open(dir.join("script"))?;
+    let script = fs::File::open(dir.join("script"))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.join("script").display())))?;
     let script_fd = std::os::fd::AsRawFd::as_raw_fd(&script);
     let script_path = format!("/proc/self/fd/{SCRIPT_FD}");
     let mut cmd = if run.script.starts_with("#!") {
@@ -130,7 +137,7 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
+    let mut child = cmd.spawn().map_err(|e| std::io::Error::new(e.kind(), format!("starting the job: {e}")))?;
     drop(script);
     let pid = i32::try_from(child.id()).expect("pids fit in i32");
     fs::write(dir.join("pid"), format!("{pid}\n"))?;

@@ -137,7 +137,10 @@ impl Cluster {
             nodes,
             groups,
             pending: Arc::default(),
-            next_id: AtomicU64::new(1),
+            // Ids must not repeat across head restarts: agents remember answers by id.
+            next_id: AtomicU64::new(
+                now.duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64) << 8,
+            ),
             started: Instant::now(),
             started_at: now,
         })

@@ -275,7 +275,7 @@ fn a_head_crash_loses_no_job_and_runs_none_twice() {
     c.start_head();
     for id in &ids {
         let w = wait(&c, *id);
-        assert_eq!(w, "0\n", "job {id}: {}", c.read(&format!("jobs/{id}/state")));
+        assert_eq!(w, "0\n", "job {id}: {}\n{}", c.read(&format!("jobs/{id}/state")), c.log());
     }
     let mut seen: Vec<u64> = std::fs::read_to_string(&ids_file).unwrap().lines().map(|l| l.parse().unwrap()).collect();
     seen.sort_unstable();

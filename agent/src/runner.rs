@@ -68,7 +68,9 @@ impl Runner {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         match cmd.spawn() {
             Ok(mut child) => {
-                let _ = fs::write(dir.join("shim.pid"), format!("{}\n", child.id()));
+                // The pid and its kernel start time: a later process with the same pid is not it.
+                let start = proc_stat(child.id()).map_or(0, |s| s.1);
+                let _ = fs::write(dir.join("shim.pid"), format!("{} {start}\n", child.id()));
                 // Reap the shim when it ends so it leaves no zombie.
                 std::thread::spawn(move || child.wait());
                 info!(run = run.run, user = run.user, "run started");
@@ -98,7 +100,8 @@ impl Runner {
             .ok_or_else(|| format!("run {run} has not started its process yet"))?;
         // The job's pid is only its own while the shim has not reaped it: a pid whose parent is
         // no longer this run's shim belongs to someone else now.
-        let shim: Option<i32> = fs::read_to_string(dir.join("shim.pid")).ok().and_then(|p| p.trim().parse().ok());
+        let shim: Option<i32> =
+            fs::read_to_string(dir.join("shim.pid")).ok().and_then(|p| p.split_whitespace().next()?.parse().ok());
         let parent: Option<i32> = fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok());
@@ -150,7 +153,10 @@ impl Runner {
 impl Runner {
     /// A run whose supervisor is gone without writing its exit ends now, with that reason.
     fn orphaned(&self, dir: &Path) -> Option<Exit> {
-        let Some(pid) = fs::read_to_string(dir.join("shim.pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) else {
+        let Some((pid, start)) = fs::read_to_string(dir.join("shim.pid")).ok().and_then(|p| {
+            let mut f = p.split_whitespace();
+            Some((f.next()?.parse::<u32>().ok()?, f.next()?.parse::<u64>().ok()?))
+        }) else {
             // No supervisor was ever recorded: the agent stopped while starting the run.
             let age = fs::metadata(dir).and_then(|m| m.modified()).ok()?.elapsed().ok()?;
             if age < std::time::Duration::from_secs(10) || read_exit(dir).is_some() {
@@ -164,13 +170,14 @@ impl Runner {
             write_exit(dir, &exit).ok()?;
             return Some(exit);
         };
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-            && fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("--shim"));
+        let seen = proc_stat(pid);
+        let alive = seen.is_some_and(|(state, started)| started == start && state != 'Z' && state != 'X');
+        // The shim writes its exit before it ends: read again now that it is known gone.
         if alive || read_exit(dir).is_some() {
             return None;
         }
+        warn!(dir = %dir.display(), pid, ?seen, "run supervisor died without an exit status");
         let exit = Exit { code: 255, signal: None, reason: Some("its supervisor died".into()) };
-        warn!(dir = %dir.display(), "run supervisor died without an exit status");
         write_exit(dir, &exit).ok()?;
         Some(exit)
     }
@@ -182,12 +189,28 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Writes `exit.json` atomically: a reader sees the whole status or none.
+/// Writes `exit.json` atomically: a reader sees the whole status or none. Each writer has its
+/// own temporary file; the first complete exit stays.
 pub fn write_exit(dir: &Path, exit: &Exit) -> std::io::Result<()> {
-    let tmp = dir.join("exit.json.tmp");
+    let tmp = dir.join(format!("exit.json.{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     write_new(&tmp, &serde_json::to_vec(exit).expect("exits serialize"), 0o600)?;
-    fs::rename(tmp, dir.join("exit.json"))
+    let done = dir.join("exit.json");
+    // A hard link fails if an exit is there already, where a rename would replace it.
+    let linked = fs::hard_link(&tmp, &done);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// (state, start time in clock ticks) of a process, from /proc/<pid>/stat.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    Some((fields.first()?.chars().next()?, fields.get(19)?.parse().ok()?))
 }
 
 pub fn read_exit(dir: &Path) -> Option<Exit> {

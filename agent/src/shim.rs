@@ -47,12 +47,14 @@ fn execute(dir: &Path, run: &Run) -> std::io::Result<Exit> {
     let cgroup =
         Cgroup::create(run.run, run.cpus, run.mem).map_err(|e| std::io::Error::other(format!("cgroup: {e}")))?;
     let namespaces = run.isolate == Isolate::Ns;
-    if namespaces {
-        let host = run.env.get("CLUSTER_NODE").map_or("", String::as_str);
-        unshare_namespaces(host).map_err(|e| std::io::Error::other(format!("namespaces: {e}")))?;
-    }
-    let setup = ChildSetup::new(run.rootfs.as_deref(), namespaces)?;
-    let result = supervise(dir, run, setup);
+    let result = (|| {
+        if namespaces {
+            let host = run.env.get("CLUSTER_NODE").map_or("", String::as_str);
+            unshare_namespaces(host).map_err(|e| std::io::Error::other(format!("namespaces: {e}")))?;
+        }
+        supervise(dir, run, ChildSetup::new(run.rootfs.as_deref(), namespaces)?)
+    })();
+    // Whatever happened above, the cgroup goes.
     let oom = cgroup.as_ref().is_some_and(Cgroup::oom_killed);
     if let Some(c) = cgroup {
         c.remove();

@@ -197,10 +197,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             Frame::Bulk { .. } => Err(ProtoError::Unexpected { expected: "a message", got: "bulk data".into() }),
         }
     }
-
-    pub fn into_parts(self) -> Framed<S, LengthDelimitedCodec> {
-        self.inner
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! One node identity's connection to the head: dial, authenticate, report, answer; redial on loss.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -82,17 +81,11 @@ pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) 
             Err(e) => debug!(node, head, error = %e, "link lost"),
         }
         next_head += 1;
-        let jitter = Duration::from_millis(rand_jitter(backoff.as_millis() as u64 / 4 + 1));
+        // Jitter spreads the redials of many identities after a head restart.
+        let jitter = Duration::from_millis(rand::random_range(0..backoff.as_millis() as u64 / 4 + 1));
         tokio::time::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-}
-
-fn rand_jitter(max: u64) -> u64 {
-    // Spread the redials of many identities; the clock's nanoseconds are random enough here.
-    let n =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::from(d.subsec_nanos()));
-    n % max
 }
 
 /// One connection, until it fails. Ok(()) when it was established and then ended.
@@ -167,7 +160,7 @@ async fn send_output(
         while cursor.sent[s] < status.len[s] {
             let want = usize::try_from(status.len[s] - cursor.sent[s]).unwrap_or(CHUNK).min(CHUNK);
             let path = runner.run_dir(run).join(if stream == STDOUT { "stdout" } else { "stderr" });
-            let data = read_at(&path, cursor.sent[s], want).map_err(ProtoError::Io)?;
+            let data = clusterfs::jobs::read_at(&path, cursor.sent[s], want).map_err(ProtoError::Io)?;
             if data.is_empty() {
                 break;
             }
@@ -189,14 +182,6 @@ async fn send_output(
         cursor.exited_sent = true;
     }
     Ok(())
-}
-
-fn read_at(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path)?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut buf = Vec::with_capacity(len);
-    f.take(len as u64).read_to_end(&mut buf)?;
-    Ok(buf)
 }
 
 fn execute(op: Op, runner: &Runner, cursors: &mut HashMap<u64, Cursor>) -> Result<Reply, String> {

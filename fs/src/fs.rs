@@ -533,11 +533,6 @@ impl<T: Tree> SynthFs<T> {
         }
         r
     }
-
-    /// Whether a handle is a synthetic file that must bypass the page cache.
-    pub fn direct_io(&self, _handle: u64) -> bool {
-        true
-    }
 }
 
 fn slice(bytes: &[u8], offset: u64, size: u32) -> Vec<u8> {

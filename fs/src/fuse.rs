@@ -87,10 +87,6 @@ fn name_str(name: &OsStr) -> Result<&str, FsError> {
     name.to_str().ok_or_else(|| FsError::not_found("a name that is not UTF-8"))
 }
 
-fn open_flags(fs_direct: bool) -> FopenFlags {
-    if fs_direct { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() }
-}
-
 impl<T: Tree> Filesystem for Adapter<T> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // NFS re-export: the kernel may then resolve file handles by LOOKUP of "." and "..".
@@ -189,9 +185,9 @@ impl<T: Tree> Filesystem for Adapter<T> {
         self.guard("open", || {
             let _s = debug_span!("open", req = req.unique().0, ino = ino.0).entered();
             let nonblock = flags.0 & libc::O_NONBLOCK != 0;
-            let fs = self.fs.clone();
+            // Synthetic files bypass the page cache: sizes change under the kernel's feet.
             self.answer(self.fs.open(ino.0, nonblock, &caller(req)), move |r| match r {
-                Ok(fh) => reply.opened(FileHandle(fh), open_flags(fs.direct_io(fh))),
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(e) => fuse_error!("open", reply, e),
             });
         });

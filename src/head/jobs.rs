@@ -156,33 +156,50 @@ impl Jobs {
         })
     }
 
+    /// A copy of job `id` (with its spec text: for what needs the whole job).
     pub fn get(&self, id: u64) -> Option<Job> {
         self.jobs.get(&id).map(|j| j.clone())
     }
 
+    /// Reads job `id` in place, without copying it.
+    pub fn with<T>(&self, id: u64, f: impl FnOnce(&Job) -> T) -> Option<T> {
+        self.jobs.get(&id).map(|j| f(&j))
+    }
+
+    /// What `f` takes from each job, in id order, without copying the jobs. `f` must not
+    /// touch the jobs (their map is locked while it runs).
+    pub fn scan<T>(&self, mut f: impl FnMut(&Job) -> Option<T>) -> Vec<T> {
+        let mut v: Vec<(u64, T)> = self.jobs.iter().filter_map(|j| f(&j).map(|t| (j.id, t))).collect();
+        v.sort_unstable_by_key(|x| x.0);
+        v.into_iter().map(|x| x.1).collect()
+    }
+
     pub fn ids(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.jobs.iter().map(|j| *j.key()).collect();
-        v.sort_unstable();
-        v
+        self.scan(|j| Some(j.id))
     }
 
     /// `jobs/queue`: one line per job not yet ended.
     pub fn queue(&self) -> String {
-        let mut out = String::new();
-        for id in self.ids() {
-            if let Some(j) = self.get(id).filter(|j| !j.state.ended()) {
-                let state = if j.held { "writing" } else { j.state.word() };
-                out.push_str(&format!(
-                    "{} {} {} {} {}\n",
-                    j.id,
-                    j.owner.user,
-                    state,
-                    j.node.as_deref().unwrap_or("-"),
-                    j.name()
-                ));
-            }
-        }
-        out
+        self.scan(|j| {
+            let state = if j.held { "writing" } else { j.state.word() };
+            (!j.state.ended()).then(|| {
+                format!("{} {} {} {} {}\n", j.id, j.owner.user, state, j.node.as_deref().unwrap_or("-"), j.name())
+            })
+        })
+        .concat()
+    }
+
+    /// Whether run `run` is running on `node` (what agents may report about).
+    fn runs_on(&self, run: u64, node: &str) -> bool {
+        self.with(run, |j| j.state == State::Running && j.node.as_deref() == Some(node)).unwrap_or(false)
+    }
+
+    /// Tells `node`'s agent, from a task, that it may drop `run`.
+    fn forget_later(&self, node: &str, run: u64) {
+        let (cluster, node) = (self.cluster.clone(), node.to_string());
+        tokio::spawn(async move {
+            let _ = cluster.request(&node, Op::Forget { run }, Duration::from_secs(5)).await;
+        });
     }
 
     pub fn spool_path(&self, id: u64, stream: u64) -> PathBuf {
@@ -357,9 +374,11 @@ impl Jobs {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let job = self.get(id).ok_or_else(|| FsError::not_found(format!("job {id} (removed while waited on)")))?;
-            if job.state.ended() {
-                return Ok(job);
+            let ended = self.with(id, |j| j.state.ended());
+            match ended {
+                None => return Err(FsError::not_found(format!("job {id} (removed while waited on)"))),
+                Some(true) => return self.get(id).ok_or_else(|| FsError::not_found(format!("job {id}"))),
+                Some(false) => {}
             }
             notified.await;
         }
@@ -375,12 +394,16 @@ impl Jobs {
                 r.1 += j.spec.mem.unwrap_or(0);
             }
         }
-        for id in self.ids() {
-            let Some(job) = self.get(id) else { continue };
-            match job.state {
-                State::Queued if !job.held => self.try_start(job, &mut reserved),
-                State::Running => self.check_lost(&job),
-                s if s.ended() => self.expire(&job),
+        // Only jobs that may start are copied; the others are looked at in place.
+        for (id, state, held) in self.scan(|j| Some((j.id, j.state, j.held))) {
+            match state {
+                State::Queued if !held => {
+                    if let Some(job) = self.get(id) {
+                        self.try_start(job, &mut reserved);
+                    }
+                }
+                State::Running => self.check_lost(id),
+                s if s.ended() => self.expire(id),
                 _ => {}
             }
         }
@@ -503,14 +526,14 @@ impl Jobs {
         });
     }
 
-    fn check_lost(&self, job: &Job) {
-        let Some(node) = &job.node else { return };
-        let Some(v) = self.cluster.view(node) else { return };
+    fn check_lost(&self, id: u64) {
+        let Some(node) = self.with(id, |j| j.node.clone()).flatten() else { return };
+        let Some(v) = self.cluster.view(&node) else { return };
         let down_for = v.changed.elapsed().unwrap_or_default();
         if matches!(v.state, NodeState::Down(_)) && down_for > Duration::from_secs(self.cfg.lost_after_s) {
             let reason = format!("node {node} down for {} s", down_for.as_secs());
-            warn!(job = job.id, node, "job lost");
-            let _ = self.update(job.id, |j| {
+            warn!(job = id, node, "job lost");
+            let _ = self.update(id, |j| {
                 j.state = State::Lost;
                 j.reason = reason;
                 j.ended_ms = Some(now_ms());
@@ -518,12 +541,12 @@ impl Jobs {
         }
     }
 
-    fn expire(&self, job: &Job) {
-        let ended = job.ended_ms.unwrap_or(job.submitted_ms);
+    fn expire(&self, id: u64) {
+        let Some(ended) = self.with(id, |j| j.ended_ms.unwrap_or(j.submitted_ms)) else { return };
         if now_ms().saturating_sub(ended) > self.cfg.retention_s.saturating_mul(1000) {
-            let _ = self.cluster.store().delete("jobs", &job.id.to_string());
-            self.jobs.remove(&job.id);
-            let _ = std::fs::remove_dir_all(self.spool.join(job.id.to_string()));
+            let _ = self.cluster.store().delete("jobs", &id.to_string());
+            self.jobs.remove(&id);
+            let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));
         }
     }
 
@@ -531,33 +554,27 @@ impl Jobs {
     pub fn reconcile(self: &Arc<Self>, node: &str, runs: Vec<RunStatus>) -> Vec<crate::proto::Message> {
         let known: HashSet<u64> = runs.iter().map(|r| r.run).collect();
         let mut out = Vec::new();
-        for id in self.ids() {
-            let Some(job) = self.get(id) else { continue };
-            if job.state != State::Running || job.node.as_deref() != Some(node) {
-                continue;
-            }
+        let here = self
+            .scan(|j| (j.state == State::Running && j.node.as_deref() == Some(node)).then_some((j.id, j.confirmed)));
+        for (id, confirmed) in here {
             if known.contains(&id) {
                 out.push(crate::proto::Message::Resume {
                     run: id,
                     from: [self.output_len(id, STDOUT), self.output_len(id, STDERR)],
                 });
-            } else if job.confirmed {
+            } else if confirmed {
                 let _ = self.update(id, |j| {
                     j.state = State::Lost;
                     j.reason = format!("the agent on {node} no longer knows it");
                     j.ended_ms = Some(now_ms());
                 });
-            } else {
+            } else if let Some(job) = self.get(id) {
                 self.dispatch(job);
             }
         }
         for r in runs {
-            let wanted = self.get(r.run).is_some_and(|j| j.state == State::Running && j.node.as_deref() == Some(node));
-            if !wanted {
-                let (cluster, node, run) = (self.cluster.clone(), node.to_string(), r.run);
-                tokio::spawn(async move {
-                    let _ = cluster.request(&node, Op::Forget { run }, Duration::from_secs(5)).await;
-                });
+            if !self.runs_on(r.run, node) {
+                self.forget_later(node, r.run);
             }
         }
         out
@@ -566,8 +583,7 @@ impl Jobs {
     /// Output from an agent; returns a resume request when a gap shows data was missed.
     pub fn output(&self, node: &str, stream: u64, offset: u64, data: &[u8]) -> Option<crate::proto::Message> {
         let (run, s) = split_stream(stream);
-        let job = self.get(run)?;
-        if job.state != State::Running || job.node.as_deref() != Some(node) {
+        if !self.runs_on(run, node) {
             return None;
         }
         let len = self.output_len(run, s);
@@ -593,15 +609,15 @@ impl Jobs {
 
     /// A run ended on `node`. Accepted once all its output is here; then the agent may forget it.
     pub fn exited(self: &Arc<Self>, node: &str, run: u64, exit: Exit, len: [u64; 2]) -> Option<crate::proto::Message> {
-        let job = self.get(run)?;
-        if job.state != State::Running || job.node.as_deref() != Some(node) {
+        if !self.runs_on(run, node) {
             return None;
         }
+        let killed_by = self.with(run, |j| j.killed_by.clone())?;
         let have = [self.output_len(run, STDOUT), self.output_len(run, STDERR)];
         if have != len {
             return Some(crate::proto::Message::Resume { run, from: have });
         }
-        let (state, reason) = match (&job.killed_by, &exit.reason) {
+        let (state, reason) = match (&killed_by, &exit.reason) {
             (Some(who), _) => (State::Killed, format!("by {who}")),
             (None, Some(r)) if r.starts_with("timeout") => {
                 (State::Timeout, r.trim_start_matches("timeout ").to_string())
@@ -617,10 +633,7 @@ impl Jobs {
             j.exit = Some(exit);
             j.ended_ms = Some(now_ms());
         });
-        let (cluster, node) = (self.cluster.clone(), node.to_string());
-        tokio::spawn(async move {
-            let _ = cluster.request(&node, Op::Forget { run }, Duration::from_secs(5)).await;
-        });
+        self.forget_later(node, run);
         None
     }
 

@@ -60,3 +60,13 @@ pub fn stream_id(run: u64, stream: u64) -> u64 {
 pub fn split_stream(id: u64) -> (u64, u64) {
     (id >> 1, id & 1)
 }
+
+/// Up to `len` bytes of `path` from `offset`: a slice of an output file, on either side.
+pub fn read_at(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len.min(1 << 20));
+    f.take(len as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}

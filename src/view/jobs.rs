@@ -187,7 +187,8 @@ impl JobsView {
         let job = self.job(id)?;
         owner_only(&job, caller)?;
         let stream = if *file == "stdout" { STDOUT } else { STDERR };
-        read_at(&self.jobs.spool_path(job.id, stream), offset, size)
+        crate::jobs::read_at(&self.jobs.spool_path(job.id, stream), offset, size as usize)
+            .map_err(|e| FsError::new(Errno::Io, format!("reading the spool: {e}")))
     }
 
     pub fn write(&self, path: &[&str], caller: &Caller, handle: u64, offset: u64, data: &[u8]) -> Answer<Vec<u8>> {
@@ -321,26 +322,20 @@ impl JobsView {
     /// Ids of jobs running on `node`, one per line.
     pub fn on_node(&self, node: &str) -> String {
         self.jobs
-            .ids()
-            .into_iter()
-            .filter_map(|id| self.jobs.get(id))
-            .filter(|j| j.state == State::Running && j.node.as_deref() == Some(node))
-            .map(|j| format!("{}\n", j.id))
-            .collect()
+            .scan(|j| (j.state == State::Running && j.node.as_deref() == Some(node)).then(|| format!("{}\n", j.id)))
+            .concat()
     }
 
     /// The `jobs ...` line of `/cluster/status`.
     pub fn status(&self) -> String {
-        let (mut queued, mut running, mut ended) = (0, 0, 0);
-        for id in self.jobs.ids() {
-            match self.jobs.get(id).map(|j| j.state) {
-                Some(State::Queued) => queued += 1,
-                Some(State::Running) => running += 1,
-                Some(_) => ended += 1,
-                None => {}
-            }
-        }
-        format!("jobs queued={queued} running={running} ended={ended}\n")
+        let states = self.jobs.scan(|j| Some(j.state));
+        let count = |f: fn(&State) -> bool| states.iter().filter(|s| f(s)).count();
+        format!(
+            "jobs queued={} running={} ended={}\n",
+            count(|s| *s == State::Queued),
+            count(|s| *s == State::Running),
+            count(|s| s.ended())
+        )
     }
 }
 
@@ -414,16 +409,6 @@ fn owner_of(caller: &Caller) -> Owner {
         vec![caller.gid]
     };
     Owner { uid: caller.uid, gid: caller.gid, groups, user: user_name(caller.uid) }
-}
-
-fn read_at(path: &std::path::Path, offset: u64, size: u32) -> Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let io = |e: std::io::Error| FsError::new(Errno::Io, format!("reading the spool: {e}"));
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    f.seek(SeekFrom::Start(offset)).map_err(io)?;
-    let mut buf = Vec::with_capacity(size as usize);
-    f.take(u64::from(size)).read_to_end(&mut buf).map_err(io)?;
-    Ok(buf)
 }
 
 fn spec_help() -> String {

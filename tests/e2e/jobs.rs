@@ -32,6 +32,12 @@ fn submit_as(c: &Cluster, user: &str, spec: &str) -> u64 {
     id.parse().unwrap_or_else(|_| panic!("no id for {spec:?}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Waits (bounded) until job `id` is running.
+fn assert_running(c: &Cluster, id: u64) {
+    let state = || c.read(&format!("jobs/{id}/state"));
+    assert!(eventually(Duration::from_secs(10), || state().starts_with("running")), "job {id}: {}", state());
+}
+
 fn wait(c: &Cluster, id: u64) -> String {
     c.read(&format!("jobs/{id}/wait"))
 }
@@ -76,7 +82,7 @@ fn other_users_cannot_kill_remove_or_read_output_but_can_see_state() {
     users();
     let c = Cluster::up("cn0", 200);
     let id = submit_as(&c, "cfalice", "echo secret; sleep 30\n");
-    assert!(eventually(Duration::from_secs(10), || c.read(&format!("jobs/{id}/state")).starts_with("running")));
+    assert_running(&c, id);
     let dir = c.path(&format!("jobs/{id}"));
     for (what, script) in [
         ("read stdout", format!("cat {}/stdout", dir.display())),
@@ -136,7 +142,7 @@ fn kill_signal_and_timeout() {
     users();
     let c = Cluster::up("cn0", 200);
     let id = submit_as(&c, "cfalice", "sleep 60\n");
-    assert!(eventually(Duration::from_secs(10), || c.read(&format!("jobs/{id}/state")).starts_with("running")));
+    assert_running(&c, id);
     let start = Instant::now();
     let (rc, _, err) = sh_as("cfalice", &format!("echo kill > {}", c.path(&format!("jobs/{id}/ctl")).display()));
     assert_eq!(rc, 0, "{err}");
@@ -146,14 +152,14 @@ fn kill_signal_and_timeout() {
 
     // A job that ignores SIGTERM still dies (SIGKILL a second later).
     let id = submit_as(&c, "root", "trap '' TERM; sleep 60\n");
-    assert!(eventually(Duration::from_secs(10), || c.read(&format!("jobs/{id}/state")).starts_with("running")));
+    assert_running(&c, id);
     c.write(&format!("jobs/{id}/ctl"), b"kill\n").unwrap();
     let start = Instant::now();
     assert_eq!(wait(&c, id), "137\n");
     assert!(start.elapsed() < Duration::from_secs(3));
 
     let id = submit_as(&c, "root", "trap 'echo got usr1; exit 7' USR1; while :; do sleep 0.1; done\n");
-    assert!(eventually(Duration::from_secs(10), || c.read(&format!("jobs/{id}/state")).starts_with("running")));
+    assert_running(&c, id);
     std::thread::sleep(Duration::from_millis(300));
     c.write(&format!("jobs/{id}/ctl"), b"signal USR1\n").unwrap();
     assert_eq!(wait(&c, id), "7\n");

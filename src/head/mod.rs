@@ -27,6 +27,7 @@ pub struct Head {
     pub addr: SocketAddr,
     pub cluster: Arc<Cluster>,
     pub jobs: Arc<Jobs>,
+    mountpoint: PathBuf,
     mount: Option<clusterfs_fs::Mount>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -39,7 +40,12 @@ impl Head {
         }
         if let Some(m) = self.mount.take() {
             if let Err(e) = m.unmount() {
-                warn!(error = %e, "unmount failed");
+                // Something still has a file open there: detach lazily rather than leave a
+                // mount whose daemon is gone.
+                warn!(error = %e, mountpoint = %self.mountpoint.display(), "unmount failed; detaching lazily");
+                if let Err(e) = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+                    warn!(error = %e, "lazy detach failed");
+                }
             }
         }
     }
@@ -85,7 +91,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), listener, secret)),
         tokio::spawn(jobs.clone().scheduler()),
     ];
-    Ok(Head { addr, cluster, jobs, mount: Some(mount), tasks })
+    Ok(Head { addr, cluster, jobs, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
 }
 
 /// A FUSE mount whose daemon died answers ENOTCONN; detach it so we can mount again.

@@ -214,8 +214,13 @@ impl Drop for Cluster {
         let secret = self.secret_file();
         let _ =
             Command::new("pkill").args(["-9", "-f", "--"]).arg(format!("secret-file {}", secret.display())).status();
-        if is_mounted(&self.mnt) {
+        // Leave no mount behind, even after a crash or a failed unmount.
+        for _ in 0..50 {
+            if !is_mounted(&self.mnt) {
+                break;
+            }
             detach(&self.mnt);
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -68,9 +68,10 @@ impl Runner {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         match cmd.spawn() {
             Ok(mut child) => {
-                // The pid and its kernel start time: a later process with the same pid is not it.
-                let start = proc_stat(child.id()).map_or(0, |s| s.1);
-                let _ = fs::write(dir.join("shim.pid"), format!("{} {start}\n", child.id()));
+                // The shim records itself too, first thing: whichever write lands, it is the same.
+                if let Err(e) = record_shim(&dir, child.id()) {
+                    warn!(run = run.run, error = %e, "cannot record the run's supervisor");
+                }
                 // Reap the shim when it ends so it leaves no zombie.
                 std::thread::spawn(move || child.wait());
                 info!(run = run.run, user = run.user, "run started");
@@ -204,6 +205,15 @@ pub fn write_exit(dir: &Path, exit: &Exit) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Records `pid` as the run's supervisor with its kernel start time (a later process with the
+/// same pid is not it), atomically: a reader sees the whole line or no file.
+pub fn record_shim(dir: &Path, pid: u32) -> std::io::Result<()> {
+    let start = proc_stat(pid).map_or(0, |s| s.1);
+    let tmp = dir.join(format!("shim.pid.{}", std::process::id()));
+    fs::write(&tmp, format!("{pid} {start}\n"))?;
+    fs::rename(tmp, dir.join("shim.pid"))
 }
 
 /// (state, start time in clock ticks) of a process, from /proc/<pid>/stat.

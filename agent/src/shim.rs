@@ -23,6 +23,8 @@ const GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the shim for the run in `dir`; returns the process exit code.
 pub fn main(dir: &Path) -> i32 {
+    // Known as this run's supervisor before anything else, even if the agent stops right now.
+    let _ = crate::runner::record_shim(dir, std::process::id());
     let run: Run = match fs::read(dir.join("run.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
         Some(r) => r,
         None => {

@@ -303,7 +303,9 @@ impl Cluster {
     pub async fn request(&self, name: &str, op: Op, timeout: Duration) -> Result<Reply, FsError> {
         let (tx, link) = {
             let e = self.nodes.get(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
+            // A node that has just connected and not reported yet can be asked already.
             match (self.state_of(&e), &e.link) {
+                (_, Some(link)) if e.seen.is_none() => (link.tx.clone(), link.conn),
                 (NodeState::Down(reason), _) => {
                     return Err(FsError::new(Errno::HostDown, format!("node {name} is down ({reason})")));
                 }

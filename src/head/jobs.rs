@@ -6,13 +6,13 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use clusterfs_fs::{Errno, FsError};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::JobsConfig;
 use crate::head::cluster::{Cluster, NodeState};
@@ -121,9 +121,21 @@ pub struct Jobs {
     next_id: AtomicU64,
     /// Woken on every change a waiter or the scheduler may care about.
     pub changed: Notify,
-    /// Runs whose agent has been asked to start them and has not answered yet.
-    dispatching: DashMap<u64, ()>,
+    /// Runs whose start is not confirmed yet: asked now, or asked and not answered.
+    dispatching: DashMap<u64, Dispatch>,
 }
+
+/// Where the start request of an unconfirmed run stands.
+#[derive(Debug, Clone, Copy)]
+enum Dispatch {
+    /// Asked; no answer yet.
+    InFlight,
+    /// Asked at this instant and not confirmed (timeout, node gone): asked again later.
+    Failed(Instant),
+}
+
+/// How long after an unconfirmed start request the scheduler asks again.
+const REDISPATCH_AFTER: Duration = Duration::from_secs(2);
 
 impl Jobs {
     /// Loads jobs from the store; jobs caught being written when the head stopped are released.
@@ -402,7 +414,10 @@ impl Jobs {
                         self.try_start(job, &mut reserved);
                     }
                 }
-                State::Running => self.check_lost(id),
+                State::Running => {
+                    self.check_lost(id);
+                    self.redispatch(id);
+                }
                 s if s.ended() => self.expire(id),
                 _ => {}
             }
@@ -505,9 +520,30 @@ impl Jobs {
         }
     }
 
+    /// Asks again for a running job whose start was never confirmed, once its node is
+    /// connected and the last request has failed a while ago: a request can be lost with a
+    /// connection or refused while the node comes up, and nothing else would resend it.
+    fn redispatch(self: &Arc<Self>, id: u64) {
+        let Some((confirmed, node)) = self.with(id, |j| (j.confirmed, j.node.clone())) else { return };
+        let Some(node) = node.filter(|_| !confirmed) else { return };
+        let due = match self.dispatching.get(&id).map(|d| *d) {
+            Some(Dispatch::InFlight) => false,
+            Some(Dispatch::Failed(at)) => at.elapsed() >= REDISPATCH_AFTER,
+            None => true,
+        };
+        let connected = self.cluster.view(&node).is_some_and(|v| !matches!(v.state, NodeState::Down(_)));
+        if due
+            && connected
+            && let Some(job) = self.get(id)
+        {
+            debug!(job = id, node, "start not confirmed: asking again");
+            self.dispatch(job);
+        }
+    }
+
     /// Asks the job's node to start it, from a task; a resend is harmless (the agent dedups).
     fn dispatch(self: &Arc<Self>, job: Job) {
-        if self.dispatching.insert(job.id, ()).is_some() {
+        if let Some(Dispatch::InFlight) = self.dispatching.insert(job.id, Dispatch::InFlight) {
             return;
         }
         let this = self.clone();
@@ -516,13 +552,15 @@ impl Jobs {
             let timeout = Duration::from_millis(this.cluster.cfg.ping_timeout_ms.max(2000));
             match this.cluster.request(&node, Op::Run(Box::new(this.run_of(&job))), timeout).await {
                 Ok(Reply::Started | Reply::Known) => {
+                    this.dispatching.remove(&job.id);
                     let _ = this.update(job.id, |j| j.confirmed = true);
+                    return;
                 }
                 Ok(other) => warn!(job = job.id, ?other, "unexpected answer to a run"),
-                // Not started, or not known to be: the reconnect reconciliation resends it.
+                // Not started, or not known to be: the scheduler asks again (the agent dedups).
                 Err(e) => warn!(job = job.id, node, error = %e, "dispatch not confirmed"),
             }
-            this.dispatching.remove(&job.id);
+            this.dispatching.insert(job.id, Dispatch::Failed(Instant::now()));
         });
     }
 
@@ -546,6 +584,7 @@ impl Jobs {
         if now_ms().saturating_sub(ended) > self.cfg.retention_s.saturating_mul(1000) {
             let _ = self.cluster.store().delete("jobs", &id.to_string());
             self.jobs.remove(&id);
+            self.dispatching.remove(&id);
             let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));
         }
     }

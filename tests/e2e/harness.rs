@@ -4,7 +4,11 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// How long one test's cluster may live before the watchdog ends it (CLUSTERFS_TEST_DEADLINE_S).
+const DEADLINE: Duration = Duration::from_secs(240);
 
 /// Polls `f` until it holds or `timeout` passes; returns whether it held.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -37,6 +41,49 @@ pub struct Cluster {
     listen: String,
     head: Option<Child>,
     agents: Vec<Child>,
+    _watchdog: Watchdog,
+}
+
+/// Ends a test cluster that outlives its deadline: its head and agents are SIGKILLed, so a read
+/// blocked on the mount fails (ENOTCONN) and the test fails with it instead of hanging CI.
+struct Watchdog {
+    cancel: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(dir: &Path) -> Watchdog {
+        let deadline = std::env::var("CLUSTERFS_TEST_DEADLINE_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(DEADLINE, Duration::from_secs);
+        let (cancel, cancelled) = mpsc::channel::<()>();
+        let dir = dir.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            if cancelled.recv_timeout(deadline) != Err(mpsc::RecvTimeoutError::Timeout) {
+                return;
+            }
+            let log = fs::read_to_string(dir.join("head.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!(
+                "watchdog: the test cluster in {} outlived {deadline:?}: killing it. Head log, last lines:\n{}",
+                dir.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            // Every process of this cluster names its temporary directory on its command line.
+            let _ = Command::new("pkill").args(["-9", "-f", "--"]).arg(dir.as_os_str()).status();
+        });
+        Watchdog { cancel: Some(cancel), thread: Some(thread) }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.cancel.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Cluster {
@@ -52,6 +99,7 @@ impl Cluster {
             format!("[head]\ninterval_ms = {interval_ms}\nmissed_intervals = 3\nping_timeout_ms = 1000\n"),
         )
         .expect("config");
+        let watchdog = Watchdog::start(dir.path());
         let mut c = Cluster {
             dir,
             mnt,
@@ -60,6 +108,7 @@ impl Cluster {
             listen: "127.0.0.1:0".into(),
             head: None,
             agents: Vec::new(),
+            _watchdog: watchdog,
         };
         c.start_head();
         c

@@ -59,6 +59,8 @@ pub enum Reply {
     /// The run was started before (a resent request): nothing was done.
     Known,
     Done,
+    /// A signal for a run not started yet (its start request or its process is on the way): ask again.
+    NotYet,
 }
 
 /// Every JSON message, in both directions.

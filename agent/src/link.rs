@@ -195,7 +195,9 @@ fn execute(op: Op, runner: &Runner, cursors: &mut HashMap<u64, Cursor>) -> Resul
                 Started::Before => Reply::Known,
             })
         }
-        Op::Signal { run, signal } => runner.signal(run, signal).map(|()| Reply::Done),
+        Op::Signal { run, signal } => {
+            runner.signal(run, signal).map(|sent| if sent { Reply::Done } else { Reply::NotYet })
+        }
         Op::Forget { run } => {
             runner.forget(run);
             cursors.remove(&run);

@@ -86,19 +86,19 @@ impl Runner {
         }
     }
 
-    /// Sends `signal` to the run's process group.
-    pub fn signal(&self, run: u64, signal: i32) -> Result<(), String> {
+    /// Sends `signal` to the run's process group; false when the run or its process is not
+    /// started yet (the start request may still be on its way).
+    pub fn signal(&self, run: u64, signal: i32) -> Result<bool, String> {
         let dir = self.run_dir(run);
         if !dir.exists() {
-            return Err(format!("run {run} is not known here"));
+            return Ok(false);
         }
         if dir.join("exit.json").exists() {
-            return Ok(());
+            return Ok(true);
         }
-        let pid: i32 = fs::read_to_string(dir.join("pid"))
-            .ok()
-            .and_then(|p| p.trim().parse().ok())
-            .ok_or_else(|| format!("run {run} has not started its process yet"))?;
+        let Some(pid) = fs::read_to_string(dir.join("pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) else {
+            return Ok(false);
+        };
         // The job's pid is only its own while the shim has not reaped it: a pid whose parent is
         // no longer this run's shim belongs to someone else now.
         let shim: Option<i32> =
@@ -107,11 +107,11 @@ impl Runner {
             .ok()
             .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok());
         if shim.is_none() || parent != shim {
-            return Ok(());
+            return Ok(true);
         }
         let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| format!("no signal {signal}"))?;
         match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(true),
             Err(e) => Err(format!("signal {sig} to run {run}: {e}")),
         }
     }

@@ -22,6 +22,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("afterany", "job ids that must end (any way) first"),
     ("array", "array task indexes, with an optional limit of tasks at once: 1-16%4"),
     ("isolate", "ns (own PID, mount, IPC, UTS namespaces; the default) or none"),
+    ("priority", "-1000 to 1000, default 0: higher starts first (only root may go above 0)"),
 ];
 
 /// How a job is isolated on the node.
@@ -70,6 +71,8 @@ pub struct Spec {
     pub afterany: Vec<u64>,
     pub array: Option<Array>,
     pub isolate: Isolate,
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// Why a spec was refused, as a sentence naming the key.
@@ -236,6 +239,13 @@ impl Spec {
             "after" => self.after = parse_ids(value).ok_or_else(|| bad("job ids like 41,42"))?,
             "afterany" => self.afterany = parse_ids(value).ok_or_else(|| bad("job ids like 41,42"))?,
             "array" => self.array = Some(parse_array(value).map_err(|e| bad(&e))?),
+            "priority" => {
+                self.priority = value
+                    .parse()
+                    .ok()
+                    .filter(|n: &i32| (-1000..=1000).contains(n))
+                    .ok_or_else(|| bad("-1000 to 1000"))?
+            }
             "isolate" => {
                 self.isolate = match value {
                     "ns" => Isolate::Ns,
@@ -376,6 +386,8 @@ mod tests {
             ("#CLUSTER array=5-1\nx", "array"),
             ("#CLUSTER array=1-4%0\nx", "array"),
             ("#CLUSTER isolate=vm\nx", "isolate"),
+            ("#CLUSTER priority=1001\nx", "priority"),
+            ("#CLUSTER priority=high\nx", "priority"),
             ("#CLUSTER nodes=cn[\nx", "nodes"),
             ("#CLUSTER nodes=0\nx", "nodes"),
             ("#CLUSTER env.1X=a\nx", "env.1X"),

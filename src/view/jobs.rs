@@ -109,24 +109,45 @@ impl JobsView {
     }
 
     fn job(&self, id: &str) -> Result<Job> {
-        parse_id(id).and_then(|n| self.jobs.get(n)).ok_or_else(|| FsError::not_found(format!("job {id}")))
+        parse_id(id).and_then(|n| self.jobs.job(n)).ok_or_else(|| FsError::not_found(format!("job {id}")))
+    }
+
+    /// What a path names below `jobs/`: a job (`<id>/...`) or an array task
+    /// (`<id>/tasks/<n>/...`), and the rest of the path.
+    fn target<'p>(&self, path: &'p [&'p str]) -> Result<(Job, &'p [&'p str])> {
+        match path {
+            [id, "tasks", n, rest @ ..] => {
+                let index = parse_id(n).or((*n == "0").then_some(0)).and_then(|i| u32::try_from(i).ok());
+                let job = self.job(id)?;
+                let task = index.and_then(|i| self.jobs.task(job.id, i));
+                task.map(|t| (t, rest)).ok_or_else(|| FsError::not_found(format!("jobs/{id}/tasks/{n}")))
+            }
+            [id, rest @ ..] => Ok((self.job(id)?, rest)),
+            [] => Err(FsError::invalid("not a job")),
+        }
     }
 
     pub fn node(&self, path: &[&str]) -> Result<Node> {
         match path {
             [] => Ok(Node::new(Kind::Dir, 0o1777)),
-            [name] if parse_id(name).is_some() => self.job(name).map(|j| owned(Node::new(Kind::Dir, 0o755), &j)),
-            [name] => spec_node(DIR_FILES, name).ok_or_else(|| FsError::not_found(format!("jobs/{name}"))),
-            [id, file] => {
-                let job = self.job(id)?;
-                let node = spec_node(JOB_FILES, file).ok_or_else(|| FsError::not_found(format!("jobs/{id}/{file}")))?;
+            [name] if parse_id(name).is_none() => {
+                spec_node(DIR_FILES, name).ok_or_else(|| FsError::not_found(format!("jobs/{name}")))
+            }
+            [id, "tasks"] => match self.job(id)? {
+                job if job.spec.array.is_some() => Ok(owned(Node::new(Kind::Dir, 0o755), &job)),
+                _ => Err(FsError::not_found(format!("jobs/{id}/tasks (job {id} is not an array)"))),
+            },
+            _ => {
+                let (job, rest) = self.target(path)?;
+                let [file] = rest else { return Ok(owned(Node::new(Kind::Dir, 0o755), &job)) };
+                let node =
+                    spec_node(JOB_FILES, file).ok_or_else(|| FsError::not_found(format!("jobs/{}", path.join("/"))))?;
                 Ok(match *file {
                     "stdout" => owned(node, &job).size(self.jobs.output_len(job.id, STDOUT)).mtime(SystemTime::now()),
                     "stderr" => owned(node, &job).size(self.jobs.output_len(job.id, STDERR)).mtime(SystemTime::now()),
                     _ => owned(node, &job),
                 })
             }
-            _ => Err(FsError::not_found(format!("jobs/{}", path.join("/")))),
         }
     }
 
@@ -137,8 +158,18 @@ impl JobsView {
                 .map(|f| f.name.to_string())
                 .chain(self.jobs.ids().iter().map(u64::to_string))
                 .collect()),
-            [id] => self.job(id).map(|_| JOB_FILES.iter().map(|f| f.name.to_string()).collect()),
-            _ => Err(FsError::new(Errno::NotDir, "not a directory")),
+            [id, "tasks"] => {
+                let job = self.job(id)?;
+                let a = job.spec.array.as_ref().ok_or_else(|| FsError::not_found(format!("jobs/{id}/tasks")))?;
+                Ok(a.indexes.iter().map(u32::to_string).collect())
+            }
+            _ => match self.target(path)? {
+                (job, []) => {
+                    let tasks = (job.spec.array.is_some() && job.task.is_none()).then(|| "tasks".to_string());
+                    Ok(JOB_FILES.iter().map(|f| f.name.to_string()).chain(tasks).collect())
+                }
+                _ => Err(FsError::new(Errno::NotDir, "not a directory")),
+            },
         }
     }
 
@@ -150,18 +181,26 @@ impl JobsView {
             }
             ["new"] => now(Ok(String::new())),
             ["queue"] => now(Ok(self.jobs.queue())),
-            [id, file] => {
-                let job = match self.job(id) {
-                    Ok(j) => j,
+            _ => {
+                let (job, file) = match self.target(path) {
+                    Ok((job, [file])) => (job, *file),
+                    Ok(_) => return Answer::Now(Err(FsError::new(Errno::IsDir, "a directory"))),
                     Err(e) => return Answer::Now(Err(e)),
                 };
-                match *file {
-                    "README" => {
-                        Answer::Now(Ok(readme(&format!("jobs/{id}: one job"), JOB_FILES, &[("ctl", VERBS)], "")))
-                    }
-                    "spec" => now(owner_only(&job, caller).map(|()| job.text.clone())),
+                let id = path[..path.len() - 1].join("/");
+                match file {
+                    "README" => Answer::Now(Ok(readme(
+                        &format!("jobs/{id}: one {}", if job.task.is_some() { "array task" } else { "job" }),
+                        JOB_FILES,
+                        &[("ctl", VERBS)],
+                        if job.spec.array.is_some() && job.task.is_none() { ARRAY_HELP } else { "" },
+                    ))),
+                    "spec" => now(owner_only(&job, caller).map(|()| match job.task {
+                        Some(t) => self.jobs.job(t.parent).map(|p| p.text).unwrap_or_default(),
+                        None => job.text.clone(),
+                    })),
                     "state" => now(Ok(format!("{}\n", job.state_line()))),
-                    "nodes" => now(Ok(format!("{}\n", job.node.clone().unwrap_or_default()))),
+                    "nodes" => now(Ok(format!("{}\n", self.jobs.nodes_of(&job)))),
                     "exit" => now(Ok(job.exit.as_ref().map_or(String::new(), |e| format!("{}\n", e.code)))),
                     "ctl" => now(Ok(VERBS
                         .iter()
@@ -173,30 +212,40 @@ impl JobsView {
                     }
                     "wait" => {
                         let jobs = self.jobs.clone();
-                        Answer::later(async move { jobs.wait(job.id).await.map(|j| wait_line(&j).into_bytes()) })
+                        Answer::later(async move {
+                            let ended = match job.task {
+                                Some(t) => jobs.wait_task(t.parent, t.index).await,
+                                None => jobs.wait(job.id).await,
+                            };
+                            ended.map(|j| wait_line(&j).into_bytes())
+                        })
                     }
                     _ => Answer::Now(Err(FsError::not_found(format!("jobs/{id}/{file}")))),
                 }
             }
-            _ => Answer::Now(Err(FsError::not_found(format!("jobs/{}", path.join("/"))))),
         }
     }
 
     pub fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let [id, file @ ("stdout" | "stderr")] = path else { return Err(FsError::invalid("not a log file")) };
-        let job = self.job(id)?;
+        let (job, [file @ ("stdout" | "stderr")]) = self.target(path)? else {
+            return Err(FsError::invalid("not a log file"));
+        };
         owner_only(&job, caller)?;
         let stream = if *file == "stdout" { STDOUT } else { STDERR };
-        crate::jobs::read_at(&self.jobs.spool_path(job.id, stream), offset, size as usize)
-            .map_err(|e| FsError::new(Errno::Io, format!("reading the spool: {e}")))
+        match crate::jobs::read_at(&self.jobs.spool_path(job.id, stream), offset, size as usize) {
+            // An array task that has not started has no output yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && job.task.is_some() => Ok(Vec::new()),
+            other => other.map_err(|e| FsError::new(Errno::Io, format!("reading the spool: {e}"))),
+        }
     }
 
     pub fn write(&self, path: &[&str], caller: &Caller, handle: u64, offset: u64, data: &[u8]) -> Answer<Vec<u8>> {
         match path {
             ["new"] => self.write_new(caller, handle, offset, data),
-            [id, "ctl"] => {
-                let job = match self.job(id) {
-                    Ok(j) => j,
+            [_, .., "ctl"] => {
+                let job = match self.target(path) {
+                    Ok((job, [_])) => job,
+                    Ok(_) => return Answer::Now(Err(FsError::denied("this file is read-only"))),
                     Err(e) => return Answer::Now(Err(e)),
                 };
                 if let Err(e) = owner_only(&job, caller) {
@@ -216,8 +265,14 @@ impl JobsView {
                     },
                     _ => return Answer::Now(Err(with_usage(FsError::invalid(format!("unknown command {text:?}"))))),
                 };
-                let (jobs, who, id) = (self.jobs.clone(), user_name(caller.uid), job.id);
-                Answer::later(async move { jobs.signal(id, signal, &who).await.map(|()| Vec::new()) })
+                let (jobs, who, id, task) = (self.jobs.clone(), user_name(caller.uid), job.id, job.task);
+                Answer::later(async move {
+                    match task {
+                        Some(t) => jobs.signal_task(t.parent, t.index, signal, &who).await,
+                        None => jobs.signal(id, signal, &who).await,
+                    }
+                    .map(|()| Vec::new())
+                })
             }
             _ => Answer::Now(Err(FsError::denied("this file is read-only"))),
         }
@@ -307,7 +362,13 @@ impl JobsView {
     }
 
     pub fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
-        let [id] = path else { return Answer::Now(Err(FsError::new(Errno::Perm, "this directory cannot be removed"))) };
+        let [id] = path else {
+            let why = match path {
+                [_, "tasks", ..] => "array tasks are removed with their job: rmdir jobs/<id>",
+                _ => "this directory cannot be removed",
+            };
+            return Answer::Now(Err(FsError::new(Errno::Perm, why)));
+        };
         let job = match self.job(id) {
             Ok(j) => j,
             Err(e) => return Answer::Now(Err(e)),
@@ -319,16 +380,21 @@ impl JobsView {
         Answer::later(async move { jobs.remove(job.id).await })
     }
 
-    /// Ids of jobs running on `node`, one per line.
+    /// Ids of jobs running on `node`, one per line (an array job's tasks as `<id>/tasks/<n>`).
     pub fn on_node(&self, node: &str) -> String {
         self.jobs
-            .scan(|j| (j.state == State::Running && j.node.as_deref() == Some(node)).then(|| format!("{}\n", j.id)))
+            .scan(|j| {
+                (j.state == State::Running && j.node.as_deref() == Some(node)).then(|| match j.task {
+                    Some(t) => format!("{}/tasks/{}\n", t.parent, t.index),
+                    None => format!("{}\n", j.id),
+                })
+            })
             .concat()
     }
 
     /// The `jobs ...` line of `/cluster/status`.
     pub fn status(&self) -> String {
-        let states = self.jobs.scan(|j| Some(j.state));
+        let states = self.jobs.scan(|j| j.task.is_none().then_some(j.state));
         let count = |f: fn(&State) -> bool| states.iter().filter(|s| f(s)).count();
         format!(
             "jobs queued={} running={} ended={}\n",
@@ -338,6 +404,12 @@ impl JobsView {
         )
     }
 }
+
+const ARRAY_HELP: &str = "An array job runs its script once per index, as tasks/<n>/ (same files; the\n\
+task's CLUSTER_ARRAY_INDEX is n), in index order, at most the `%` limit at once. This\n\
+directory's stdout and stderr stay empty: each task has its own. The job ends when its last\n\
+task has: done if every task was done, else failed with the highest exit status, naming the\n\
+tasks that were not. kill stops the running tasks and starts no more.\n";
 
 /// The final parse at release: a spec that turned out broken fails the job with the reason.
 fn finish(jobs: &Arc<Jobs>, p: &Pending) {

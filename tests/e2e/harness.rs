@@ -70,8 +70,7 @@ impl Watchdog {
                 dir.display(),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
-            // Every process of this cluster names its temporary directory on its command line.
-            let _ = Command::new("pkill").args(["-9", "-f", "--"]).arg(dir.as_os_str()).status();
+            kill_cluster(&dir);
         });
         Watchdog { cancel: Some(cancel), thread: Some(thread) }
     }
@@ -89,6 +88,11 @@ impl Drop for Watchdog {
 impl Cluster {
     /// `clusterfs up` serving `nodes`, reports every `interval_ms`; returns once all are up.
     pub fn up(nodes: &str, interval_ms: u64) -> Cluster {
+        Cluster::up_with(nodes, interval_ms, "")
+    }
+
+    /// Like `up`, with `extra` appended to the head's config file (e.g. a `[jobs]` table).
+    pub fn up_with(nodes: &str, interval_ms: u64, extra: &str) -> Cluster {
         let dir = tempfile::Builder::new().prefix("clusterfs-test").tempdir().expect("tempdir");
         // Unprivileged test users must be able to reach the mountpoint.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -96,7 +100,7 @@ impl Cluster {
         let state = dir.path().join("state");
         fs::write(
             dir.path().join("config.toml"),
-            format!("[head]\ninterval_ms = {interval_ms}\nmissed_intervals = 3\nping_timeout_ms = 1000\n"),
+            format!("[head]\ninterval_ms = {interval_ms}\nmissed_intervals = 3\nping_timeout_ms = 1000\n{extra}"),
         )
         .expect("config");
         let watchdog = Watchdog::start(dir.path());
@@ -259,10 +263,9 @@ impl Drop for Cluster {
             let _ = a.wait();
         }
         self.stop_head();
-        // A local agent whose head was killed ends with it (PDEATHSIG); make sure of it.
-        let secret = self.secret_file();
-        let _ =
-            Command::new("pkill").args(["-9", "-f", "--"]).arg(format!("secret-file {}", secret.display())).status();
+        // Agents whose head was killed end with it (PDEATHSIG); runs outlive agents by design.
+        // A test leaves neither behind.
+        kill_cluster(self.dir.path());
         // Leave no mount behind, even after a crash or a failed unmount.
         for _ in 0..50 {
             if !is_mounted(&self.mnt) {
@@ -272,6 +275,30 @@ impl Drop for Cluster {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// SIGKILLs every process of the cluster in `dir`: its jobs (the members of its run
+/// supervisors' cgroups), then every process naming `dir` on its command line (head, agents,
+/// supervisors).
+fn kill_cluster(dir: &Path) {
+    let out = Command::new("pgrep").args(["-f", "--"]).arg(format!("--shim {}/", dir.display())).output();
+    let shims: Vec<String> =
+        out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect()).unwrap_or_default();
+    for ctl in ["memory/clusterfs", "cpu/clusterfs", "clusterfs"] {
+        let Ok(groups) = fs::read_dir(Path::new("/sys/fs/cgroup").join(ctl)) else { continue };
+        for g in groups.flatten() {
+            let name = g.file_name().to_string_lossy().to_string();
+            if !shims.iter().any(|pid| name.ends_with(&format!("-{pid}"))) {
+                continue;
+            }
+            for pid in fs::read_to_string(g.path().join("cgroup.procs")).unwrap_or_default().lines() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    signal(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    let _ = Command::new("pkill").args(["-9", "-f", "--"]).arg(dir.as_os_str()).status();
 }
 
 /// Folds a nodeset with the project's own parser.

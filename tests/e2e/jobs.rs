@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::harness::{Cluster, eventually, sh, sh_as};
 
 /// Two real users for identity and permission checks (made once per test run).
-fn users() {
+pub fn users() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = Command::new("groupadd").arg("cfteam").status();
@@ -23,7 +23,7 @@ fn users() {
 }
 
 /// Submits `spec` as `user` the way a script without binaries does; returns the id.
-fn submit_as(c: &Cluster, user: &str, spec: &str) -> u64 {
+pub fn submit_as(c: &Cluster, user: &str, spec: &str) -> u64 {
     let new = c.path("jobs/new");
     let script = format!("exec 3<>{}; printf '%s' \"$SPEC\" >&3; read id <&3; echo $id", new.display());
     let out =
@@ -33,12 +33,12 @@ fn submit_as(c: &Cluster, user: &str, spec: &str) -> u64 {
 }
 
 /// Waits (bounded) until job `id` is running.
-fn assert_running(c: &Cluster, id: u64) {
+pub fn assert_running(c: &Cluster, id: u64) {
     let state = || c.read(&format!("jobs/{id}/state"));
     assert!(eventually(Duration::from_secs(10), || state().starts_with("running")), "job {id}: {}", state());
 }
 
-fn wait(c: &Cluster, id: u64) -> String {
+pub fn wait(c: &Cluster, id: u64) -> String {
     c.read(&format!("jobs/{id}/wait"))
 }
 
@@ -101,8 +101,8 @@ fn other_users_cannot_kill_remove_or_read_output_but_can_see_state() {
     assert!(out.contains(&format!("{id} cfalice running cn0 -")), "{out}");
     assert!(c.read(&format!("jobs/{id}/state")).starts_with("running"), "still running");
     // The owner may.
-    let (rc, out, _) = sh_as("cfalice", &format!("cat {}/stdout", dir.display()));
-    assert_eq!((rc, out.as_str()), (0, "secret\n"));
+    let stdout = || sh_as("cfalice", &format!("cat {}/stdout", dir.display()));
+    assert!(eventually(Duration::from_secs(5), || stdout() == (0, "secret\n".into(), String::new())), "{:?}", stdout());
     let (rc, _, err) = sh_as("cfalice", &format!("rmdir {}", dir.display()));
     assert_eq!(rc, 0, "{err}");
     assert!(!dir.exists());
@@ -276,9 +276,18 @@ fn a_head_crash_loses_no_job_and_runs_none_twice() {
         let spec = format!("sleep 0.{}; echo $CLUSTER_JOB_ID >> {}\n", i % 10, ids_file.display());
         ids.push(submit_as(&c, "root", &spec));
     }
+    // An array job too: each task appends its index.
+    let tasks_file = c.dir.path().join("tasks");
+    let spec = format!("#CLUSTER array=1-20%4\nsleep 0.2; echo $CLUSTER_ARRAY_INDEX >> {}\n", tasks_file.display());
+    let array = submit_as(&c, "root", &spec);
     std::thread::sleep(Duration::from_millis(300));
     c.crash_head();
     c.start_head();
+    assert_eq!(wait(&c, array), "0\n", "{}", c.read(&format!("jobs/{array}/state")));
+    let mut seen: Vec<u32> =
+        std::fs::read_to_string(&tasks_file).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=20).collect::<Vec<_>>(), "every task ran exactly once");
     for id in &ids {
         let w = wait(&c, *id);
         assert_eq!(w, "0\n", "job {id}: {}\n{}", c.read(&format!("jobs/{id}/state")), c.log());

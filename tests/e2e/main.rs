@@ -11,6 +11,7 @@ mod nfs;
 mod nodes;
 mod nodeset;
 mod protocol;
+mod queueing;
 
 /// Whether mount tests can run here; panics under CI when they cannot.
 pub fn can_mount() -> bool {

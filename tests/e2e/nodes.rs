@@ -221,6 +221,12 @@ fn slow_agents_never_hold_fuse_threads() {
     assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0,5]\n"));
     // SIGSTOP the agent just after its report: pings wait for it (up to the 1 s timeout).
     signal(c.agent_pid(a), libc::SIGSTOP);
+    let pid = c.agent_pid(a);
+    let stopped = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T'))
+    };
+    assert!(eventually(Duration::from_secs(5), stopped), "the agent did not stop");
     let ping = c.path("nodes/cn5/ping");
     let pings: Vec<_> = (0..12)
         .map(|_| {

@@ -15,10 +15,13 @@ use crate::config::JobsConfig;
 use crate::head::cluster::Cluster;
 use crate::jobs::spec::Nodes;
 use crate::jobs::{Exit, STDERR, STDOUT, Spec};
-use crate::proto::Op;
+use crate::proto::{Op, Reply};
 
 mod agents;
+mod array;
 mod schedule;
+
+pub use array::TaskOf;
 
 use schedule::Dispatch;
 
@@ -82,6 +85,15 @@ pub struct Job {
     pub submitted_ms: u64,
     pub started_ms: Option<u64>,
     pub ended_ms: Option<u64>,
+    /// For an array task: its array job and index (tasks are listed only under their job).
+    #[serde(default)]
+    pub task: Option<TaskOf>,
+    /// For an array job: how many of its tasks, in index order, have been started.
+    #[serde(default)]
+    pub launched: u32,
+    /// For an array job: the id of its first task; the others follow (taken from the job ids).
+    #[serde(default)]
+    pub task_base: u64,
 }
 
 impl Job {
@@ -90,6 +102,7 @@ impl Job {
         let detail = match self.state {
             State::Queued if self.held => "being written".to_string(),
             State::Queued => self.reason.clone(),
+            State::Running if self.spec.array.is_some() => self.reason.clone(),
             State::Running => format!("on {}", self.node.as_deref().unwrap_or("?")),
             State::Done | State::Failed => {
                 let code = self.exit.as_ref().map_or(String::new(), |e| e.code.to_string());
@@ -107,6 +120,14 @@ impl Job {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Only root may put a job ahead of others.
+fn check_priority(owner: &Owner, spec: &Spec) -> Result<(), FsError> {
+    if spec.priority > 0 && owner.uid != 0 {
+        return Err(FsError::new(Errno::Perm, "priority: only root may set a priority above 0"));
+    }
+    Ok(())
 }
 
 fn store_err(e: crate::head::store::StoreError) -> FsError {
@@ -145,6 +166,13 @@ impl Jobs {
             }
             jobs.insert(job.id, job);
         }
+        // A task stored just before its array job's count: the count follows the tasks.
+        let tasks: Vec<TaskOf> = jobs.iter().filter_map(|j| j.task).collect();
+        for t in tasks {
+            if let Some(mut parent) = jobs.get_mut(&t.parent) {
+                parent.launched = parent.launched.max(t.pos + 1);
+            }
+        }
         let stored: u64 =
             cluster.store().scan::<u64>("meta")?.into_iter().find(|(k, _)| k == "next_job").map_or(1, |(_, v)| v);
         Ok(Jobs {
@@ -176,17 +204,32 @@ impl Jobs {
         v.into_iter().map(|x| x.1).collect()
     }
 
-    pub fn ids(&self) -> Vec<u64> {
-        self.scan(|j| Some(j.id))
+    /// A job as users see it at `jobs/<id>`: array tasks are only under their job.
+    pub fn job(&self, id: u64) -> Option<Job> {
+        self.jobs.get(&id).filter(|j| j.task.is_none()).map(|j| j.clone())
     }
 
-    /// `jobs/queue`: one line per job not yet ended.
+    /// Ids of the jobs listed in `jobs/` (not array tasks).
+    pub fn ids(&self) -> Vec<u64> {
+        self.scan(|j| j.task.is_none().then_some(j.id))
+    }
+
+    /// `jobs/queue`: one line per job not yet ended (an array job: where its tasks run).
     pub fn queue(&self) -> String {
+        let mut where_tasks: std::collections::HashMap<u64, crate::nodeset::NodeSet> = Default::default();
+        for (parent, node) in
+            self.scan(|j| Some((j.task?.parent, j.node.clone()?)).filter(|_| j.state == State::Running))
+        {
+            let _ = where_tasks.entry(parent).or_default().insert(&node);
+        }
         self.scan(|j| {
             let state = if j.held { "writing" } else { j.state.word() };
-            (!j.state.ended()).then(|| {
-                format!("{} {} {} {} {}\n", j.id, j.owner.user, state, j.node.as_deref().unwrap_or("-"), j.name())
-            })
+            let node = match where_tasks.get(&j.id) {
+                Some(set) => set.fold(),
+                None => j.node.clone().unwrap_or_else(|| "-".into()),
+            };
+            (!j.state.ended() && j.task.is_none())
+                .then(|| format!("{} {} {} {} {}\n", j.id, j.owner.user, state, node, j.name()))
         })
         .concat()
     }
@@ -216,12 +259,15 @@ impl Jobs {
         self.cluster.store().put("jobs", &job.id.to_string(), job).map_err(store_err)
     }
 
-    /// Applies `f` to job `id` and stores the result.
+    /// Applies `f` to job `id` and stores the result. The job stays locked from read to store,
+    /// so concurrent updates (the scheduler, a kill, an agent's report) never undo each other.
     fn update(&self, id: u64, f: impl FnOnce(&mut Job)) -> Result<Job, FsError> {
-        let mut job = self.get(id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
+        let mut entry = self.jobs.get_mut(&id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
+        let mut job = entry.clone();
         f(&mut job);
         self.persist(&job)?;
-        self.jobs.insert(id, job.clone());
+        *entry = job.clone();
+        drop(entry);
         self.changed.notify_waiters();
         Ok(job)
     }
@@ -235,18 +281,16 @@ impl Jobs {
             ));
         }
         self.check_supported(&spec)?;
+        check_priority(&owner, &spec)?;
         for dep in spec.after.iter().chain(&spec.afterany) {
-            if !self.jobs.contains_key(dep) {
+            if self.jobs.get(dep).is_none_or(|j| j.task.is_some()) {
                 return Err(FsError::invalid(format!("after: job {dep} does not exist")));
             }
         }
-        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        std::fs::create_dir_all(self.spool.join(id.to_string()))
-            .map_err(|e| FsError::new(Errno::Io, format!("cannot make the spool of job {id}: {e}")))?;
-        for stream in [STDOUT, STDERR] {
-            std::fs::write(self.spool_path(id, stream), b"")
-                .map_err(|e| FsError::new(Errno::Io, format!("cannot make the spool of job {id}: {e}")))?;
-        }
+        // An array's tasks take the ids after it, so each run has an id of its own.
+        let tasks = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
+        let id = self.next_id.fetch_add(1 + tasks, Ordering::SeqCst);
+        self.make_spool(id)?;
         let job = Job {
             id,
             owner,
@@ -262,9 +306,12 @@ impl Jobs {
             submitted_ms: now_ms(),
             started_ms: None,
             ended_ms: None,
+            task: None,
+            launched: 0,
+            task_base: id + 1,
         };
         self.persist(&job)?;
-        self.cluster.store().put("meta", "next_job", &(id + 1)).map_err(store_err)?;
+        self.cluster.store().put("meta", "next_job", &(id + 1 + tasks)).map_err(store_err)?;
         info!(job = id, user = job.owner.user, held, "job submitted");
         self.jobs.insert(id, job);
         self.changed.notify_waiters();
@@ -279,18 +326,31 @@ impl Jobs {
                 return Err(FsError::new(Errno::NoSys, "nodes: multi-node jobs are not supported by this head yet"));
             }
         }
-        if spec.array.is_some() {
-            return Err(FsError::new(Errno::NoSys, "array: array jobs are not supported by this head yet"));
-        }
         Ok(())
     }
 
     /// Replaces a held job's spec (a later write of the same `jobs/new` handle).
     pub fn amend(&self, id: u64, text: String, spec: Spec) -> Result<(), FsError> {
         self.check_supported(&spec)?;
+        let (owner, tasks) = self
+            .with(id, |j| (j.owner.clone(), j.spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64)))
+            .ok_or_else(|| FsError::not_found(format!("job {id}")))?;
+        check_priority(&owner, &spec)?;
+        // An array that grew as its spec was written takes a new block of ids for its tasks.
+        let want = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
+        let base = if want > tasks {
+            let base = self.next_id.fetch_add(want, Ordering::SeqCst);
+            self.cluster.store().put("meta", "next_job", &(base + want)).map_err(store_err)?;
+            Some(base)
+        } else {
+            None
+        };
         self.update(id, |j| {
             j.text = text;
             j.spec = spec;
+            if let Some(base) = base {
+                j.task_base = base;
+            }
         })
         .map(|_| ())
     }
@@ -315,56 +375,100 @@ impl Jobs {
         }
     }
 
-    /// `kill` / `signal` from `ctl`, by `who`.
+    /// `kill` / `signal` from `ctl`, by `who`. For an array job: every running task, and a kill
+    /// starts no more of them.
     pub async fn signal(&self, id: u64, signal: i32, who: &str) -> Result<(), FsError> {
-        let job = self.get(id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
-        match job.state {
-            State::Queued => {
-                if signal == libc::SIGTERM || signal == libc::SIGKILL {
-                    self.update(id, |j| {
-                        j.state = State::Killed;
-                        j.reason = format!("by {who} before it started");
-                        j.ended_ms = Some(now_ms());
-                    })?;
-                    Ok(())
-                } else {
-                    Err(FsError::invalid(format!("job {id} is queued: only kill applies")))
-                }
+        let (state, is_array, line) = self
+            .with(id, |j| (j.state, j.spec.array.is_some(), j.state_line()))
+            .ok_or_else(|| FsError::not_found(format!("job {id}")))?;
+        let kill = signal == libc::SIGTERM || signal == libc::SIGKILL;
+        match state {
+            State::Queued if kill => {
+                self.update(id, |j| {
+                    j.state = State::Killed;
+                    j.reason = format!("by {who} before it started");
+                    j.ended_ms = Some(now_ms());
+                })?;
+                Ok(())
             }
-            State::Running => {
-                let node = job.node.clone().unwrap_or_default();
-                if signal == libc::SIGTERM || signal == libc::SIGKILL {
+            State::Queued => Err(FsError::invalid(format!("job {id} is queued: only kill applies"))),
+            State::Running if is_array => {
+                if kill {
                     self.update(id, |j| j.killed_by = Some(who.to_string()))?;
                 }
-                let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
-                self.cluster.request(&node, Op::Signal { run: id, signal }, timeout).await?;
-                if signal == libc::SIGTERM {
-                    // A job that ignores SIGTERM gets SIGKILL a second later.
-                    let cluster = self.cluster.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        let _ = cluster.request(&node, Op::Signal { run: id, signal: libc::SIGKILL }, timeout).await;
-                    });
+                for task in self.scan(|j| (j.task?.parent == id && j.state == State::Running).then_some(j.id)) {
+                    self.signal_run(task, signal, who).await?;
                 }
                 Ok(())
             }
-            _ => Err(FsError::invalid(format!("job {id} has ended ({})", job.state_line()))),
+            State::Running => self.signal_run(id, signal, who).await,
+            _ => Err(FsError::invalid(format!("job {id} has ended ({line})"))),
         }
     }
 
-    /// `rmdir jobs/<id>`: kills it if running and removes it with its output.
-    pub async fn remove(&self, id: u64) -> Result<(), FsError> {
-        let job = self.get(id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
-        if job.state == State::Running {
-            if let Some(node) = &job.node {
-                let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
-                // The agent kills a run it is told to forget; a down node is told when it returns.
-                let _ = self.cluster.request(node, Op::Forget { run: id }, timeout).await;
-            }
+    /// Signals one running run through its node's agent; a kill escalates to SIGKILL.
+    async fn signal_run(&self, id: u64, signal: i32, who: &str) -> Result<(), FsError> {
+        let Some(node) = self.with(id, |j| j.node.clone()).flatten() else {
+            return Err(FsError::not_found(format!("job {id} has no node")));
+        };
+        if signal == libc::SIGTERM || signal == libc::SIGKILL {
+            self.update(id, |j| j.killed_by = Some(who.to_string()))?;
         }
+        let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
+        // A run placed a moment ago may not have its process yet: its supervisor starts it
+        // within milliseconds, so ask again for a little while.
+        let mut tries = 0;
+        while self.cluster.request(&node, Op::Signal { run: id, signal }, timeout).await? == Reply::NotYet {
+            tries += 1;
+            if tries > 50 {
+                return Err(FsError::new(Errno::Again, format!("job {id} has not started on {node} yet; try again")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if signal == libc::SIGTERM {
+            // A job that ignores SIGTERM gets SIGKILL a second later.
+            let cluster = self.cluster.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = cluster.request(&node, Op::Signal { run: id, signal: libc::SIGKILL }, timeout).await;
+            });
+        }
+        Ok(())
+    }
+
+    /// Forgets a job: its record, its spool, its dispatch state.
+    fn drop_record(&self, id: u64) -> Result<(), FsError> {
         self.cluster.store().delete("jobs", &id.to_string()).map_err(store_err)?;
         self.jobs.remove(&id);
+        self.dispatching.remove(&id);
         let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));
+        Ok(())
+    }
+
+    /// Makes the empty output spool of job `id`.
+    fn make_spool(&self, id: u64) -> Result<(), FsError> {
+        let made = std::fs::create_dir_all(self.spool.join(id.to_string())).and_then(|()| {
+            for stream in [STDOUT, STDERR] {
+                std::fs::write(self.spool_path(id, stream), b"")?;
+            }
+            Ok(())
+        });
+        made.map_err(|e| FsError::new(Errno::Io, format!("cannot make the spool of job {id}: {e}")))
+    }
+
+    /// `rmdir jobs/<id>`: kills it if running and removes it with its output (and its tasks).
+    pub async fn remove(&self, id: u64) -> Result<(), FsError> {
+        let mut runs = self.scan(|j| (j.task.is_some_and(|t| t.parent == id)).then_some(j.id));
+        runs.push(id);
+        for run in runs {
+            let Some((state, node)) = self.with(run, |j| (j.state, j.node.clone())) else { continue };
+            if let (State::Running, Some(node)) = (state, node) {
+                let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
+                // The agent kills a run it is told to forget; a down node is told when it returns.
+                let _ = self.cluster.request(&node, Op::Forget { run }, timeout).await;
+            }
+            self.drop_record(run)?;
+        }
         self.changed.notify_waiters();
         info!(job = id, "job removed");
         Ok(())
@@ -372,15 +476,19 @@ impl Jobs {
 
     /// Waits until job `id` ends; its final state.
     pub async fn wait(&self, id: u64) -> Result<Job, FsError> {
+        self.wait_for(|| self.get(id).ok_or_else(|| FsError::not_found(format!("job {id} (removed while waited on)"))))
+            .await
+    }
+
+    /// Waits until the job `look` finds has ended.
+    async fn wait_for(&self, look: impl Fn() -> Result<Job, FsError>) -> Result<Job, FsError> {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let ended = self.with(id, |j| j.state.ended());
-            match ended {
-                None => return Err(FsError::not_found(format!("job {id} (removed while waited on)"))),
-                Some(true) => return self.get(id).ok_or_else(|| FsError::not_found(format!("job {id}"))),
-                Some(false) => {}
+            let job = look()?;
+            if job.state.ended() {
+                return Ok(job);
             }
             notified.await;
         }

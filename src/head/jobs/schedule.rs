@@ -1,11 +1,12 @@
 //! The scheduler: dependencies, placement, dispatch to agents, lost nodes and retention.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use super::array::Tally;
 use super::{Job, Jobs, State, now_ms};
 use crate::head::cluster::NodeState;
 use crate::jobs::Run;
@@ -23,10 +24,97 @@ pub(super) enum Dispatch {
 /// How long after an unconfirmed start request the scheduler asks again.
 const REDISPATCH_AFTER: Duration = Duration::from_secs(2);
 
+/// Room left on the up nodes during one scheduler pass.
+pub(super) struct Free {
+    /// (name, free cpus, free memory, load index) of each up, undrained node.
+    nodes: Vec<(String, u64, u64, f64)>,
+}
+
+impl Free {
+    /// The up node with the lowest load index that fits, with the room taken; else why none.
+    pub(super) fn place(&mut self, cpus: u32, mem: Option<u64>) -> Result<String, String> {
+        let (cpus, mem) = (u64::from(cpus), mem.unwrap_or(0));
+        let best =
+            self.nodes.iter_mut().filter(|n| n.1 >= cpus && n.2 >= mem).min_by(|a, b| a.3.total_cmp(&b.3)).map(|n| {
+                n.1 -= cpus;
+                n.2 -= mem;
+                n.0.clone()
+            });
+        best.ok_or_else(|| {
+            if self.nodes.is_empty() {
+                "waiting for a node to be up".to_string()
+            } else if self.nodes.iter().all(|n| n.1 < cpus) {
+                format!("waiting for a node with {cpus} free cpus")
+            } else {
+                format!("waiting for a node with {mem} bytes of free memory")
+            }
+        })
+    }
+}
+
+impl Free {
+    /// Returns room taken for a run that did not start.
+    pub(super) fn give_back(&mut self, node: &str, cpus: u32, mem: Option<u64>) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.0 == node) {
+            n.1 += u64::from(cpus);
+            n.2 += mem.unwrap_or(0);
+        }
+    }
+}
+
+/// Whether a job's dependencies let it start.
+pub(super) enum Deps {
+    Ready,
+    Wait(String),
+    Broken(String),
+}
+
 impl Jobs {
-    /// One pass of the scheduler: dependencies, placement, lost nodes, retention.
+    /// One pass of the scheduler: lost nodes and resends, then placement by priority and
+    /// submission order, then retention.
     pub fn schedule(self: &Arc<Self>) {
-        let mut reserved: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut tally: HashMap<u64, Tally> = HashMap::new();
+        let (mut starts, mut running, mut ended) = (Vec::new(), Vec::new(), Vec::new());
+        for j in self.jobs.iter() {
+            if let Some(t) = j.task {
+                let e = tally.entry(t.parent).or_default();
+                match j.state {
+                    State::Running => e.running += 1,
+                    s if s.ended() => e.ended += 1,
+                    _ => {}
+                }
+            }
+            let is_array = j.spec.array.is_some();
+            match j.state {
+                State::Queued if j.held => {}
+                State::Queued => starts.push((-j.spec.priority, j.id, is_array)),
+                State::Running if is_array => starts.push((-j.spec.priority, j.id, true)),
+                State::Running => running.push(j.id),
+                _ if j.task.is_none() => ended.push(j.id),
+                _ => {}
+            }
+        }
+        for id in running {
+            self.check_lost(id);
+            self.redispatch(id);
+        }
+        starts.sort_unstable();
+        let mut free = self.free_nodes();
+        for (_, id, is_array) in starts {
+            if is_array {
+                self.advance_array(id, tally.remove(&id).unwrap_or_default(), &mut free);
+            } else {
+                self.try_start(id, &mut free);
+            }
+        }
+        for id in ended {
+            self.expire(id);
+        }
+    }
+
+    /// The room on each up node once the running jobs' reservations are taken.
+    fn free_nodes(&self) -> Free {
+        let mut reserved: HashMap<String, (u64, u64)> = HashMap::new();
         for j in self.jobs.iter().filter(|j| j.state == State::Running) {
             if let Some(n) = &j.node {
                 let r = reserved.entry(n.clone()).or_default();
@@ -34,78 +122,60 @@ impl Jobs {
                 r.1 += j.spec.mem.unwrap_or(0);
             }
         }
-        // Only jobs that may start are copied; the others are looked at in place.
-        for (id, state, held) in self.scan(|j| Some((j.id, j.state, j.held))) {
-            match state {
-                State::Queued if !held => {
-                    if let Some(job) = self.get(id) {
-                        self.try_start(job, &mut reserved);
-                    }
-                }
-                State::Running => {
-                    self.check_lost(id);
-                    self.redispatch(id);
-                }
-                s if s.ended() => self.expire(id),
-                _ => {}
+        let mut nodes = Vec::new();
+        for name in self.cluster.names() {
+            let Some(v) = self.cluster.view(&name) else { continue };
+            if v.state == NodeState::Up {
+                let (cpus, mem) = reserved.get(&name).copied().unwrap_or_default();
+                let load = v.report.load_index();
+                nodes.push((name, v.report.cpus.saturating_sub(cpus), v.report.mem_total.saturating_sub(mem), load));
             }
         }
+        Free { nodes }
     }
 
-    fn try_start(self: &Arc<Self>, job: Job, reserved: &mut BTreeMap<String, (u64, u64)>) {
-        // Dependencies first.
-        for (deps, need_ok) in [(&job.spec.after, true), (&job.spec.afterany, false)] {
-            for dep in deps {
-                match self.get(*dep) {
-                    Some(d) if !d.state.ended() => return self.set_reason(&job, format!("waiting for job {dep}")),
-                    Some(d) if need_ok && d.state != State::Done => {
-                        let reason = format!("dependency {dep} ended {}", d.state_line());
-                        let _ = self.update(job.id, |j| {
-                            j.state = State::Failed;
-                            j.reason = reason;
-                            j.ended_ms = Some(now_ms());
-                        });
-                        return;
+    /// Whether the jobs `after` (exit 0 needed) and `afterany` have ended.
+    pub(super) fn deps(&self, after: &[u64], afterany: &[u64]) -> Deps {
+        for (deps, need_ok) in [(after, true), (afterany, false)] {
+            for &dep in deps {
+                match self.with(dep, |d| (d.state, d.state_line())) {
+                    Some((s, _)) if !s.ended() => return Deps::Wait(format!("waiting for job {dep}")),
+                    Some((s, line)) if need_ok && s != State::Done => {
+                        return Deps::Broken(format!("dependency {dep} ended {line}"));
                     }
                     _ => {}
                 }
             }
         }
-        let mut best: Option<(f64, String)> = None;
-        let (mut any_up, mut max_cpus, mut max_mem) = (false, 0u64, 0u64);
-        for name in self.cluster.names() {
-            let Some(v) = self.cluster.view(&name) else { continue };
-            if v.state != NodeState::Up {
-                continue;
-            }
-            any_up = true;
-            let (cpus, mem) = reserved.get(&name).copied().unwrap_or_default();
-            let free_cpus = v.report.cpus.saturating_sub(cpus);
-            let free_mem = v.report.mem_total.saturating_sub(mem);
-            max_cpus = max_cpus.max(free_cpus);
-            max_mem = max_mem.max(free_mem);
-            if free_cpus >= u64::from(job.spec.cpus) && free_mem >= job.spec.mem.unwrap_or(0) {
-                let load = v.report.load_index();
-                if best.as_ref().is_none_or(|(l, _)| load < *l) {
-                    best = Some((load, name));
-                }
-            }
-        }
-        let Some((_, node)) = best else {
-            let reason = if !any_up {
-                "waiting for a node to be up".to_string()
-            } else if u64::from(job.spec.cpus) > max_cpus {
-                format!("waiting for a node with {} free cpus", job.spec.cpus)
-            } else {
-                format!("waiting for a node with {} bytes of free memory", job.spec.mem.unwrap_or(0))
-            };
-            return self.set_reason(&job, reason);
+        Deps::Ready
+    }
+
+    /// Ends a queued job whose dependency failed.
+    pub(super) fn fail_queued(&self, id: u64, reason: String) {
+        let _ = self.update(id, |j| {
+            j.state = State::Failed;
+            j.reason = reason;
+            j.ended_ms = Some(now_ms());
+        });
+    }
+
+    fn try_start(self: &Arc<Self>, id: u64, free: &mut Free) {
+        let Some((cpus, mem, deps)) =
+            self.with(id, |j| (j.spec.cpus, j.spec.mem, self.deps(&j.spec.after, &j.spec.afterany)))
+        else {
+            return;
         };
-        let r = reserved.entry(node.clone()).or_default();
-        r.0 += u64::from(job.spec.cpus);
-        r.1 += job.spec.mem.unwrap_or(0);
+        match deps {
+            Deps::Ready => {}
+            Deps::Wait(reason) => return self.set_reason(id, reason),
+            Deps::Broken(reason) => return self.fail_queued(id, reason),
+        }
+        let node = match free.place(cpus, mem) {
+            Ok(node) => node,
+            Err(reason) => return self.set_reason(id, reason),
+        };
         // The run now belongs to this node: from here it is only ever resent there.
-        let Ok(job) = self.update(job.id, |j| {
+        let Ok(job) = self.update(id, |j| {
             j.state = State::Running;
             j.node = Some(node.clone());
             j.reason.clear();
@@ -113,27 +183,34 @@ impl Jobs {
         }) else {
             return;
         };
-        info!(job = job.id, node, "job placed");
+        info!(job = id, node, "job placed");
         self.dispatch(job);
     }
 
-    fn set_reason(&self, job: &Job, reason: String) {
-        if job.reason != reason {
-            let _ = self.update(job.id, |j| j.reason = reason);
+    pub(super) fn set_reason(&self, id: u64, reason: String) {
+        if self.with(id, |j| j.reason != reason).unwrap_or(false) {
+            let _ = self.update(id, |j| j.reason = reason);
         }
     }
 
-    /// The run request for a placed job.
+    /// The run request for a placed job (an array task runs its array job's script).
     fn run_of(&self, job: &Job) -> Run {
         let node = job.node.clone().unwrap_or_default();
         let mut env = job.spec.env.clone();
-        env.insert("CLUSTER_JOB_ID".into(), job.id.to_string());
+        let (job_id, index, script) = match job.task {
+            Some(t) => {
+                let script = self.with(t.parent, |p| p.spec.script.clone()).unwrap_or_default();
+                (t.parent, t.index.to_string(), script)
+            }
+            None => (job.id, String::new(), job.spec.script.clone()),
+        };
+        env.insert("CLUSTER_JOB_ID".into(), job_id.to_string());
         env.insert("CLUSTER_NODE".into(), node.clone());
         env.insert("CLUSTER_NODES".into(), node);
-        env.insert("CLUSTER_ARRAY_INDEX".into(), String::new());
+        env.insert("CLUSTER_ARRAY_INDEX".into(), index);
         Run {
             run: job.id,
-            script: job.spec.script.clone(),
+            script,
             uid: job.owner.uid,
             gid: job.owner.gid,
             groups: job.owner.groups.clone(),
@@ -207,15 +284,18 @@ impl Jobs {
         }
     }
 
+    /// Drops an ended job (with its tasks) once it is older than the retention.
     fn expire(&self, id: u64) {
         let Some(ended) = self.with(id, |j| j.ended_ms.unwrap_or(j.submitted_ms)) else { return };
         if now_ms().saturating_sub(ended) > self.cfg.retention_s.saturating_mul(1000) {
-            let _ = self.cluster.store().delete("jobs", &id.to_string());
-            self.jobs.remove(&id);
-            self.dispatching.remove(&id);
-            let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));
+            for task in self.scan(|j| j.task.is_some_and(|t| t.parent == id).then_some(j.id)) {
+                let _ = self.drop_record(task);
+            }
+            let _ = self.drop_record(id);
+            info!(job = id, "job expired");
         }
     }
+
     /// Runs the scheduler until the task is dropped: on every change and every 200 ms.
     pub async fn scheduler(self: Arc<Self>) {
         loop {

@@ -46,13 +46,14 @@ impl Runner {
             Err(e) => return Err(format!("cannot make {}: {e}", dir.display())),
         }
         let setup = || -> std::io::Result<()> {
-            write_new(&dir.join("run.json"), &serde_json::to_vec(run).expect("runs serialize"), 0o600)?;
+            // Only the request is synced: the rest is remade from it or written by the run.
+            write_new(&dir.join("run.json"), &serde_json::to_vec(run).expect("runs serialize"), 0o600, true)?;
             // The script is read by the job's user; everything else stays root's.
             let script = dir.join("script");
-            write_new(&script, run.script.as_bytes(), 0o500)?;
+            write_new(&script, run.script.as_bytes(), 0o500, false)?;
             nix::unistd::chown(&script, Some(run.uid.into()), Some(run.gid.into()))?;
             for f in ["stdout", "stderr"] {
-                write_new(&dir.join(f), b"", 0o600)?;
+                write_new(&dir.join(f), b"", 0o600, false)?;
             }
             Ok(())
         };
@@ -184,10 +185,10 @@ impl Runner {
     }
 }
 
-fn write_new(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+fn write_new(path: &Path, data: &[u8], mode: u32, sync: bool) -> std::io::Result<()> {
     let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
     f.write_all(data)?;
-    f.sync_all()
+    if sync { f.sync_all() } else { Ok(()) }
 }
 
 /// Writes `exit.json` atomically: a reader sees the whole status or none. Each writer has its
@@ -195,7 +196,7 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
 pub fn write_exit(dir: &Path, exit: &Exit) -> std::io::Result<()> {
     let tmp = dir.join(format!("exit.json.{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    write_new(&tmp, &serde_json::to_vec(exit).expect("exits serialize"), 0o600)?;
+    write_new(&tmp, &serde_json::to_vec(exit).expect("exits serialize"), 0o600, true)?;
     let done = dir.join("exit.json");
     // A hard link fails if an exit is there already, where a rename would replace it.
     let linked = fs::hard_link(&tmp, &done);

@@ -366,6 +366,32 @@ impl<T: Tree> SynthFs<T> {
         self.new_handle(path, kind, bytes, caller)
     }
 
+    /// A read: a written control handle's answer is served once what was written is durable.
+    pub fn read_handle(self: &Arc<Self>, handle: u64, offset: u64, size: u32) -> Answer<Vec<u8>> {
+        let this = self.clone();
+        match self.flush(handle) {
+            Answer::Now(Ok(())) => Answer::Now(self.read(handle, offset, size)),
+            Answer::Now(Err(e)) => Answer::Now(Err(e)),
+            Answer::Later(fut) => Answer::later(async move {
+                fut.await?;
+                this.read(handle, offset, size)
+            }),
+        }
+    }
+
+    /// Makes what was written on a control handle durable (the tree decides what that means).
+    pub fn flush(&self, handle: u64) -> Answer<()> {
+        let Some((path, caller)) = self
+            .handles
+            .get(&handle)
+            .filter(|h| h.kind == Kind::Control && h.written)
+            .map(|h| (h.path.clone(), h.caller))
+        else {
+            return Answer::Now(Ok(()));
+        };
+        self.tree.flush(&refs(&path), &caller, handle)
+    }
+
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let mut h =
             self.handles.get_mut(&handle).ok_or_else(|| FsError::new(Errno::Stale, "the file handle is closed"))?;

@@ -251,10 +251,10 @@ impl<T: Tree> Filesystem for Adapter<T> {
     ) {
         self.guard("read", || {
             let _s = debug_span!("read", req = req.unique().0, ino = ino.0, offset, size).entered();
-            match self.fs.read(fh.0, offset, size) {
+            self.answer(self.fs.read_handle(fh.0, offset, size), move |r| match r {
                 Ok(data) => reply.data(&data),
                 Err(e) => fuse_error!("read", reply, e),
-            }
+            });
         });
     }
 
@@ -279,9 +279,12 @@ impl<T: Tree> Filesystem for Adapter<T> {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         self.guard("flush", || {
-            reply.ok();
+            self.answer(self.fs.flush(fh.0), move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => fuse_error!("flush", reply, e),
+            });
         });
     }
 

@@ -145,6 +145,13 @@ pub trait Tree: Send + Sync + 'static {
     /// A write into a `Control` file; the answer is appended to what the handle reads back.
     fn write(&self, path: &[&str], caller: &Caller, write: Write<'_>) -> Answer<Vec<u8>>;
 
+    /// What was written on a control handle must be durable: called before its answer is
+    /// read back and when the handle is closed (`close(2)` waits for it).
+    fn flush(&self, path: &[&str], caller: &Caller, handle: u64) -> Answer<()> {
+        let _ = (path, caller, handle);
+        Answer::Now(Ok(()))
+    }
+
     /// The writer of a control handle closed it.
     fn release(&self, path: &[&str], caller: &Caller, handle: u64) {
         let _ = (path, caller, handle);

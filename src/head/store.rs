@@ -1,8 +1,13 @@
-//! The embedded store: one redb file of JSON objects under `kind/name` keys.
+//! The embedded store: one redb file of JSON objects under `kind/name` keys, with group commit.
 //!
-//! Each object is one key, so the layout maps one-to-one onto an etcd keyspace.
+//! Each object is one key, so the layout maps one-to-one onto an etcd keyspace. Every write is
+//! durable when it returns; writes that arrive while a commit is under way are committed
+//! together by the next one (one fsync for all), so concurrent writers do not queue for a
+//! commit each.
 
+use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::{Condvar, Mutex};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::Serialize;
@@ -28,6 +33,23 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 #[derive(Debug)]
 pub struct Store {
     db: Database,
+    queue: Mutex<Queue>,
+    committed: Condvar,
+}
+
+/// One change: a key and its new value, or none to delete it.
+pub type Change = (String, Option<Vec<u8>>);
+
+/// Writes waiting for a commit. Batches are numbered; a writer's batch is the open one when
+/// it queued, and it returns once `done` has passed it.
+#[derive(Debug, Default)]
+struct Queue {
+    changes: Vec<Change>,
+    open: u64,
+    done: u64,
+    committing: bool,
+    /// The batches whose commit failed lately, with why.
+    failed: VecDeque<(u64, String)>,
 }
 
 impl Store {
@@ -39,21 +61,82 @@ impl Store {
         let txn = db.begin_write().map_err(|e| open(&e))?;
         txn.open_table(OBJECTS).map_err(|e| open(&e))?;
         txn.commit().map_err(|e| open(&e))?;
-        Ok(Store { db })
+        Ok(Store { db, queue: Mutex::default(), committed: Condvar::new() })
     }
 
     pub fn put<T: Serialize>(&self, kind: &str, name: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(db)?;
-        let key = format!("{kind}/{name}");
-        let txn = self.db.begin_write().map_err(db)?;
-        txn.open_table(OBJECTS).map_err(db)?.insert(key.as_str(), bytes.as_slice()).map_err(db)?;
-        txn.commit().map_err(db)
+        self.write(vec![Store::change(kind, name, value)?])
+    }
+
+    /// Setting `kind/name` to `value`, for `write`.
+    pub fn change<T: Serialize>(kind: &str, name: &str, value: &T) -> Result<Change, StoreError> {
+        Ok((format!("{kind}/{name}"), Some(serde_json::to_vec(value).map_err(db)?)))
     }
 
     pub fn delete(&self, kind: &str, name: &str) -> Result<(), StoreError> {
-        let key = format!("{kind}/{name}");
+        self.write(vec![(format!("{kind}/{name}"), None)])
+    }
+
+    /// Queues `changes` and returns once they are committed (all or none), leading the commit
+    /// when none is under way.
+    pub fn write(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.wait(self.write_later(changes))
+    }
+
+    /// Queues `changes` for the next commit and returns at once with a ticket for `wait`.
+    /// Readers of the store do not see them before that commit; a later `write` commits them.
+    pub fn write_later(&self, changes: Vec<Change>) -> u64 {
+        let mut q = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        q.changes.extend(changes);
+        q.open
+    }
+
+    /// Returns once the changes queued with `ticket` are committed, leading the commit when
+    /// none is under way.
+    pub fn wait(&self, mine: u64) -> Result<(), StoreError> {
+        let lock = || self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut q = lock();
+        loop {
+            if q.done > mine {
+                return match q.failed.iter().find(|f| f.0 == mine) {
+                    Some((_, why)) => Err(StoreError::Db(why.clone())),
+                    None => Ok(()),
+                };
+            }
+            if q.committing {
+                q = self.committed.wait(q).unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            let batch = std::mem::take(&mut q.changes);
+            let number = q.open;
+            q.open += 1;
+            q.committing = true;
+            drop(q);
+            let result = self.commit(&batch);
+            q = lock();
+            q.committing = false;
+            q.done = number + 1;
+            if let Err(e) = result {
+                q.failed.push_back((number, e.to_string()));
+                if q.failed.len() > 64 {
+                    q.failed.pop_front();
+                }
+            }
+            self.committed.notify_all();
+        }
+    }
+
+    fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db)?;
-        txn.open_table(OBJECTS).map_err(db)?.remove(key.as_str()).map_err(db)?;
+        {
+            let mut table = txn.open_table(OBJECTS).map_err(db)?;
+            for (key, value) in batch {
+                match value {
+                    Some(v) => table.insert(key.as_str(), v.as_slice()).map_err(db)?,
+                    None => table.remove(key.as_str()).map_err(db)?,
+                };
+            }
+        }
         txn.commit().map_err(db)
     }
 
@@ -93,6 +176,31 @@ mod tests {
         let s = Store::open(&path).unwrap();
         assert_eq!(s.scan::<String>("nodes").unwrap(), vec![("cn1".to_string(), "a".to_string())]);
         assert_eq!(s.scan::<String>("groups").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn concurrent_writers_share_commits_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let s = std::sync::Arc::new(Store::open(&path).unwrap());
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..50 {
+                            s.put("jobs", &format!("{t}-{i}"), &i).unwrap();
+                        }
+                        s.delete("jobs", &format!("{t}-0")).unwrap();
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.scan::<u32>("jobs").unwrap().len(), 8 * 49);
     }
 
     #[test]

@@ -74,6 +74,8 @@ struct Pending {
     writes: u64,
     /// Why a piece was refused: the rest of this spec is refused the same way.
     failed: Option<FsError>,
+    /// The store ticket of the job's creation: flush and reading the id back wait for it.
+    ticket: Option<u64>,
 }
 
 /// The pieces of one handle's spec, put together in offset order: the kernel may send
@@ -232,11 +234,9 @@ impl JobsView {
         };
         owner_only(&job, caller)?;
         let stream = if *file == "stdout" { STDOUT } else { STDERR };
-        match crate::jobs::read_at(&self.jobs.spool_path(job.id, stream), offset, size as usize) {
-            // An array task that has not started has no output yet.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && job.task.is_some() => Ok(Vec::new()),
-            other => other.map_err(|e| FsError::new(Errno::Io, format!("reading the spool: {e}"))),
-        }
+        self.jobs
+            .read_output(job.id, stream, offset, size as usize)
+            .map_err(|e| FsError::new(Errno::Io, format!("reading the spool: {e}")))
     }
 
     pub fn write(&self, path: &[&str], caller: &Caller, handle: u64, offset: u64, data: &[u8]) -> Answer<Vec<u8>> {
@@ -311,19 +311,24 @@ impl JobsView {
             };
             let stored = match checked {
                 Ok(spec) => {
-                    let (jobs, id, body) = (jobs.clone(), p.id, String::from_utf8_lossy(&text).into_owned());
-                    tokio::task::spawn_blocking(move || match id {
-                        Some(id) => jobs.amend(id, body, spec).map(|()| id),
-                        None => jobs.submit(owner_of(&caller), body, spec, true),
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(FsError::new(Errno::Io, format!("internal error: {e}"))))
+                    let (jobs, body) = (jobs.clone(), String::from_utf8_lossy(&text).into_owned());
+                    match p.id {
+                        // In memory now, in the store by the next commit (flush waits for it).
+                        None => jobs.submit(owner_of(&caller), body, spec, true).map(|(id, t)| (id, Some(t))),
+                        Some(id) => tokio::task::spawn_blocking(move || jobs.amend(id, body, spec, false))
+                            .await
+                            .unwrap_or_else(|e| Err(FsError::new(Errno::Io, format!("internal error: {e}"))))
+                            .map(|()| (id, None)),
+                    }
                 }
                 Err(e) => Err(e),
             };
             let first = p.id.is_none();
             let id = match stored {
-                Ok(id) => id,
+                Ok((id, ticket)) => {
+                    p.ticket = p.ticket.or(ticket);
+                    id
+                }
                 Err(e) => {
                     p.failed = Some(e.clone());
                     if let Some(id) = p.id {
@@ -348,6 +353,20 @@ impl JobsView {
                 }
             });
             Ok(if first { format!("{id}\n").into_bytes() } else { Vec::new() })
+        })
+    }
+
+    /// Before `close(2)` returns or the id is read back, the submitted job is in the store.
+    pub fn flush(&self, path: &[&str], handle: u64) -> Answer<()> {
+        let Some(slot) = self.pending.get(&handle).filter(|_| path == ["new"]).map(|s| s.clone()) else {
+            return Answer::Now(Ok(()));
+        };
+        let jobs = self.jobs.clone();
+        Answer::later(async move {
+            let Some(ticket) = slot.pending.lock().await.ticket else { return Ok(()) };
+            tokio::task::spawn_blocking(move || jobs.durable(ticket))
+                .await
+                .unwrap_or_else(|e| Err(FsError::new(Errno::Io, format!("internal error: {e}"))))
         })
     }
 
@@ -417,8 +436,12 @@ fn finish(jobs: &Arc<Jobs>, p: &Pending) {
     match Spec::parse(&p.text) {
         Ok(spec) => {
             let body = String::from_utf8_lossy(&p.text).into_owned();
-            if let Err(e) = jobs.amend(id, body, spec) {
-                tracing::warn!(job = id, error = %e, "final spec refused");
+            match jobs.amend(id, body, spec, true) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::debug!(job = id, error = %e, "the complete spec was refused");
+                    jobs.fail(id, &format!("spec: {}", e.message));
+                }
             }
         }
         Err(e) => {

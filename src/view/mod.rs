@@ -180,6 +180,13 @@ impl Tree for View {
         }
     }
 
+    fn flush(&self, path: &[&str], _caller: &Caller, handle: u64) -> Answer<()> {
+        match path {
+            ["jobs", rest @ ..] => self.jobs.flush(rest, handle),
+            _ => Answer::Now(Ok(())),
+        }
+    }
+
     fn release(&self, path: &[&str], _caller: &Caller, handle: u64) {
         if let ["jobs", rest @ ..] = path {
             self.jobs.release(rest, handle);

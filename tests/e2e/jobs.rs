@@ -280,9 +280,14 @@ fn a_head_crash_loses_no_job_and_runs_none_twice() {
     let tasks_file = c.dir.path().join("tasks");
     let spec = format!("#CLUSTER array=1-20%4\nsleep 0.2; echo $CLUSTER_ARRAY_INDEX >> {}\n", tasks_file.display());
     let array = submit_as(&c, "root", &spec);
-    std::thread::sleep(Duration::from_millis(300));
+    // A plain `echo > jobs/new` is in the store once the shell's close returns.
+    let (rc, _, err) = sh(&format!("echo 'echo last' > {}", c.path("jobs/new").display()));
+    assert_eq!(rc, 0, "{err}");
+    let last = array + 1 + 20;
     c.crash_head();
     c.start_head();
+    assert_eq!(wait(&c, last), "0\n");
+    assert_eq!(c.read(&format!("jobs/{last}/stdout")), "last\n");
     assert_eq!(wait(&c, array), "0\n", "{}", c.read(&format!("jobs/{array}/state")));
     let mut seen: Vec<u32> =
         std::fs::read_to_string(&tasks_file).unwrap().lines().map(|l| l.parse().unwrap()).collect();

@@ -50,10 +50,7 @@ impl Jobs {
         }
         let skip = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len());
         if skip < data.len() {
-            let appended = std::fs::OpenOptions::new()
-                .append(true)
-                .open(self.spool_path(run, s))
-                .and_then(|mut f| f.write_all(&data[skip..]));
+            let appended = self.open_spool(run, s).and_then(|mut f| f.write_all(&data[skip..]));
             if let Err(e) = appended {
                 warn!(job = run, error = %e, "cannot write job output to the spool");
             }

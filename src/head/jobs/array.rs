@@ -240,7 +240,7 @@ impl Jobs {
         else {
             return false;
         };
-        let started = self.make_spool(task.id).and_then(|()| self.insert_new(task.clone()));
+        let started = self.insert_new(task.clone());
         let _ = self.update(parent, |p| {
             p.launched = p.launched.max(pos + 1);
             if p.state == State::Queued {

@@ -13,8 +13,9 @@ use tracing::{info, warn};
 
 use crate::config::JobsConfig;
 use crate::head::cluster::Cluster;
+use crate::head::store::Store;
 use crate::jobs::spec::Nodes;
-use crate::jobs::{Exit, STDERR, STDOUT, Spec};
+use crate::jobs::{Exit, STDOUT, Spec};
 use crate::proto::{Op, Reply};
 
 mod agents;
@@ -272,8 +273,9 @@ impl Jobs {
         Ok(job)
     }
 
-    /// Creates a job from a checked spec; `held` while its writer may still add to it.
-    pub fn submit(&self, owner: Owner, text: String, spec: Spec, held: bool) -> Result<u64, FsError> {
+    /// Creates a job from a checked spec; `held` while its writer may still add to it. Returns
+    /// its id and the store ticket to wait on (`durable`) before telling anyone it exists.
+    pub fn submit(&self, owner: Owner, text: String, spec: Spec, held: bool) -> Result<(u64, u64), FsError> {
         if owner.uid == 0 && !self.cfg.allow_root {
             return Err(FsError::new(
                 Errno::Perm,
@@ -290,7 +292,6 @@ impl Jobs {
         // An array's tasks take the ids after it, so each run has an id of its own.
         let tasks = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
         let id = self.next_id.fetch_add(1 + tasks, Ordering::SeqCst);
-        self.make_spool(id)?;
         let job = Job {
             id,
             owner,
@@ -310,12 +311,15 @@ impl Jobs {
             launched: 0,
             task_base: id + 1,
         };
-        self.persist(&job)?;
-        self.cluster.store().put("meta", "next_job", &(id + 1 + tasks)).map_err(store_err)?;
+        let changes =
+            [Store::change("jobs", &id.to_string(), &job), Store::change("meta", "next_job", &(id + 1 + tasks))];
+        let changes = changes.into_iter().collect::<Result<_, _>>().map_err(store_err)?;
+        // Committed with the next commit: concurrent submissions share one.
+        let ticket = self.cluster.store().write_later(changes);
         info!(job = id, user = job.owner.user, held, "job submitted");
         self.jobs.insert(id, job);
         self.changed.notify_waiters();
-        Ok(id)
+        Ok((id, ticket))
     }
 
     /// Parts of the spec language whose scheduling is not built yet are refused, not ignored.
@@ -330,7 +334,8 @@ impl Jobs {
     }
 
     /// Replaces a held job's spec (a later write of the same `jobs/new` handle).
-    pub fn amend(&self, id: u64, text: String, spec: Spec) -> Result<(), FsError> {
+    /// With `release`, the writer is done and the job may run (one store write for both).
+    pub fn amend(&self, id: u64, text: String, spec: Spec, release: bool) -> Result<(), FsError> {
         self.check_supported(&spec)?;
         let (owner, tasks) = self
             .with(id, |j| (j.owner.clone(), j.spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64)))
@@ -351,8 +356,16 @@ impl Jobs {
             if let Some(base) = base {
                 j.task_base = base;
             }
+            if release {
+                j.held = false;
+            }
         })
         .map(|_| ())
+    }
+
+    /// Returns once what `submit` stored under `ticket` is committed.
+    pub fn durable(&self, ticket: u64) -> Result<(), FsError> {
+        self.cluster.store().wait(ticket).map_err(store_err)
     }
 
     /// Ends a job that never started, with the reason (a spec found broken when complete).
@@ -368,7 +381,7 @@ impl Jobs {
 
     /// The writer is done: the job may run.
     pub fn release(&self, id: u64) {
-        if self.get(id).is_some_and(|j| j.held) {
+        if self.with(id, |j| j.held).unwrap_or(false) {
             if let Err(e) = self.update(id, |j| j.held = false) {
                 warn!(job = id, error = %e, "could not release the job");
             }
@@ -445,15 +458,25 @@ impl Jobs {
         Ok(())
     }
 
-    /// Makes the empty output spool of job `id`.
-    fn make_spool(&self, id: u64) -> Result<(), FsError> {
-        let made = std::fs::create_dir_all(self.spool.join(id.to_string())).and_then(|()| {
-            for stream in [STDOUT, STDERR] {
-                std::fs::write(self.spool_path(id, stream), b"")?;
+    /// Opens a job's output spool to append, making it with the first output (a job that
+    /// prints nothing has none: it reads as empty).
+    fn open_spool(&self, id: u64, stream: u64) -> std::io::Result<std::fs::File> {
+        let open = || std::fs::OpenOptions::new().append(true).create(true).open(self.spool_path(id, stream));
+        match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(self.spool.join(id.to_string()))?;
+                open()
             }
-            Ok(())
-        });
-        made.map_err(|e| FsError::new(Errno::Io, format!("cannot make the spool of job {id}: {e}")))
+            other => other,
+        }
+    }
+
+    /// Up to `len` bytes of a job's output from `offset` (none before its first output).
+    pub fn read_output(&self, id: u64, stream: u64, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        match crate::jobs::read_at(&self.spool_path(id, stream), offset, len) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            other => other,
+        }
     }
 
     /// `rmdir jobs/<id>`: kills it if running and removes it with its output (and its tasks).

@@ -47,6 +47,29 @@ fn task_spec(s: &Spec) -> Spec {
     }
 }
 
+/// Task `t` of array job `p`, queued, not started.
+fn new_task(p: &Job, t: TaskOf) -> Job {
+    Job {
+        id: p.task_base + u64::from(t.pos),
+        owner: p.owner.clone(),
+        text: String::new(),
+        spec: task_spec(&p.spec),
+        state: State::Queued,
+        reason: String::new(),
+        node: None,
+        exit: None,
+        held: false,
+        confirmed: false,
+        killed_by: None,
+        submitted_ms: p.submitted_ms,
+        started_ms: None,
+        ended_ms: None,
+        task: Some(t),
+        launched: 0,
+        task_base: 0,
+    }
+}
+
 /// `1,3-5,9`: indexes folded into ranges, at most `max` ranges shown.
 fn ranges(indexes: &[u32], max: usize) -> String {
     let mut parts: Vec<(u32, u32)> = Vec::new();
@@ -89,25 +112,7 @@ impl Jobs {
                     (State::Queued, format!("waiting for its turn (tasks start in index order{why})"))
                 }
             };
-            Job {
-                id,
-                owner: p.owner.clone(),
-                text: String::new(),
-                spec: task_spec(&p.spec),
-                state,
-                reason,
-                node: None,
-                exit: None,
-                held: p.held,
-                confirmed: false,
-                killed_by: None,
-                submitted_ms: p.submitted_ms,
-                started_ms: None,
-                ended_ms: p.ended_ms,
-                task: Some(TaskOf { parent, index, pos }),
-                launched: 0,
-                task_base: 0,
-            }
+            Job { state, reason, held: p.held, ended_ms: p.ended_ms, ..new_task(p, TaskOf { parent, index, pos }) }
         })
     }
 
@@ -216,24 +221,12 @@ impl Jobs {
     fn launch_task(self: &Arc<Self>, parent: u64, pos: u32, node: &str) -> bool {
         let Some(task) = self
             .with(parent, |p| {
+                let index = *p.spec.array.as_ref()?.indexes.get(pos as usize)?;
                 Some(Job {
-                    id: p.task_base + u64::from(pos),
-                    owner: p.owner.clone(),
-                    text: String::new(),
-                    spec: task_spec(&p.spec),
                     state: State::Running,
-                    reason: String::new(),
                     node: Some(node.to_string()),
-                    exit: None,
-                    held: false,
-                    confirmed: false,
-                    killed_by: None,
-                    submitted_ms: p.submitted_ms,
                     started_ms: Some(now_ms()),
-                    ended_ms: None,
-                    task: Some(TaskOf { parent, index: *p.spec.array.as_ref()?.indexes.get(pos as usize)?, pos }),
-                    launched: 0,
-                    task_base: 0,
+                    ..new_task(p, TaskOf { parent, index, pos })
                 })
             })
             .flatten()

@@ -28,7 +28,7 @@ pub struct JobsConfig {
 
 impl Default for JobsConfig {
     fn default() -> JobsConfig {
-        JobsConfig { allow_root: true, retention_s: 7 * 86400, lost_after_s: 300, release_after_ms: 250 }
+        JobsConfig { allow_root: true, retention_s: 7 * 86400, lost_after_s: 300, release_after_ms: 1000 }
     }
 }
 

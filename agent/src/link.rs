@@ -126,6 +126,12 @@ async fn session(
                     send_output(&mut conn, runner, *run, cursor).await?;
                 }
             }
+            // A run ended: its last output and exit go now, not at the next tick.
+            _ = runner.ended.notified() => {
+                for (run, cursor) in cursors.iter_mut() {
+                    send_output(&mut conn, runner, *run, cursor).await?;
+                }
+            }
             msg = conn.recv() => match msg? {
                 Message::Request { id, op } => {
                     let answer = match done.get(id) {

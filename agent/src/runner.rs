@@ -9,6 +9,7 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clusterfs::jobs::{Exit, Run, RunStatus};
 use tracing::{info, warn};
@@ -17,6 +18,8 @@ use tracing::{info, warn};
 #[derive(Debug)]
 pub struct Runner {
     dir: PathBuf,
+    /// Woken when a supervisor this process started ends, so its exit is sent at once.
+    pub ended: Arc<tokio::sync::Notify>,
 }
 
 /// What a start request did.
@@ -29,7 +32,7 @@ pub enum Started {
 impl Runner {
     pub fn new(dir: PathBuf) -> std::io::Result<Runner> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        Ok(Runner { dir })
+        Ok(Runner { dir, ended: Arc::default() })
     }
 
     pub fn run_dir(&self, run: u64) -> PathBuf {
@@ -73,8 +76,12 @@ impl Runner {
                 if let Err(e) = record_shim(&dir, child.id()) {
                     warn!(run = run.run, error = %e, "cannot record the run's supervisor");
                 }
-                // Reap the shim when it ends so it leaves no zombie.
-                std::thread::spawn(move || child.wait());
+                // Reap the shim when it ends so it leaves no zombie, and say so.
+                let ended = self.ended.clone();
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                    ended.notify_one();
+                });
                 info!(run = run.run, user = run.user, "run started");
                 Ok(Started::Now)
             }

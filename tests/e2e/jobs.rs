@@ -253,7 +253,7 @@ fn bad_specs_create_nothing() {
         c.path("jobs/new").display(),
         c.path("jobs").display()
     ));
-    assert_eq!((rc, out.as_str()), (0, "0\none\ntwo\n"), "{err}");
+    assert_eq!((rc, out.as_str()), (0, "0\none\ntwo\n"), "{err}{}", c.read("jobs/error"));
     // Directives alone, and the writer stops: the job fails and says why.
     let (rc, out, err) =
         sh(&format!("exec 3<>{}; printf '#CLUSTER cpus=1\n' >&3; read id <&3; echo $id", c.path("jobs/new").display()));

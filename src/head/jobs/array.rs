@@ -165,7 +165,7 @@ impl Jobs {
         let Some((state, mut launched, killed, n, limit, cpus, mem, deps)) = self
             .with(id, |p| {
                 let a = p.spec.array.as_ref()?;
-                let deps = (p.launched == 0).then(|| self.deps(&p.spec.after, &p.spec.afterany));
+                let deps = (p.launched == 0).then(|| (p.spec.after.clone(), p.spec.afterany.clone()));
                 Some((
                     p.state,
                     p.launched,
@@ -181,7 +181,8 @@ impl Jobs {
         else {
             return;
         };
-        match deps {
+        // Dependencies are looked up after the job is let go: no job is read inside another's read.
+        match deps.map(|(after, afterany)| self.deps(&after, &afterany)) {
             Some(Deps::Wait(reason)) => return self.set_reason(id, reason),
             Some(Deps::Broken(reason)) => return self.fail_queued(id, reason),
             _ => {}

@@ -21,6 +21,9 @@ pub(super) enum Dispatch {
     Failed(Instant),
 }
 
+/// The shortest time between two scheduler passes.
+const PASS_GAP: Duration = Duration::from_millis(3);
+
 /// How long after an unconfirmed start request the scheduler asks again.
 const REDISPATCH_AFTER: Duration = Duration::from_secs(2);
 
@@ -28,12 +31,24 @@ const REDISPATCH_AFTER: Duration = Duration::from_secs(2);
 pub(super) struct Free {
     /// (name, free cpus, free memory, load index) of each up, undrained node.
     nodes: Vec<(String, u64, u64, f64)>,
+    /// Sizes found not to fit in this pass (room only shrinks within a pass), with why.
+    no_fit: HashMap<(u32, Option<u64>), String>,
 }
 
 impl Free {
     /// The up node with the lowest load index that fits, with the room taken; else why none.
     pub(super) fn place(&mut self, cpus: u32, mem: Option<u64>) -> Result<String, String> {
-        let (cpus, mem) = (u64::from(cpus), mem.unwrap_or(0));
+        if let Some(why) = self.no_fit.get(&(cpus, mem)) {
+            return Err(why.clone());
+        }
+        let placed = self.fit(u64::from(cpus), mem.unwrap_or(0));
+        if let Err(why) = &placed {
+            self.no_fit.insert((cpus, mem), why.clone());
+        }
+        placed
+    }
+
+    fn fit(&mut self, cpus: u64, mem: u64) -> Result<String, String> {
         let best =
             self.nodes.iter_mut().filter(|n| n.1 >= cpus && n.2 >= mem).min_by(|a, b| a.3.total_cmp(&b.3)).map(|n| {
                 n.1 -= cpus;
@@ -55,6 +70,7 @@ impl Free {
 impl Free {
     /// Returns room taken for a run that did not start.
     pub(super) fn give_back(&mut self, node: &str, cpus: u32, mem: Option<u64>) {
+        self.no_fit.clear();
         if let Some(n) = self.nodes.iter_mut().find(|n| n.0 == node) {
             n.1 += u64::from(cpus);
             n.2 += mem.unwrap_or(0);
@@ -73,6 +89,8 @@ impl Jobs {
     /// One pass of the scheduler: lost nodes and resends, then placement by priority and
     /// submission order, then retention.
     pub fn schedule(self: &Arc<Self>) {
+        let retention = self.cfg.retention_s.saturating_mul(1000);
+        let expired_before = now_ms().saturating_sub(retention);
         let mut tally: HashMap<u64, Tally> = HashMap::new();
         let (mut starts, mut running, mut ended) = (Vec::new(), Vec::new(), Vec::new());
         for j in self.jobs.iter() {
@@ -90,7 +108,7 @@ impl Jobs {
                 State::Queued => starts.push((-j.spec.priority, j.id, is_array)),
                 State::Running if is_array => starts.push((-j.spec.priority, j.id, true)),
                 State::Running => running.push(j.id),
-                _ if j.task.is_none() => ended.push(j.id),
+                _ if j.task.is_none() && j.ended_ms.unwrap_or(j.submitted_ms) < expired_before => ended.push(j.id),
                 _ => {}
             }
         }
@@ -131,7 +149,7 @@ impl Jobs {
                 nodes.push((name, v.report.cpus.saturating_sub(cpus), v.report.mem_total.saturating_sub(mem), load));
             }
         }
-        Free { nodes }
+        Free { nodes, no_fit: HashMap::new() }
     }
 
     /// Whether the jobs `after` (exit 0 needed) and `afterany` have ended.
@@ -160,12 +178,13 @@ impl Jobs {
     }
 
     fn try_start(self: &Arc<Self>, id: u64, free: &mut Free) {
-        let Some((cpus, mem, deps)) =
-            self.with(id, |j| (j.spec.cpus, j.spec.mem, self.deps(&j.spec.after, &j.spec.afterany)))
+        // Dependencies are looked up after the job is let go: no job is read inside another's read.
+        let Some((cpus, mem, after, afterany)) =
+            self.with(id, |j| (j.spec.cpus, j.spec.mem, j.spec.after.clone(), j.spec.afterany.clone()))
         else {
             return;
         };
-        match deps {
+        match self.deps(&after, &afterany) {
             Deps::Ready => {}
             Deps::Wait(reason) => return self.set_reason(id, reason),
             Deps::Broken(reason) => return self.fail_queued(id, reason),
@@ -296,14 +315,18 @@ impl Jobs {
         }
     }
 
-    /// Runs the scheduler until the task is dropped: on every change and every 200 ms.
+    /// Runs the scheduler until the task is dropped: after changes (at most one pass per
+    /// `PASS_GAP`, so a burst of changes is one pass) and every 200 ms.
     pub async fn scheduler(self: Arc<Self>) {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            let pass = Instant::now();
             self.schedule();
-            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+            if tokio::time::timeout(Duration::from_millis(200), notified).await.is_ok() {
+                tokio::time::sleep_until((pass + PASS_GAP).into()).await;
+            }
         }
     }
 }

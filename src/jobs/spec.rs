@@ -2,6 +2,7 @@
 //! script, or one JSON object. Every key is checked; the error names it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,7 +59,8 @@ pub struct Array {
 /// A checked job spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Spec {
-    pub script: String,
+    /// Shared, not copied, with every copy of the job (up to MAX_SPEC bytes).
+    pub script: Arc<str>,
     pub name: Option<String>,
     pub nodes: Nodes,
     pub cpus: u32,
@@ -157,10 +159,7 @@ impl Spec {
             }
             script.push(line);
         }
-        spec.script = script.join("\n");
-        if !spec.script.is_empty() && !spec.script.ends_with('\n') {
-            spec.script.push('\n');
-        }
+        spec.script = with_newline(script.join("\n"));
         Ok(spec)
     }
 
@@ -183,7 +182,8 @@ impl Spec {
             };
             match k.as_str() {
                 "cmd" | "script" => {
-                    spec.script = v.as_str().ok_or_else(|| SpecError(format!("{k}: expected a string")))?.to_string();
+                    let script = v.as_str().ok_or_else(|| SpecError(format!("{k}: expected a string")))?;
+                    spec.script = with_newline(script.to_string());
                 }
                 "env" => {
                     let env = v.as_object().ok_or_else(|| SpecError("env: expected an object".into()))?;
@@ -194,9 +194,6 @@ impl Spec {
                 }
                 other => spec.set(other, &text(v)?)?,
             }
-        }
-        if !spec.script.is_empty() && !spec.script.ends_with('\n') {
-            spec.script.push('\n');
         }
         Ok(spec)
     }
@@ -285,6 +282,14 @@ impl Spec {
     }
 }
 
+/// A script ends with a newline (an empty one stays empty).
+fn with_newline(mut script: String) -> Arc<str> {
+    if !script.is_empty() && !script.ends_with('\n') {
+        script.push('\n');
+    }
+    script.into()
+}
+
 fn abs_path(v: &str) -> Option<String> {
     (v.starts_with('/') && v.len() < 4096 && !v.split('/').any(|c| c == "..")).then(|| v.to_string())
 }
@@ -351,7 +356,7 @@ mod tests {
     #[test]
     fn one_line() {
         let s = Spec::parse(b"hostname; sleep 1\n").unwrap();
-        assert_eq!(s.script, "hostname; sleep 1\n");
+        assert_eq!(&*s.script, "hostname; sleep 1\n");
         assert_eq!((s.cpus, s.nodes.clone(), s.isolate), (1, Nodes::Count(1), Isolate::Ns));
     }
 
@@ -362,7 +367,7 @@ mod tests {
         assert_eq!((s.cpus, s.mem, s.timeout_s), (2, Some(1 << 30), Some(600)));
         assert_eq!(s.after, vec![41]);
         assert_eq!(s.env["X"], "a b");
-        assert_eq!(s.script, "#!/bin/bash\ncd src && make\n# a comment\n");
+        assert_eq!(&*s.script, "#!/bin/bash\ncd src && make\n# a comment\n");
     }
 
     #[test]

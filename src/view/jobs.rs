@@ -198,8 +198,8 @@ impl JobsView {
                         if job.spec.array.is_some() && job.task.is_none() { ARRAY_HELP } else { "" },
                     ))),
                     "spec" => now(owner_only(&job, caller).map(|()| match job.task {
-                        Some(t) => self.jobs.job(t.parent).map(|p| p.text).unwrap_or_default(),
-                        None => job.text.clone(),
+                        Some(t) => self.jobs.with(t.parent, |p| p.text.to_string()).unwrap_or_default(),
+                        None => job.text.to_string(),
                     })),
                     "state" => now(Ok(format!("{}\n", job.state_line()))),
                     "nodes" => now(Ok(format!("{}\n", self.jobs.nodes_of(&job)))),

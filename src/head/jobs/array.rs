@@ -27,24 +27,10 @@ pub struct Tally {
 }
 
 /// The spec a task runs under: its array job's, without the script (read from the array job
-/// when the task is sent), the array and the dependencies (met before the first task).
+/// when the task is sent, not stored once per task), the array and the dependencies (met
+/// before the first task).
 fn task_spec(s: &Spec) -> Spec {
-    Spec {
-        script: String::new(),
-        name: s.name.clone(),
-        nodes: s.nodes.clone(),
-        cpus: s.cpus,
-        mem: s.mem,
-        timeout_s: s.timeout_s,
-        cwd: s.cwd.clone(),
-        env: s.env.clone(),
-        rootfs: s.rootfs.clone(),
-        after: Vec::new(),
-        afterany: Vec::new(),
-        array: None,
-        isolate: s.isolate,
-        priority: s.priority,
-    }
+    Spec { script: "".into(), after: Vec::new(), afterany: Vec::new(), array: None, ..s.clone() }
 }
 
 /// Task `t` of array job `p`, queued, not started.
@@ -52,7 +38,7 @@ fn new_task(p: &Job, t: TaskOf) -> Job {
     Job {
         id: p.task_base + u64::from(t.pos),
         owner: p.owner.clone(),
-        text: String::new(),
+        text: "".into(),
         spec: task_spec(&p.spec),
         state: State::Queued,
         reason: String::new(),
@@ -148,15 +134,17 @@ impl Jobs {
 
     /// Adds a task record unless one is there (the scheduler and a kill may race for it).
     fn insert_new(&self, job: Job) -> Result<bool, FsError> {
-        match self.jobs.entry(job.id) {
+        let ticket = match self.jobs.entry(job.id) {
             Entry::Occupied(_) => return Ok(false),
             Entry::Vacant(v) => {
-                v.insert(job.clone());
+                let ticket = self.store_later(&job)?;
+                v.insert(job);
+                ticket
             }
-        }
-        self.persist(&job)?;
+        };
+        let durable = self.durable(ticket);
         self.changed.notify_waiters();
-        Ok(true)
+        durable.map(|()| true)
     }
 
     /// Starts what the limit and the free room allow of array job `id`'s tasks, and ends the

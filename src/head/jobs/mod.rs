@@ -71,7 +71,7 @@ pub struct Job {
     pub id: u64,
     pub owner: Owner,
     /// The spec as the user wrote it.
-    pub text: String,
+    pub text: Arc<str>,
     pub spec: Spec,
     pub state: State,
     pub reason: String,
@@ -187,7 +187,7 @@ impl Jobs {
         })
     }
 
-    /// A copy of job `id` (with its spec text: for what needs the whole job).
+    /// A copy of job `id` (its spec text and script are shared, not copied).
     pub fn get(&self, id: u64) -> Option<Job> {
         self.jobs.get(&id).map(|j| j.clone())
     }
@@ -256,21 +256,30 @@ impl Jobs {
         std::fs::metadata(self.spool_path(id, stream)).map_or(0, |m| m.len())
     }
 
-    fn persist(&self, job: &Job) -> Result<(), FsError> {
-        self.cluster.store().put("jobs", &job.id.to_string(), job).map_err(store_err)
+    /// Queues `job` for the next store commit; its ticket, for `durable`. Called with the job
+    /// locked, so its changes reach the store in the order they happened.
+    fn store_later(&self, job: &Job) -> Result<u64, FsError> {
+        let change = Store::change("jobs", &job.id.to_string(), job).map_err(store_err)?;
+        Ok(self.cluster.store().write_later(vec![change]))
     }
 
-    /// Applies `f` to job `id` and stores the result. The job stays locked from read to store,
-    /// so concurrent updates (the scheduler, a kill, an agent's report) never undo each other.
+    /// Applies `f` to job `id` and stores the result; returns once it is durable. The job is
+    /// locked while it changes and its new value is queued for the store, so concurrent
+    /// updates (the scheduler, a kill, an agent's report) never undo each other and reach the
+    /// store in the order they happened; the commit is waited for after the lock is let go, so
+    /// no reader of the job (a FUSE thread) waits on the disk.
     fn update(&self, id: u64, f: impl FnOnce(&mut Job)) -> Result<Job, FsError> {
-        let mut entry = self.jobs.get_mut(&id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
-        let mut job = entry.clone();
-        f(&mut job);
-        self.persist(&job)?;
-        *entry = job.clone();
-        drop(entry);
+        let (job, ticket) = {
+            let mut entry = self.jobs.get_mut(&id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
+            let mut job = entry.clone();
+            f(&mut job);
+            let ticket = self.store_later(&job)?;
+            *entry = job.clone();
+            (job, ticket)
+        };
+        let durable = self.durable(ticket);
         self.changed.notify_waiters();
-        Ok(job)
+        durable.map(|()| job)
     }
 
     /// Creates a job from a checked spec; `held` while its writer may still add to it. Returns
@@ -295,7 +304,7 @@ impl Jobs {
         let job = Job {
             id,
             owner,
-            text,
+            text: text.into(),
             spec,
             state: State::Queued,
             reason: "waiting for a node".into(),
@@ -351,7 +360,7 @@ impl Jobs {
             None
         };
         self.update(id, |j| {
-            j.text = text;
+            j.text = text.into();
             j.spec = spec;
             if let Some(base) = base {
                 j.task_base = base;

@@ -65,9 +65,7 @@ impl Free {
             }
         })
     }
-}
 
-impl Free {
     /// Returns room taken for a run that did not start.
     pub(super) fn give_back(&mut self, node: &str, cpus: u32, mem: Option<u64>) {
         self.no_fit.clear();
@@ -229,7 +227,7 @@ impl Jobs {
         env.insert("CLUSTER_ARRAY_INDEX".into(), index);
         Run {
             run: job.id,
-            script,
+            script: script.to_string(),
             uid: job.owner.uid,
             gid: job.owner.gid,
             groups: job.owner.groups.clone(),

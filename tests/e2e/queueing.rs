@@ -219,3 +219,19 @@ fn an_agent_back_without_its_runs_has_them_marked_lost() {
     let w = wait(&c, id);
     assert_eq!(w, "lost the agent on ext2 no longer knows it\n");
 }
+
+#[test]
+fn a_cluster_can_forbid_root_jobs() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up_with("cn0", 200, "[jobs]\nallow_root = false\n");
+    let before = c.read("jobs/queue");
+    assert_eq!(c.write("jobs/new", b"id -u\n"), Err(libc::EPERM));
+    assert!(c.read("jobs/error").contains("root jobs are forbidden"), "{}", c.read("jobs/error"));
+    assert_eq!(c.read("jobs/queue"), before, "nothing was submitted");
+    let id = submit_as(&c, "cfalice", "id -un\n");
+    assert_eq!(wait(&c, id), "0\n");
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), "cfalice\n");
+}

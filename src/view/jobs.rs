@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
 use dashmap::DashMap;
 
-use super::{FileSpec, Verb, command_text, readme, spec_node};
+use super::{FileSpec, Verb, blocking, command_text, readme, spec_node};
 use crate::head::jobs::{Job, Jobs, Owner, State};
 use crate::jobs::spec::{KEYS, MAX_SPEC, Spec};
 use crate::jobs::{STDERR, STDOUT};
@@ -37,7 +37,12 @@ const JOB_FILES: &[FileSpec] = &[
         perm: 0o444,
         help: "queued <why> | running on <node> | done <exit> | failed <exit> | killed by <user> | timeout ... | lost <why>",
     },
-    FileSpec { name: "nodes", kind: Kind::Snapshot, perm: 0o444, help: "where it runs or ran, folded" },
+    FileSpec {
+        name: "nodes",
+        kind: Kind::Snapshot,
+        perm: 0o444,
+        help: "where it runs or ran, folded (a multi-node job: a directory, below)",
+    },
     FileSpec {
         name: "exit",
         kind: Kind::Snapshot,
@@ -53,8 +58,47 @@ const JOB_FILES: &[FileSpec] = &[
     FileSpec { name: "stdout", kind: Kind::Log, perm: 0o400, help: "standard output, growing while it runs (owner)" },
     FileSpec { name: "stderr", kind: Kind::Log, perm: 0o400, help: "standard error, growing while it runs (owner)" },
     FileSpec { name: "ctl", kind: Kind::Control, perm: 0o600, help: "the owner or root writes a verb below" },
+    FileSpec {
+        name: "summary",
+        kind: Kind::Snapshot,
+        perm: 0o444,
+        help: "`PASS: <nodes>, SUM: <n>`, then FAILED, TIMEOUT, DOWN lines when any",
+    },
+    FileSpec {
+        name: "output",
+        kind: Kind::Snapshot,
+        perm: 0o400,
+        help: "stdout gathered: nodes with the same output and exit under one header (owner)",
+    },
     FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
 ];
+
+/// The directories a multi-node job has besides its files.
+const SPREAD_DIRS: &[FileSpec] = &[
+    FileSpec {
+        name: "nodes",
+        kind: Kind::Dir,
+        perm: 0o755,
+        help: "nodes/<node>/: each node's state, exit, stdout, stderr",
+    },
+    FileSpec {
+        name: "attempts",
+        kind: Kind::Dir,
+        perm: 0o755,
+        help: "attempts/<n>/: summary, output and nodes/ of attempt n alone",
+    },
+];
+
+/// The files of one node's run in a multi-node job.
+const RUN_FILES: &[FileSpec] = &[
+    FileSpec { name: "state", kind: Kind::Snapshot, perm: 0o444, help: "as a job's state" },
+    FileSpec { name: "exit", kind: Kind::Snapshot, perm: 0o444, help: "the exit status once ended" },
+    FileSpec { name: "stdout", kind: Kind::Log, perm: 0o400, help: "standard output (owner)" },
+    FileSpec { name: "stderr", kind: Kind::Log, perm: 0o400, help: "standard error (owner)" },
+];
+
+/// The files of one attempt of a multi-node job (besides `nodes/`).
+const ATTEMPT_FILES: &[&str] = &["summary", "output"];
 
 pub const VERBS: &[Verb] = &[
     Verb { name: "kill", args: "", help: "SIGTERM, then SIGKILL a second later; a queued job never starts" },
@@ -63,7 +107,57 @@ pub const VERBS: &[Verb] = &[
         args: "<SIG>",
         help: "send a signal: TERM, KILL, INT, HUP, USR1, USR2, STOP, CONT (or its number)",
     },
+    Verb {
+        name: "retry-failed",
+        args: "",
+        help: "an ended multi-node job runs again on the nodes that did not pass, as a new attempt",
+    },
 ];
+
+/// What a path below `jobs/` names, besides a file in it.
+enum At {
+    /// A job's or an array task's directory.
+    Job(Job),
+    /// `tasks/` of an array job.
+    Tasks(Job),
+    /// `nodes/` of a multi-node job: each node's latest run, or those of one attempt.
+    Nodes(Job, Option<usize>),
+    /// `attempts/` of a multi-node job.
+    Attempts(Job),
+    /// `attempts/<n>/`, as attempt index n - 1.
+    Attempt(Job, usize),
+    /// `nodes/<node>/`: that node's run.
+    Run(Job),
+}
+
+impl At {
+    /// The job whose owner and times the directory takes.
+    fn job(&self) -> &Job {
+        match self {
+            At::Job(j) | At::Tasks(j) | At::Nodes(j, _) | At::Attempts(j) | At::Attempt(j, _) | At::Run(j) => j,
+        }
+    }
+
+    /// Whether `file` is a file of this directory.
+    fn has(&self, file: &str) -> bool {
+        match self {
+            At::Job(job) => job_files(job).any(|f| f.name == file),
+            At::Attempt(..) => ATTEMPT_FILES.contains(&file),
+            At::Run(_) => RUN_FILES.iter().any(|f| f.name == file),
+            At::Tasks(_) | At::Nodes(..) | At::Attempts(_) => false,
+        }
+    }
+}
+
+/// The files of a job's directory: `nodes` is a directory for a multi-node job; an array job
+/// gathers nothing (its tasks do).
+fn job_files(job: &Job) -> impl Iterator<Item = &'static FileSpec> + '_ {
+    JOB_FILES.iter().filter(move |f| match f.name {
+        "nodes" => job.spread.is_none(),
+        "summary" | "output" => job.spec.array.is_none() || job.task.is_some(),
+        _ => true,
+    })
+}
 
 /// A `jobs/new` handle still being written.
 #[derive(Debug, Default)]
@@ -114,18 +208,64 @@ impl JobsView {
         parse_id(id).and_then(|n| self.jobs.job(n)).ok_or_else(|| FsError::not_found(format!("job {id}")))
     }
 
-    /// What a path names below `jobs/`: a job (`<id>/...`) or an array task
-    /// (`<id>/tasks/<n>/...`), and the rest of the path.
-    fn target<'p>(&self, path: &'p [&'p str]) -> Result<(Job, &'p [&'p str])> {
-        match path {
-            [id, "tasks", n, rest @ ..] => {
+    /// What a path below `jobs/` names: a directory, and the file in it if the path goes on
+    /// to one (checked to exist).
+    fn resolve<'p>(&self, path: &'p [&'p str]) -> Result<(At, Option<&'p str>)> {
+        let missing = || FsError::not_found(format!("jobs/{}", path.join("/")));
+        let [id, rest @ ..] = path else { return Err(FsError::invalid("not a job")) };
+        let job = self.job(id)?;
+        let (array, spread) = (job.spec.array.is_some(), job.spread.is_some());
+        let attempt = |n: &str| {
+            let k = parse_id(n).and_then(|n| usize::try_from(n).ok())?.checked_sub(1)?;
+            (k < job.spread.as_ref()?.attempts.len()).then_some(k)
+        };
+        let (at, rest) = match rest {
+            ["tasks"] if array => (At::Tasks(job), &[][..]),
+            ["tasks", n, rest @ ..] if array => {
                 let index = parse_id(n).or((*n == "0").then_some(0)).and_then(|i| u32::try_from(i).ok());
-                let job = self.job(id)?;
-                let task = index.and_then(|i| self.jobs.task(job.id, i));
-                task.map(|t| (t, rest)).ok_or_else(|| FsError::not_found(format!("jobs/{id}/tasks/{n}")))
+                let task = index.and_then(|i| self.jobs.task(job.id, i)).ok_or_else(missing)?;
+                (At::Job(task), rest)
             }
-            [id, rest @ ..] => Ok((self.job(id)?, rest)),
-            [] => Err(FsError::invalid("not a job")),
+            ["nodes", rest @ ..] if spread => self.in_nodes(job, None, rest, &missing)?,
+            ["attempts"] if spread => (At::Attempts(job), &[][..]),
+            ["attempts", n, rest @ ..] if spread => {
+                let k = attempt(n).ok_or_else(missing)?;
+                match rest {
+                    ["nodes", rest @ ..] => self.in_nodes(job, Some(k), rest, &missing)?,
+                    rest => (At::Attempt(job, k), rest),
+                }
+            }
+            rest => (At::Job(job), rest),
+        };
+        match rest {
+            [] => Ok((at, None)),
+            [file] if at.has(file) => Ok((at, Some(*file))),
+            _ => Err(missing()),
+        }
+    }
+
+    /// Below `nodes/` of a multi-node job (or of one attempt of it).
+    fn in_nodes<'p>(
+        &self,
+        job: Job,
+        attempt: Option<usize>,
+        rest: &'p [&'p str],
+        missing: &dyn Fn() -> FsError,
+    ) -> Result<(At, &'p [&'p str])> {
+        match rest {
+            [] => Ok((At::Nodes(job, attempt), rest)),
+            [node, rest @ ..] => {
+                let run = self.jobs.node_run(&job, attempt, node).ok_or_else(missing)?;
+                Ok((At::Run(run), rest))
+            }
+        }
+    }
+
+    /// A job or array task file: the job and the file name.
+    fn file<'p>(&self, path: &'p [&'p str]) -> Result<(At, &'p str)> {
+        match self.resolve(path)? {
+            (at, Some(file)) => Ok((at, file)),
+            (_, None) => Err(FsError::new(Errno::IsDir, "a directory")),
         }
     }
 
@@ -135,44 +275,51 @@ impl JobsView {
             [name] if parse_id(name).is_none() => {
                 spec_node(DIR_FILES, name).ok_or_else(|| FsError::not_found(format!("jobs/{name}")))
             }
-            [id, "tasks"] => match self.job(id)? {
-                job if job.spec.array.is_some() => Ok(owned(Node::new(Kind::Dir, 0o755), &job)),
-                _ => Err(FsError::not_found(format!("jobs/{id}/tasks (job {id} is not an array)"))),
-            },
             _ => {
-                let (job, rest) = self.target(path)?;
-                let [file] = rest else { return Ok(owned(Node::new(Kind::Dir, 0o755), &job)) };
-                let node =
-                    spec_node(JOB_FILES, file).ok_or_else(|| FsError::not_found(format!("jobs/{}", path.join("/"))))?;
-                Ok(match *file {
-                    "stdout" => owned(node, &job).size(self.jobs.output_len(job.id, STDOUT)).mtime(SystemTime::now()),
-                    "stderr" => owned(node, &job).size(self.jobs.output_len(job.id, STDERR)).mtime(SystemTime::now()),
-                    _ => owned(node, &job),
+                let (at, file) = self.resolve(path)?;
+                let job = at.job();
+                let Some(file) = file else { return Ok(owned(Node::new(Kind::Dir, 0o755), job)) };
+                let node = spec_node(JOB_FILES, file)
+                    .or_else(|| spec_node(RUN_FILES, file))
+                    .ok_or_else(|| FsError::not_found(format!("jobs/{}", path.join("/"))))?;
+                Ok(match file {
+                    "stdout" => owned(node, job).size(self.jobs.output_len(job.id, STDOUT)).mtime(SystemTime::now()),
+                    "stderr" => owned(node, job).size(self.jobs.output_len(job.id, STDERR)).mtime(SystemTime::now()),
+                    _ => owned(node, job),
                 })
             }
         }
     }
 
     pub fn list(&self, path: &[&str]) -> Result<Vec<String>> {
-        match path {
-            [] => Ok(DIR_FILES
+        if path.is_empty() {
+            return Ok(DIR_FILES
                 .iter()
                 .map(|f| f.name.to_string())
                 .chain(self.jobs.ids().iter().map(u64::to_string))
-                .collect()),
-            [id, "tasks"] => {
-                let job = self.job(id)?;
-                let a = job.spec.array.as_ref().ok_or_else(|| FsError::not_found(format!("jobs/{id}/tasks")))?;
-                Ok(a.indexes.iter().map(u32::to_string).collect())
-            }
-            _ => match self.target(path)? {
-                (job, []) => {
-                    let tasks = (job.spec.array.is_some() && job.task.is_none()).then(|| "tasks".to_string());
-                    Ok(JOB_FILES.iter().map(|f| f.name.to_string()).chain(tasks).collect())
-                }
-                _ => Err(FsError::new(Errno::NotDir, "not a directory")),
-            },
+                .collect());
         }
+        let names = |files: &mut dyn Iterator<Item = &str>| files.map(str::to_string).collect();
+        Ok(match self.resolve(path)? {
+            (_, Some(_)) => return Err(FsError::new(Errno::NotDir, "not a directory")),
+            (At::Job(job), None) => {
+                let dirs: &[&str] = match (&job.spec.array, &job.spread) {
+                    (Some(_), _) if job.task.is_none() => &["tasks"],
+                    (_, Some(_)) => &["nodes", "attempts"],
+                    _ => &[],
+                };
+                names(&mut job_files(&job).map(|f| f.name).chain(dirs.iter().copied()))
+            }
+            (At::Tasks(job), None) => {
+                job.spec.array.as_ref().map_or_else(Vec::new, |a| a.indexes.iter().map(u32::to_string).collect())
+            }
+            (At::Nodes(job, attempt), None) => job.spread.as_ref().map_or_else(Vec::new, |s| s.names(attempt)),
+            (At::Attempts(job), None) => {
+                (1..=job.spread.as_ref().map_or(0, |s| s.attempts.len())).map(|n| n.to_string()).collect()
+            }
+            (At::Attempt(..), None) => names(&mut ATTEMPT_FILES.iter().copied().chain(["nodes"])),
+            (At::Run(_), None) => names(&mut RUN_FILES.iter().map(|f| f.name)),
+        })
     }
 
     pub fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
@@ -184,56 +331,85 @@ impl JobsView {
             ["new"] => now(Ok(String::new())),
             ["queue"] => now(Ok(self.jobs.queue())),
             _ => {
-                let (job, file) = match self.target(path) {
-                    Ok((job, [file])) => (job, *file),
-                    Ok(_) => return Answer::Now(Err(FsError::new(Errno::IsDir, "a directory"))),
+                let (at, file) = match self.file(path) {
+                    Ok(x) => x,
                     Err(e) => return Answer::Now(Err(e)),
                 };
                 let id = path[..path.len() - 1].join("/");
-                match file {
-                    "README" => Answer::Now(Ok(readme(
-                        &format!("jobs/{id}: one {}", if job.task.is_some() { "array task" } else { "job" }),
-                        JOB_FILES,
-                        &[("ctl", VERBS)],
-                        if job.spec.array.is_some() && job.task.is_none() { ARRAY_HELP } else { "" },
-                    ))),
-                    "spec" => now(owner_only(&job, caller).map(|()| match job.task {
-                        Some(t) => self.jobs.with(t.parent, |p| p.text.to_string()).unwrap_or_default(),
-                        None => job.text.to_string(),
-                    })),
-                    "state" => now(Ok(format!("{}\n", job.state_line()))),
-                    "nodes" => now(Ok(format!("{}\n", self.jobs.nodes_of(&job)))),
-                    "exit" => now(Ok(job.exit.as_ref().map_or(String::new(), |e| format!("{}\n", e.code)))),
-                    "ctl" => now(Ok(VERBS
-                        .iter()
-                        .map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n")
-                        .collect())),
-                    "wait" if job.state.ended() => now(Ok(wait_line(&job))),
-                    "wait" if nonblock => {
-                        Answer::Now(Err(FsError::new(Errno::Again, format!("job {id} has not ended"))))
+                match (at, file) {
+                    (At::Attempt(job, k), "summary") => now(Ok(self.jobs.summary(&job, Some(k)))),
+                    (At::Attempt(job, k), "output") => self.gathered(job, Some(k), caller),
+                    (At::Run(run) | At::Job(run), "state") => now(Ok(format!("{}\n", run.state_line()))),
+                    (At::Run(run) | At::Job(run), "exit") => {
+                        now(Ok(run.exit.as_ref().map_or(String::new(), |e| format!("{}\n", e.code))))
                     }
-                    "wait" => {
-                        let jobs = self.jobs.clone();
-                        Answer::later(async move {
-                            let ended = match job.task {
-                                Some(t) => jobs.wait_task(t.parent, t.index).await,
-                                None => jobs.wait(job.id).await,
-                            };
-                            ended.map(|j| wait_line(&j).into_bytes())
-                        })
-                    }
-                    _ => Answer::Now(Err(FsError::not_found(format!("jobs/{id}/{file}")))),
+                    (At::Job(job), file) => self.render_job(job, &id, file, caller, nonblock),
+                    (_, file) => Answer::Now(Err(FsError::not_found(format!("jobs/{id}/{file}")))),
                 }
             }
         }
     }
 
+    /// A file of a job's (or an array task's) own directory.
+    fn render_job(&self, job: Job, id: &str, file: &str, caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
+        let now = |r: Result<String>| Answer::Now(r.map(String::into_bytes));
+        match file {
+            "README" => {
+                let help = match (&job.spec.array, &job.spread) {
+                    (Some(_), _) if job.task.is_none() => ARRAY_HELP,
+                    (_, Some(_)) => SPREAD_HELP,
+                    _ => "",
+                };
+                let what = if job.task.is_some() { "array task" } else { "job" };
+                let files: Vec<&FileSpec> =
+                    job_files(&job).chain(job.spread.iter().flat_map(|_| SPREAD_DIRS)).collect();
+                Answer::Now(Ok(readme(&format!("jobs/{id}: one {what}"), files, &[("ctl", VERBS)], help)))
+            }
+            "spec" => now(owner_only(&job, caller).map(|()| match job.task {
+                Some(t) => self.jobs.with(t.parent, |p| p.text.to_string()).unwrap_or_default(),
+                None => job.text.to_string(),
+            })),
+            "nodes" => now(Ok(format!("{}\n", self.jobs.nodes_of(&job)))),
+            "summary" => now(Ok(self.jobs.summary(&job, None))),
+            "output" => self.gathered(job, None, caller),
+            "ctl" => {
+                now(Ok(VERBS.iter().map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n").collect()))
+            }
+            "wait" if job.state.ended() => now(Ok(wait_line(&job))),
+            "wait" if nonblock => Answer::Now(Err(FsError::new(Errno::Again, format!("job {id} has not ended")))),
+            "wait" => {
+                let jobs = self.jobs.clone();
+                Answer::later(async move {
+                    let ended = match job.task {
+                        Some(t) => jobs.wait_task(t.parent, t.index).await,
+                        None => jobs.wait(job.id).await,
+                    };
+                    ended.map(|j| wait_line(&j).into_bytes())
+                })
+            }
+            _ => Answer::Now(Err(FsError::not_found(format!("jobs/{id}/{file}")))),
+        }
+    }
+
+    /// `output`: the owner's, read from the spools off the FUSE threads.
+    fn gathered(&self, job: Job, attempt: Option<usize>, caller: &Caller) -> Answer<Vec<u8>> {
+        if let Err(e) = owner_only(&job, caller) {
+            return Answer::Now(Err(e));
+        }
+        let jobs = self.jobs.clone();
+        blocking(move || {
+            jobs.gathered(&job, attempt)
+                .map(String::into_bytes)
+                .map_err(|e| FsError::new(Errno::Io, format!("reading the spool: {e}")))
+        })
+    }
+
     pub fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let (job, [file @ ("stdout" | "stderr")]) = self.target(path)? else {
+        let (At::Job(job) | At::Run(job), file @ ("stdout" | "stderr")) = self.file(path)? else {
             return Err(FsError::invalid("not a log file"));
         };
         owner_only(&job, caller)?;
-        let stream = if *file == "stdout" { STDOUT } else { STDERR };
+        let stream = if file == "stdout" { STDOUT } else { STDERR };
         self.jobs
             .read_output(job.id, stream, offset, size as usize)
             .map_err(|e| FsError::new(Errno::Io, format!("reading the spool: {e}")))
@@ -243,8 +419,8 @@ impl JobsView {
         match path {
             ["new"] => self.write_new(caller, handle, offset, data),
             [_, .., "ctl"] => {
-                let job = match self.target(path) {
-                    Ok((job, [_])) => job,
+                let job = match self.file(path) {
+                    Ok((At::Job(job), _)) => job,
                     Ok(_) => return Answer::Now(Err(FsError::denied("this file is read-only"))),
                     Err(e) => return Answer::Now(Err(e)),
                 };
@@ -256,6 +432,10 @@ impl JobsView {
                     Err(e) => return Answer::Now(Err(with_usage(e))),
                 };
                 let signal = match text.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    ["retry-failed"] => {
+                        let (jobs, id) = (self.jobs.clone(), job.id);
+                        return blocking(move || jobs.retry_failed(id).map(|_| Vec::new()));
+                    }
                     ["kill"] => libc::SIGTERM,
                     ["signal", sig] => match parse_signal(sig) {
                         Some(s) => s,
@@ -399,11 +579,13 @@ impl JobsView {
         Answer::later(async move { jobs.remove(job.id).await })
     }
 
-    /// Ids of jobs running on `node`, one per line (an array job's tasks as `<id>/tasks/<n>`).
+    /// Ids of jobs running on `node`, one per line (an array job's tasks as `<id>/tasks/<n>`, a
+    /// multi-node job as its id).
     pub fn on_node(&self, node: &str) -> String {
         self.jobs
             .scan(|j| {
                 (j.state == State::Running && j.node.as_deref() == Some(node)).then(|| match j.task {
+                    Some(t) if t.attempt.is_some() => format!("{}\n", t.parent),
                     Some(t) => format!("{}/tasks/{}\n", t.parent, t.index),
                     None => format!("{}\n", j.id),
                 })
@@ -429,6 +611,15 @@ task's CLUSTER_ARRAY_INDEX is n), in index order, at most the `%` limit at once.
 directory's stdout and stderr stay empty: each task has its own. The job ends when its last\n\
 task has: done if every task was done, else failed with the highest exit status, naming the\n\
 tasks that were not. kill stops the running tasks and starts no more.\n";
+
+const SPREAD_HELP: &str = "A multi-node job runs its script on each of its nodes at once (CLUSTER_NODE is the\n\
+node, CLUSTER_NODES all of them). nodes/<node>/ has each node's state, exit, stdout and\n\
+stderr; summary sorts the nodes as PASS, FAILED, TIMEOUT (its timeout, per node) and DOWN (down\n\
+or lost); output gathers the nodes' stdout. A down or drained node fails at once. The job's\n\
+exit status is the largest of its nodes' (255 for a node that never ran it); its own stdout and\n\
+stderr stay empty. retry-failed reruns the nodes that did not pass as a new attempt:\n\
+attempts/<n>/ keeps each attempt's summary, output and nodes/, while this directory shows each\n\
+node's latest run.\n";
 
 /// The final parse at release: a spec that turned out broken fails the job with the reason.
 fn finish(jobs: &Arc<Jobs>, p: &Pending) {
@@ -468,7 +659,7 @@ fn owner_only(job: &Job, caller: &Caller) -> Result<()> {
 }
 
 fn with_usage(e: FsError) -> FsError {
-    FsError::new(e.errno, format!("{}; jobs/<id>/ctl takes: kill | signal <SIG>", e.message))
+    FsError::new(e.errno, format!("{}; jobs/<id>/ctl takes: kill | signal <SIG> | retry-failed", e.message))
 }
 
 fn parse_signal(s: &str) -> Option<i32> {

@@ -50,7 +50,12 @@ const ROOT_FILES: &[FileSpec] = &[
 ];
 
 /// The README of a directory, generated from the tables the code uses.
-pub fn readme(title: &str, files: &[FileSpec], verbs: &[(&str, &[Verb])], extra: &str) -> Vec<u8> {
+pub fn readme<'a>(
+    title: &str,
+    files: impl IntoIterator<Item = &'a FileSpec>,
+    verbs: &[(&str, &[Verb])],
+    extra: &str,
+) -> Vec<u8> {
     let mut out = format!("{title}\n\n");
     for f in files {
         let kind = match f.kind {

@@ -7,6 +7,7 @@ mod fsrules;
 mod groups;
 mod harness;
 mod jobs;
+mod multinode;
 mod nfs;
 mod nodes;
 mod nodeset;

@@ -9,14 +9,17 @@ use tracing::info;
 
 use super::schedule::{Deps, Free};
 use super::{Job, Jobs, State, now_ms};
-use crate::jobs::Spec;
 
 /// What makes a job an array task: its array job, its index, and its place in the index list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskOf {
     pub parent: u64,
+    /// An array task's index; for a multi-node job's run, its host (an index into the hosts).
     pub index: u32,
     pub pos: u32,
+    /// For a multi-node job's run: its attempt (0 for the first).
+    #[serde(default)]
+    pub attempt: Option<u32>,
 }
 
 /// An array job's started tasks, counted by the scheduler in one pass.
@@ -26,34 +29,9 @@ pub struct Tally {
     pub ended: u32,
 }
 
-/// The spec a task runs under: its array job's, without the script (read from the array job
-/// when the task is sent, not stored once per task), the array and the dependencies (met
-/// before the first task).
-fn task_spec(s: &Spec) -> Spec {
-    Spec { script: "".into(), after: Vec::new(), afterany: Vec::new(), array: None, ..s.clone() }
-}
-
 /// Task `t` of array job `p`, queued, not started.
 fn new_task(p: &Job, t: TaskOf) -> Job {
-    Job {
-        id: p.task_base + u64::from(t.pos),
-        owner: p.owner.clone(),
-        text: "".into(),
-        spec: task_spec(&p.spec),
-        state: State::Queued,
-        reason: String::new(),
-        node: None,
-        exit: None,
-        held: false,
-        confirmed: false,
-        killed_by: None,
-        submitted_ms: p.submitted_ms,
-        started_ms: None,
-        ended_ms: None,
-        task: Some(t),
-        launched: 0,
-        task_base: 0,
-    }
+    p.child(p.task_base + u64::from(t.pos), t)
 }
 
 /// `1,3-5,9`: indexes folded into ranges, at most `max` ranges shown.
@@ -98,7 +76,13 @@ impl Jobs {
                     (State::Queued, format!("waiting for its turn (tasks start in index order{why})"))
                 }
             };
-            Job { state, reason, held: p.held, ended_ms: p.ended_ms, ..new_task(p, TaskOf { parent, index, pos }) }
+            Job {
+                state,
+                reason,
+                held: p.held,
+                ended_ms: p.ended_ms,
+                ..new_task(p, TaskOf { parent, index, pos, attempt: None })
+            }
         })
     }
 
@@ -215,7 +199,7 @@ impl Jobs {
                     state: State::Running,
                     node: Some(node.to_string()),
                     started_ms: Some(now_ms()),
-                    ..new_task(p, TaskOf { parent, index, pos })
+                    ..new_task(p, TaskOf { parent, index, pos, attempt: None })
                 })
             })
             .flatten()

@@ -20,9 +20,11 @@ use crate::proto::{Op, Reply};
 
 mod agents;
 mod array;
+mod multi;
 mod schedule;
 
 pub use array::TaskOf;
+pub use multi::{Outcome, Spread};
 
 use schedule::Dispatch;
 
@@ -95,6 +97,20 @@ pub struct Job {
     /// For an array job: the id of its first task; the others follow (taken from the job ids).
     #[serde(default)]
     pub task_base: u64,
+    /// For a multi-node job: its nodes and attempts.
+    #[serde(default)]
+    pub spread: Option<Arc<Spread>>,
+}
+
+/// What a job is made of, for the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Shape {
+    /// One run on one node.
+    One,
+    /// Tasks started in index order.
+    Array,
+    /// One run on each of its nodes at once.
+    Spread,
 }
 
 impl Job {
@@ -103,7 +119,7 @@ impl Job {
         let detail = match self.state {
             State::Queued if self.held => "being written".to_string(),
             State::Queued => self.reason.clone(),
-            State::Running if self.spec.array.is_some() => self.reason.clone(),
+            State::Running if self.spec.array.is_some() || self.spread.is_some() => self.reason.clone(),
             State::Running => format!("on {}", self.node.as_deref().unwrap_or("?")),
             State::Done | State::Failed => {
                 let code = self.exit.as_ref().map_or(String::new(), |e| e.code.to_string());
@@ -116,6 +132,47 @@ impl Job {
 
     pub fn name(&self) -> &str {
         self.spec.name.as_deref().unwrap_or("-")
+    }
+
+    pub(super) fn shape(&self) -> Shape {
+        match (&self.spec.array, &self.spread) {
+            (Some(_), _) => Shape::Array,
+            (None, Some(_)) => Shape::Spread,
+            (None, None) => Shape::One,
+        }
+    }
+
+    /// A run `id` of this job (an array task, or a multi-node job's run on one node), queued;
+    /// it runs this job's script, read from the job when sent rather than stored once per run.
+    fn child(&self, id: u64, of: TaskOf) -> Job {
+        let spec = Spec {
+            script: "".into(),
+            nodes: Nodes::Count(1),
+            after: Vec::new(),
+            afterany: Vec::new(),
+            array: None,
+            ..self.spec.clone()
+        };
+        Job {
+            id,
+            owner: self.owner.clone(),
+            text: "".into(),
+            spec,
+            state: State::Queued,
+            reason: String::new(),
+            node: None,
+            exit: None,
+            held: false,
+            confirmed: false,
+            killed_by: None,
+            submitted_ms: self.submitted_ms,
+            started_ms: None,
+            ended_ms: None,
+            task: Some(of),
+            launched: 0,
+            task_base: 0,
+            spread: None,
+        }
     }
 }
 
@@ -291,7 +348,7 @@ impl Jobs {
                 "root jobs are forbidden by this cluster's configuration (jobs.allow_root)",
             ));
         }
-        self.check_supported(&spec)?;
+        let spread = self.spread_of(&spec)?;
         check_priority(&owner, &spec)?;
         for dep in spec.after.iter().chain(&spec.afterany) {
             if self.jobs.get(dep).is_none_or(|j| j.task.is_some()) {
@@ -319,6 +376,7 @@ impl Jobs {
             task: None,
             launched: 0,
             task_base: id + 1,
+            spread,
         };
         let changes =
             [Store::change("jobs", &id.to_string(), &job), Store::change("meta", "next_job", &(id + 1 + tasks))];
@@ -331,21 +389,10 @@ impl Jobs {
         Ok((id, ticket))
     }
 
-    /// Parts of the spec language whose scheduling is not built yet are refused, not ignored.
-    fn check_supported(&self, spec: &Spec) -> Result<(), FsError> {
-        match &spec.nodes {
-            Nodes::Count(1) => {}
-            Nodes::Count(_) | Nodes::Set(_) => {
-                return Err(FsError::new(Errno::NoSys, "nodes: multi-node jobs are not supported by this head yet"));
-            }
-        }
-        Ok(())
-    }
-
     /// Replaces a held job's spec (a later write of the same `jobs/new` handle).
     /// With `release`, the writer is done and the job may run (one store write for both).
     pub fn amend(&self, id: u64, text: String, spec: Spec, release: bool) -> Result<(), FsError> {
-        self.check_supported(&spec)?;
+        let spread = self.spread_of(&spec)?;
         let (owner, tasks) = self
             .with(id, |j| (j.owner.clone(), j.spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64)))
             .ok_or_else(|| FsError::not_found(format!("job {id}")))?;
@@ -362,6 +409,7 @@ impl Jobs {
         self.update(id, |j| {
             j.text = text.into();
             j.spec = spec;
+            j.spread = spread;
             if let Some(base) = base {
                 j.task_base = base;
             }
@@ -397,11 +445,11 @@ impl Jobs {
         }
     }
 
-    /// `kill` / `signal` from `ctl`, by `who`. For an array job: every running task, and a kill
-    /// starts no more of them.
+    /// `kill` / `signal` from `ctl`, by `who`. For an array or multi-node job: every running run,
+    /// and a kill starts no more of them.
     pub async fn signal(&self, id: u64, signal: i32, who: &str) -> Result<(), FsError> {
-        let (state, is_array, line) = self
-            .with(id, |j| (j.state, j.spec.array.is_some(), j.state_line()))
+        let (state, shape, line) = self
+            .with(id, |j| (j.state, j.shape(), j.state_line()))
             .ok_or_else(|| FsError::not_found(format!("job {id}")))?;
         let kill = signal == libc::SIGTERM || signal == libc::SIGKILL;
         match state {
@@ -414,7 +462,7 @@ impl Jobs {
                 Ok(())
             }
             State::Queued => Err(FsError::invalid(format!("job {id} is queued: only kill applies"))),
-            State::Running if is_array => {
+            State::Running if shape != Shape::One => {
                 if kill {
                     self.update(id, |j| j.killed_by = Some(who.to_string()))?;
                 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::array::Tally;
-use super::{Job, Jobs, State, now_ms};
+use super::{Job, Jobs, Shape, State, now_ms};
 use crate::head::cluster::NodeState;
 use crate::jobs::Run;
 use crate::proto::{Op, Reply};
@@ -66,6 +66,45 @@ impl Free {
         })
     }
 
+    /// Whether `node` is up with this much room.
+    pub(super) fn room(&self, node: &str, cpus: u32, mem: Option<u64>) -> bool {
+        self.nodes.iter().any(|n| n.0 == node && n.1 >= u64::from(cpus) && n.2 >= mem.unwrap_or(0))
+    }
+
+    /// Takes room on `node` (which has it).
+    pub(super) fn take(&mut self, node: &str, cpus: u32, mem: Option<u64>) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.0 == node) {
+            n.1 = n.1.saturating_sub(u64::from(cpus));
+            n.2 = n.2.saturating_sub(mem.unwrap_or(0));
+        }
+    }
+
+    /// Keeps what room `node` has for a job that waits for it: nothing else starts there in this pass.
+    pub(super) fn hold(&mut self, node: &str) {
+        self.no_fit.clear();
+        self.nodes.retain(|n| n.0 != node);
+    }
+
+    /// `count` distinct nodes with room, the least loaded first, with the room taken; else why not.
+    pub(super) fn pick(&mut self, count: u32, cpus: u32, mem: Option<u64>) -> Result<Vec<String>, String> {
+        let (c, m) = (u64::from(cpus), mem.unwrap_or(0));
+        let mut fit: Vec<&mut (String, u64, u64, f64)> =
+            self.nodes.iter_mut().filter(|n| n.1 >= c && n.2 >= m).collect();
+        if fit.len() < count as usize {
+            return Err(format!("waiting for {count} nodes with {cpus} free cpus ({} have them now)", fit.len()));
+        }
+        fit.sort_by(|a, b| a.3.total_cmp(&b.3));
+        Ok(fit
+            .into_iter()
+            .take(count as usize)
+            .map(|n| {
+                n.1 -= c;
+                n.2 -= m;
+                n.0.clone()
+            })
+            .collect())
+    }
+
     /// Returns room taken for a run that did not start.
     pub(super) fn give_back(&mut self, node: &str, cpus: u32, mem: Option<u64>) {
         self.no_fit.clear();
@@ -90,7 +129,7 @@ impl Jobs {
         let retention = self.cfg.retention_s.saturating_mul(1000);
         let expired_before = now_ms().saturating_sub(retention);
         let mut tally: HashMap<u64, Tally> = HashMap::new();
-        let (mut starts, mut running, mut ended) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut starts, mut running, mut spreads, mut ended) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for j in self.jobs.iter() {
             if let Some(t) = j.task {
                 let e = tally.entry(t.parent).or_default();
@@ -100,12 +139,12 @@ impl Jobs {
                     _ => {}
                 }
             }
-            let is_array = j.spec.array.is_some();
-            match j.state {
-                State::Queued if j.held => {}
-                State::Queued => starts.push((-j.spec.priority, j.id, is_array)),
-                State::Running if is_array => starts.push((-j.spec.priority, j.id, true)),
-                State::Running => running.push(j.id),
+            let shape = j.shape();
+            match (j.state, shape) {
+                (State::Queued, _) if j.held => {}
+                (State::Queued, _) | (State::Running, Shape::Array) => starts.push((-j.spec.priority, j.id, shape)),
+                (State::Running, Shape::Spread) => spreads.push(j.id),
+                (State::Running, Shape::One) => running.push(j.id),
                 _ if j.task.is_none() && j.ended_ms.unwrap_or(j.submitted_ms) < expired_before => ended.push(j.id),
                 _ => {}
             }
@@ -114,13 +153,16 @@ impl Jobs {
             self.check_lost(id);
             self.redispatch(id);
         }
+        for id in spreads {
+            self.settle_spread(id);
+        }
         starts.sort_unstable();
         let mut free = self.free_nodes();
-        for (_, id, is_array) in starts {
-            if is_array {
-                self.advance_array(id, tally.remove(&id).unwrap_or_default(), &mut free);
-            } else {
-                self.try_start(id, &mut free);
+        for (_, id, shape) in starts {
+            match shape {
+                Shape::One => self.try_start(id, &mut free),
+                Shape::Array => self.advance_array(id, tally.remove(&id).unwrap_or_default(), &mut free),
+                Shape::Spread => self.start_spread(id, &mut free),
             }
         }
         for id in ended {
@@ -214,16 +256,19 @@ impl Jobs {
     fn run_of(&self, job: &Job) -> Run {
         let node = job.node.clone().unwrap_or_default();
         let mut env = job.spec.env.clone();
-        let (job_id, index, script) = match job.task {
-            Some(t) => {
-                let script = self.with(t.parent, |p| p.spec.script.clone()).unwrap_or_default();
-                (t.parent, t.index.to_string(), script)
-            }
-            None => (job.id, String::new(), job.spec.script.clone()),
+        let (job_id, index, script, nodes) = match job.task {
+            Some(t) => self
+                .with(t.parent, |p| {
+                    let index = if p.spec.array.is_some() { t.index.to_string() } else { String::new() };
+                    let nodes = p.spread.as_ref().map_or_else(|| node.clone(), |s| s.folded.clone());
+                    (t.parent, index, p.spec.script.clone(), nodes)
+                })
+                .unwrap_or_else(|| (t.parent, String::new(), "".into(), node.clone())),
+            None => (job.id, String::new(), job.spec.script.clone(), node.clone()),
         };
         env.insert("CLUSTER_JOB_ID".into(), job_id.to_string());
-        env.insert("CLUSTER_NODE".into(), node.clone());
-        env.insert("CLUSTER_NODES".into(), node);
+        env.insert("CLUSTER_NODE".into(), node);
+        env.insert("CLUSTER_NODES".into(), nodes);
         env.insert("CLUSTER_ARRAY_INDEX".into(), index);
         Run {
             run: job.id,

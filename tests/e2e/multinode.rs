@@ -1,0 +1,211 @@
+//! Multi-node jobs: one command on many nodes, the myclush summary, gathered output, retry-failed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use crate::harness::{Cluster, eventually, sh_as};
+use crate::jobs::{submit_as, users, wait};
+
+fn ls(c: &Cluster, rel: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(c.path(rel))
+        .unwrap_or_else(|e| panic!("ls {rel}: {e}"))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A directory every test user may write marks into.
+fn marks(c: &Cluster) -> std::path::PathBuf {
+    let d = c.dir.path().join("marks");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    d
+}
+
+#[test]
+fn a_command_on_100_nodes_is_summed_up_gathered_and_retried() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn[0-99]", 500);
+    let d = marks(&c);
+    // cn7 and cn42 fail while their mark is there.
+    std::fs::write(d.join("cn7"), "").unwrap();
+    std::fs::write(d.join("cn42"), "").unwrap();
+    let spec = format!(
+        "#CLUSTER nodes=cn[0-99] isolate=none\n\
+         if [ -e {m}/$CLUSTER_NODE ]; then echo \"broken on $CLUSTER_NODE\" >&2; exit 3; fi\n\
+         echo release-1.2; echo \"$CLUSTER_NODE of $CLUSTER_NODES\" >&2\n",
+        m = d.display()
+    );
+    let id = submit_as(&c, "cfalice", &spec);
+    let j = format!("jobs/{id}");
+    assert_eq!(wait(&c, id), "3\n", "{}", c.read(&format!("{j}/state")));
+    assert_eq!(c.read(&format!("{j}/state")), "failed 3 on cn[7,42] (2 of 100 nodes)\n");
+    assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-6,8-41,43-99], SUM: 98\nFAILED: cn[7,42], SUM: 2\n");
+    assert_eq!(
+        c.read(&format!("{j}/output")),
+        "---------------\ncn[0-6,8-41,43-99] (98)\n---------------\nrelease-1.2\n\
+         ---------------\ncn[7,42] (2) exit 3\n---------------\n"
+    );
+    assert_eq!(ls(&c, &format!("{j}/nodes")).len(), 100);
+    assert_eq!(c.read(&format!("{j}/nodes/cn42/stderr")), "broken on cn42\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn42/exit")), "3\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn42/state")), "failed 3\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn5/stdout")), "release-1.2\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn5/stderr")), "cn5 of cn[0-99]\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn5/state")), "done 0\n");
+    // Anyone may read the summary; only the owner the outputs.
+    let (code, out, _) = sh_as("cfbob", &format!("cat {}/summary", c.path(&j).display()));
+    assert_eq!((code, out.lines().count()), (0, 2));
+    let (code, _, err) = sh_as("cfbob", &format!("cat {}/output", c.path(&j).display()));
+    assert!(code != 0 && err.contains("Permission denied"), "{err}");
+    let (code, _, err) = sh_as("cfbob", &format!("cat {}/nodes/cn5/stdout", c.path(&j).display()));
+    assert!(code != 0 && err.contains("Permission denied"), "{err}");
+    let (code, _, _) = sh_as("cfbob", &format!("echo retry-failed > {}/ctl", c.path(&j).display()));
+    assert_ne!(code, 0, "another user cannot retry");
+
+    // cn42 is fixed; retry-failed reruns only cn[7,42].
+    std::fs::remove_file(d.join("cn42")).unwrap();
+    let (code, _, err) = sh_as("cfalice", &format!("echo retry-failed > {}/ctl", c.path(&j).display()));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(wait(&c, id), "3\n");
+    assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-6,8-99], SUM: 99\nFAILED: cn7, SUM: 1\n");
+    assert_eq!(ls(&c, &format!("{j}/attempts")), ["1", "2"]);
+    assert_eq!(c.read(&format!("{j}/attempts/2/summary")), "PASS: cn42, SUM: 1\nFAILED: cn7, SUM: 1\n");
+    assert_eq!(ls(&c, &format!("{j}/attempts/2/nodes")), ["cn42", "cn7"]);
+    assert_eq!(
+        c.read(&format!("{j}/attempts/1/summary")),
+        "PASS: cn[0-6,8-41,43-99], SUM: 98\nFAILED: cn[7,42], SUM: 2\n"
+    );
+    // The first attempt's outputs are kept; the job shows each node's latest run.
+    assert_eq!(c.read(&format!("{j}/attempts/1/nodes/cn42/stderr")), "broken on cn42\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn42/stdout")), "release-1.2\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn42/exit")), "0\n");
+    assert_eq!(
+        c.read(&format!("{j}/output")),
+        "---------------\ncn[0-6,8-99] (99)\n---------------\nrelease-1.2\n\
+         ---------------\ncn7 (1) exit 3\n---------------\n"
+    );
+
+    // Once every node passed, there is nothing to retry.
+    std::fs::remove_file(d.join("cn7")).unwrap();
+    assert_eq!(c.write(&format!("{j}/ctl"), b"retry-failed\n"), Ok(()));
+    assert_eq!(wait(&c, id), "0\n");
+    assert_eq!(c.read(&format!("{j}/state")), "done 0\n");
+    assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-99], SUM: 100\n");
+    assert_eq!(c.write(&format!("{j}/ctl"), b"retry-failed\n"), Err(libc::EINVAL));
+    assert!(c.read(&format!("{j}/error")).contains("every node passed"), "{}", c.read(&format!("{j}/error")));
+}
+
+#[test]
+fn down_drained_and_timed_out_nodes_are_named_in_the_summary() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let mut c = Cluster::up("cn[0-3]", 200);
+    let extra = c.agent("cn9");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0-3,9]\n"));
+    c.kill_agent(extra);
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/down") == "cn9\n"));
+    assert_eq!(c.write("nodes/cn1/ctl", b"drain disk swap\n"), Ok(()));
+    let id = submit_as(
+        &c,
+        "cfalice",
+        "#CLUSTER nodes=cn[0-3,9] timeout=2\ncase $CLUSTER_NODE in cn2) sleep 30;; esac; echo ok\n",
+    );
+    let j = format!("jobs/{id}");
+    // The down and drained nodes fail at once, while the others still run.
+    assert!(eventually(Duration::from_secs(5), || c.read(&format!("{j}/summary")).contains("DOWN: cn9, SUM: 1")));
+    assert_eq!(c.read(&format!("{j}/nodes/cn1/state")), "failed cn1 is drained: disk swap\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn9/state")), "lost cn9 is down: agent disconnected\n");
+    assert_eq!(c.read(&format!("{j}/nodes/cn2/state")), "running on cn2\n");
+    assert_eq!(c.read("nodes/cn2/jobs"), format!("{id}\n"));
+    assert_eq!(wait(&c, id), "255\n", "{}", c.read(&format!("{j}/state")));
+    assert_eq!(
+        c.read(&format!("{j}/summary")),
+        "PASS: cn[0,3], SUM: 2\nFAILED: cn1, SUM: 1\nTIMEOUT: cn2, SUM: 1\nDOWN: cn9, SUM: 1\n"
+    );
+    assert_eq!(c.read(&format!("{j}/state")), "failed 255 on cn[1-2,9] (3 of 5 nodes)\n");
+}
+
+#[test]
+fn multi_node_specs_are_checked_counted_and_killed() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn[0-5]", 200);
+    let submit_err = |spec: &str| {
+        let r = c.write("jobs/new", spec.as_bytes());
+        (r, c.read("jobs/error"))
+    };
+    let (r, why) = submit_err("#CLUSTER nodes=cn[4-7]\nhostname\n");
+    assert_eq!(r, Err(libc::EINVAL));
+    assert!(why.contains("cn[6-7] are not nodes of this cluster"), "{why}");
+    let (r, why) = submit_err("#CLUSTER nodes=@nosuch\nhostname\n");
+    assert_eq!(r, Err(libc::EINVAL));
+    assert!(why.contains("nosuch"), "{why}");
+    let (r, why) = submit_err("#CLUSTER nodes=cn[0-1] array=1-2\nhostname\n");
+    assert_eq!(r, Err(libc::EINVAL));
+    assert!(why.contains("cannot be combined"), "{why}");
+    let (r, why) = submit_err("#CLUSTER nodes=9\nhostname\n");
+    assert_eq!(r, Err(libc::EINVAL));
+    assert!(why.contains("this cluster has 6 nodes"), "{why}");
+    assert_eq!(c.read("jobs/queue"), "", "refused specs make no job");
+
+    // A group names the nodes; a count lets the head choose them.
+    assert_eq!(c.write("groups/rack1", b"cn[1-3]\n"), Ok(()));
+    let id = submit_as(&c, "cfalice", "#CLUSTER nodes=@rack1\nhostname >/dev/null; echo $CLUSTER_NODE\n");
+    assert_eq!(wait(&c, id), "0\n");
+    assert_eq!(c.read(&format!("jobs/{id}/summary")), "PASS: cn[1-3], SUM: 3\n");
+    assert_eq!(ls(&c, &format!("jobs/{id}/nodes")), ["cn1", "cn2", "cn3"]);
+    let id = submit_as(&c, "cfalice", "#CLUSTER nodes=4\necho same\n");
+    assert_eq!(wait(&c, id), "0\n");
+    let summary = c.read(&format!("jobs/{id}/summary"));
+    assert!(summary.ends_with(", SUM: 4\n") && summary.starts_with("PASS: cn"), "{summary}");
+    assert_eq!(ls(&c, &format!("jobs/{id}/nodes")).len(), 4);
+    // A one-node job has a summary and output too.
+    let id = submit_as(&c, "cfalice", "echo solo\n");
+    assert_eq!(wait(&c, id), "0\n");
+    let node = c.read(&format!("jobs/{id}/nodes")).trim().to_string();
+    assert_eq!(c.read(&format!("jobs/{id}/summary")), format!("PASS: {node}, SUM: 1\n"));
+    assert_eq!(c.read(&format!("jobs/{id}/output")), format!("---------------\n{node} (1)\n---------------\nsolo\n"));
+    assert_eq!(c.write(&format!("jobs/{id}/ctl"), b"retry-failed\n"), Err(libc::EINVAL));
+
+    // kill stops every node's run.
+    let id = submit_as(&c, "cfalice", "#CLUSTER nodes=cn[0-5]\nsleep 60\n");
+    let j = format!("jobs/{id}");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/cn5/jobs") == format!("{id}\n")));
+    assert_eq!(c.write(&format!("{j}/ctl"), b"retry-failed\n"), Err(libc::EBUSY));
+    assert_eq!(c.write(&format!("{j}/ctl"), b"kill\n"), Ok(()));
+    assert_eq!(wait(&c, id), "143\n");
+    assert_eq!(c.read(&format!("{j}/state")), "killed by root\n");
+    assert_eq!(c.read(&format!("{j}/summary")), "PASS: , SUM: 0\nFAILED: cn[0-5], SUM: 6\n");
+}
+
+#[test]
+fn a_multi_node_job_survives_a_head_crash_and_runs_once_per_node() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let mut c = Cluster::up("cn[0-9]", 200);
+    let d = marks(&c);
+    let spec = format!("#CLUSTER nodes=cn[0-9]\nsleep 2\necho $CLUSTER_NODE >> {}/ran\necho done\n", d.display());
+    let id = submit_as(&c, "cfalice", &spec);
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/cn9/jobs") == format!("{id}\n")));
+    c.crash_head();
+    c.start_head();
+    assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("jobs/{id}/state")));
+    assert_eq!(c.read(&format!("jobs/{id}/summary")), "PASS: cn[0-9], SUM: 10\n");
+    let mut ran: Vec<String> = std::fs::read_to_string(d.join("ran")).unwrap().lines().map(String::from).collect();
+    ran.sort();
+    let mut want: Vec<String> = (0..10).map(|n| format!("cn{n}")).collect();
+    want.sort();
+    assert_eq!(ran, want, "each node ran it exactly once");
+    assert_eq!(c.read(&format!("jobs/{id}/nodes/cn3/stdout")), "done\n");
+}

@@ -1,7 +1,7 @@
 //! The head <-> agent wire: length-prefixed frames carrying JSON messages or raw bulk bytes.
 //!
-//! A frame is a 4-byte big-endian length, then one kind byte (`J` JSON, `B` bulk), then the
-//! payload. A frame longer than the limit is an error that closes the connection.
+//! A frame is a 4-byte big-endian length, then one kind byte (`J` JSON, `B` bulk, `C` a file
+//! chunk with its checksum), then the payload. A frame longer than the limit is an error that closes the connection.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use crate::jobs::copy::Plan;
 use crate::jobs::{Exit, Run, RunStatus};
 use crate::sitrep::Report;
 
@@ -89,6 +90,12 @@ pub enum Message {
     Resume { run: u64, from: [u64; 2] },
     /// Agent -> head: a run ended; all its output was sent before this.
     Exited { run: u64, exit: Exit, len: [u64; 2] },
+    /// Agent -> head, after each welcome: where this agent takes relay connections.
+    Relay { addr: String },
+    /// Agent -> head: bytes of a copy run's file written so far.
+    Progress { run: u64, bytes: u64 },
+    /// Relay parent -> child, first on a relay connection: the file and the child's subtree.
+    Copy { plan: Box<Plan> },
 }
 
 impl Message {
@@ -105,6 +112,9 @@ impl Message {
             Message::Runs { .. } => "runs",
             Message::Resume { .. } => "resume",
             Message::Exited { .. } => "exited",
+            Message::Relay { .. } => "relay",
+            Message::Progress { .. } => "progress",
+            Message::Copy { .. } => "copy",
         }
     }
 }
@@ -117,6 +127,12 @@ pub enum Frame {
     Bulk {
         stream: u64,
         offset: u64,
+        data: Bytes,
+    },
+    /// Bytes of a copied file at `offset`, with their checksum (`copy::chunk_sum`).
+    Chunk {
+        offset: u64,
+        sum: u64,
         data: Bytes,
     },
 }
@@ -136,6 +152,12 @@ impl Frame {
                 out.put_u64(*offset);
                 out.extend_from_slice(data);
             }
+            Frame::Chunk { offset, sum, data } => {
+                out.put_u8(b'C');
+                out.put_u64(*offset);
+                out.put_u64(*sum);
+                out.extend_from_slice(data);
+            }
         }
         out.freeze()
     }
@@ -152,7 +174,13 @@ impl Frame {
                 let offset = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
                 Ok(Frame::Bulk { stream, offset, data: Bytes::copy_from_slice(data) })
             }
-            Some((b'B', _)) => Err(ProtoError::BadFrame("bulk frame shorter than its header".into())),
+            Some((b'C', body)) if body.len() >= 16 => {
+                let (head, data) = body.split_at(16);
+                let offset = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+                let sum = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
+                Ok(Frame::Chunk { offset, sum, data: Bytes::copy_from_slice(data) })
+            }
+            Some((b'B' | b'C', _)) => Err(ProtoError::BadFrame("data frame shorter than its header".into())),
             Some((k, _)) => Err(ProtoError::BadFrame(format!("unknown frame kind {k:#04x}"))),
             None => Err(ProtoError::BadFrame("empty frame".into())),
         }
@@ -196,7 +224,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub async fn recv(&mut self) -> Result<Message, ProtoError> {
         match self.recv_frame().await? {
             Frame::Message(m) => Ok(m),
-            Frame::Bulk { .. } => Err(ProtoError::Unexpected { expected: "a message", got: "bulk data".into() }),
+            Frame::Bulk { .. } | Frame::Chunk { .. } => {
+                Err(ProtoError::Unexpected { expected: "a message", got: "bulk data".into() })
+            }
         }
     }
 }
@@ -211,6 +241,7 @@ mod tests {
             Frame::Message(Message::Request { id: 7, op: Op::Ping }),
             Frame::Message(Message::Response { id: 7, result: Err("no".into()) }),
             Frame::Bulk { stream: 3, offset: 9, data: Bytes::from_static(b"abc") },
+            Frame::Chunk { offset: 1 << 40, sum: 77, data: Bytes::from_static(b"xyz") },
         ];
         for f in frames {
             assert_eq!(Frame::decode(&f.encode()).unwrap(), f);

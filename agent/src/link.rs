@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::probe::Shared;
+use crate::relay::Relay;
 use crate::runner::{Runner, Started};
 
 /// How often output of running jobs is sent on.
@@ -28,6 +29,8 @@ pub struct LinkConfig {
     pub max_frame: usize,
     /// Where each node name keeps its runs (`<state>/<node>/runs`).
     pub state: PathBuf,
+    /// Takes file copies for every node name of this process.
+    pub relay: Arc<Relay>,
 }
 
 /// Where the head's copy of a run's output stands, for this connection.
@@ -35,6 +38,8 @@ pub struct LinkConfig {
 struct Cursor {
     sent: [u64; 2],
     exited_sent: bool,
+    /// A copy run's bytes written, as last told.
+    copied: u64,
 }
 
 /// Answers already given, by request id: a request seen again (after a reconnect) is
@@ -101,6 +106,7 @@ async fn session(
         .await
         .map_err(|_| ProtoError::Timeout("the connection"))??;
     let _ = stream.set_nodelay(true);
+    let toward_head = stream.local_addr()?.ip();
     let mut conn = Conn::new(stream, cfg.max_frame);
     let interval_ms = tokio::time::timeout(Duration::from_secs(5), agent_handshake(&mut conn, &cfg.secret, node))
         .await
@@ -109,6 +115,7 @@ async fn session(
     info!(node, head, interval_ms, "connected");
     // The head learns every run this node has; it answers with what it wants resent.
     conn.send(&Message::Runs { runs: runner.list() }).await?;
+    conn.send(&Message::Relay { addr: cfg.relay.addr(toward_head) }).await?;
     let mut cursors: HashMap<u64, Cursor> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -123,6 +130,10 @@ async fn session(
             }
             _ = sync.tick() => {
                 for (run, cursor) in cursors.iter_mut() {
+                    if let Some(bytes) = cfg.relay.bytes(*run).filter(|b| *b != cursor.copied) {
+                        conn.send(&Message::Progress { run: *run, bytes }).await?;
+                        cursor.copied = bytes;
+                    }
                     send_output(&mut conn, runner, *run, cursor).await?;
                 }
             }
@@ -137,7 +148,7 @@ async fn session(
                     let answer = match done.get(id) {
                         Some(a) => a,
                         None => {
-                            let a = execute(op, runner, &mut cursors);
+                            let a = execute(op, runner, &cfg.relay, &mut cursors).await;
                             done.put(id, a.clone());
                             a
                         }
@@ -145,7 +156,7 @@ async fn session(
                     conn.send(&Message::Response { id, result: answer }).await?;
                 }
                 Message::Resume { run, from } => {
-                    cursors.insert(run, Cursor { sent: from, exited_sent: false });
+                    cursors.insert(run, Cursor { sent: from, exited_sent: false, copied: 0 });
                 }
                 other => return Err(ProtoError::Unexpected { expected: "a request", got: other.name().into() }),
             },
@@ -190,21 +201,34 @@ async fn send_output(
     Ok(())
 }
 
-fn execute(op: Op, runner: &Runner, cursors: &mut HashMap<u64, Cursor>) -> Result<Reply, String> {
+async fn execute(
+    op: Op,
+    runner: &Runner,
+    relay: &Arc<Relay>,
+    cursors: &mut HashMap<u64, Cursor>,
+) -> Result<Reply, String> {
     match op {
         Op::Ping => Ok(Reply::Pong),
         Op::Run(run) => {
             let started = runner.start(&run)?;
-            cursors.entry(run.run).or_insert(Cursor { sent: [0, 0], exited_sent: false });
+            if started == Started::Now && run.copy.is_some() {
+                relay.expect(&run, runner.run_dir(run.run), runner.ended.clone());
+            }
+            cursors.entry(run.run).or_insert(Cursor { sent: [0, 0], exited_sent: false, copied: 0 });
             Ok(match started {
                 Started::Now => Reply::Started,
                 Started::Before => Reply::Known,
             })
         }
         Op::Signal { run, signal } => {
+            if relay.abort(run, &format!("stopped by signal {signal}")).await {
+                return Ok(Reply::Done);
+            }
             runner.signal(run, signal).map(|sent| if sent { Reply::Done } else { Reply::NotYet })
         }
         Op::Forget { run } => {
+            relay.abort(run, "forgotten by the head").await;
+            relay.forget(run);
             runner.forget(run);
             cursors.remove(&run);
             Ok(Reply::Done)

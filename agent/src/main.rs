@@ -3,6 +3,7 @@
 mod isolate;
 mod link;
 mod probe;
+mod relay;
 mod runner;
 mod shim;
 
@@ -38,6 +39,10 @@ struct Args {
     /// Where runs are kept (`<state>/<node>/runs`); they outlive agent restarts.
     #[arg(long, default_value = "/var/lib/clusterfs-agent")]
     state: PathBuf,
+    /// Where to take relay connections (file copies from other agents), ADDR:PORT; port 0
+    /// picks a free one. The head learns it when the agent connects.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    relay_listen: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,9 +65,18 @@ fn main() -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires --name or --nodes"),
     };
     let secret = Secret::load(&args.secret_file)?;
-    let cfg = Arc::new(link::LinkConfig { heads: args.head, secret, max_frame: args.max_frame, state: args.state });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
+        let relay = relay::Relay::start(&args.relay_listen, secret.clone(), args.max_frame)
+            .await
+            .with_context(|| format!("--relay-listen {}", args.relay_listen))?;
+        let cfg = Arc::new(link::LinkConfig {
+            heads: args.head,
+            secret,
+            max_frame: args.max_frame,
+            state: args.state,
+            relay,
+        });
         let probe = Arc::new(Mutex::new(probe::Shared::default()));
         for name in names {
             tokio::spawn(link::run(name, cfg.clone(), probe.clone()));

@@ -64,6 +64,13 @@ impl Runner {
             let _ = fs::remove_dir_all(&dir);
             return Err(format!("cannot prepare run {}: {e}", run.run));
         }
+        if run.copy.is_some() {
+            // A copy is received by this process: it stands as the run's supervisor, so a
+            // copy cut short by an agent restart ends as one whose supervisor died.
+            record_shim(&dir, std::process::id()).map_err(|e| format!("cannot record run {}: {e}", run.run))?;
+            info!(run = run.run, user = run.user, dest = run.copy.as_deref().unwrap_or(""), "copy run expected");
+            return Ok(Started::Now);
+        }
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = std::process::Command::new(exe);
         cmd.arg("--shim").arg(&dir);
@@ -254,6 +261,7 @@ mod tests {
             rootfs: None,
             cpus: 1,
             mem: None,
+            copy: None,
         }
     }
 

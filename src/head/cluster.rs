@@ -38,6 +38,8 @@ struct NodeEntry {
     link: Option<Link>,
     /// Why the link went away, for `state`.
     gone: String,
+    /// Where the agent takes relay connections (file copies), as it said after connecting.
+    relay: Option<String>,
     changed: SystemTime,
 }
 
@@ -126,6 +128,7 @@ impl Cluster {
                     seen_at: now,
                     link: None,
                     gone: "no report since the head started".into(),
+                    relay: None,
                     changed: now,
                 },
             );
@@ -253,6 +256,7 @@ impl Cluster {
                 seen_at: now,
                 link: None,
                 gone: String::new(),
+                relay: None,
                 changed: now,
             }
         });
@@ -273,6 +277,20 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Where `name`'s agent takes relay connections, as said on connection `conn`.
+    pub fn set_relay(&self, name: &str, conn: u64, addr: String) {
+        if let Some(mut e) = self.nodes.get_mut(name)
+            && e.link.as_ref().is_some_and(|l| l.conn == conn)
+        {
+            e.relay = Some(addr);
+        }
+    }
+
+    /// Where `name`'s agent takes relay connections, while it is connected.
+    pub fn relay(&self, name: &str) -> Option<String> {
+        self.nodes.get(name).filter(|e| e.link.is_some()).and_then(|e| e.relay.clone())
     }
 
     /// The connection `conn` of `name` ended.

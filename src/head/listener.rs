@@ -73,6 +73,15 @@ async fn handle(cluster: Arc<Cluster>, jobs: Arc<Jobs>, stream: TcpStream, secre
                     Ok(Frame::Message(Message::Runs { runs })) => jobs.reconcile(&node, runs),
                     Ok(Frame::Message(Message::Exited { run, exit, len })) => jobs.exited(&node, run, exit, len).into_iter().collect(),
                     Ok(Frame::Bulk { stream, offset, data }) => jobs.output(&node, stream, offset, &data).into_iter().collect(),
+                    Ok(Frame::Message(Message::Relay { addr })) => {
+                        cluster.set_relay(&node, conn_id, addr);
+                        Vec::new()
+                    }
+                    Ok(Frame::Message(Message::Progress { run, bytes })) => {
+                        jobs.progress(&node, run, bytes);
+                        Vec::new()
+                    }
+                    Ok(Frame::Chunk { .. }) => break "protocol violation: a file chunk on the control link".to_string(),
                     Ok(Frame::Message(other)) => break format!("protocol violation: unexpected {}", other.name()),
                     Err(ProtoError::Closed) => break "agent disconnected".to_string(),
                     Err(e) => break format!("connection error: {e}"),

@@ -68,7 +68,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     let secret = Arc::new(Secret::load_or_create(&secret_path(&state))?);
     let store = Store::open(&state.join("store.redb"))?;
     let cluster = Arc::new(Cluster::load(cfg.clone(), store)?);
-    let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), state.join("spool"))?);
+    let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), state.join("spool"), secret.clone())?);
 
     let listener =
         TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening for agents on {}", cfg.listen))?;

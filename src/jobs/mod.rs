@@ -1,5 +1,6 @@
 //! Jobs as both sides see them: the spec users write, and what the head asks an agent to run.
 
+pub mod copy;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -26,6 +27,9 @@ pub struct Run {
     pub rootfs: Option<String>,
     pub cpus: u32,
     pub mem: Option<u64>,
+    /// A copy run: instead of a script, the node takes the file from its relay parent to `dest`.
+    #[serde(default)]
+    pub copy: Option<String>,
 }
 
 /// How a run ended.

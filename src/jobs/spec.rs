@@ -24,6 +24,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("array", "array task indexes, with an optional limit of tasks at once: 1-16%4"),
     ("isolate", "ns (own PID, mount, IPC, UTS namespaces; the default) or none"),
     ("priority", "-1000 to 1000, default 0: higher starts first (only root may go above 0)"),
+    ("copy", "instead of a script: an absolute path on the head, sent to every node of `nodes`"),
+    ("dest", "with copy: the absolute path on each node; %n is the node's name"),
+    ("fanout", "with copy: how many nodes each relays to, 1-64 (default 8)"),
 ];
 
 /// How a job is isolated on the node.
@@ -75,6 +78,19 @@ pub struct Spec {
     pub isolate: Isolate,
     #[serde(default)]
     pub priority: i32,
+    /// A copy job: the head-side file and where it goes on each node.
+    #[serde(default)]
+    pub copy: Option<Copy>,
+    /// With `copy`: the relay tree's width (0: the default).
+    #[serde(default)]
+    pub fanout: u32,
+}
+
+/// `copy=SRC dest=DST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Copy {
+    pub src: String,
+    pub dest: String,
 }
 
 /// Why a spec was refused, as a sentence naming the key.
@@ -236,6 +252,12 @@ impl Spec {
             "after" => self.after = parse_ids(value).ok_or_else(|| bad("job ids like 41,42"))?,
             "afterany" => self.afterany = parse_ids(value).ok_or_else(|| bad("job ids like 41,42"))?,
             "array" => self.array = Some(parse_array(value).map_err(|e| bad(&e))?),
+            "copy" => self.copy.get_or_insert_default().src = abs_path(value).ok_or_else(|| bad("an absolute path"))?,
+            "dest" => {
+                let dest = abs_path(value).filter(|d| !d.ends_with('/')).ok_or_else(|| bad("an absolute file path"))?;
+                self.copy.get_or_insert_default().dest = dest;
+            }
+            "fanout" => self.fanout = value.parse().ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| bad("1-64"))?,
             "priority" => {
                 self.priority = value
                     .parse()
@@ -272,8 +294,16 @@ impl Spec {
     }
 
     fn check(self) -> Result<Spec, SpecError> {
-        if self.script.trim().is_empty() {
-            return err("the job has no command");
+        match &self.copy {
+            Some(c) if c.src.is_empty() => return err("dest needs copy=<file on the head>"),
+            Some(c) if c.dest.is_empty() => return err("copy needs dest=<path on each node>"),
+            Some(_) if !self.script.trim().is_empty() => return err("a copy job runs no script"),
+            Some(_) if self.nodes == Nodes::Count(1) => return err("copy needs nodes=<nodeset, @group or count>"),
+            Some(_) if self.array.is_some() => return err("copy and array cannot be combined"),
+            Some(_) => return Ok(self),
+            None if self.fanout > 0 => return err("fanout applies to copy jobs"),
+            None if self.script.trim().is_empty() => return err("the job has no command"),
+            None => {}
         }
         if self.rootfs.is_some() && self.isolate == Isolate::None {
             return err("rootfs needs isolate=ns (its own mount namespace)");

@@ -70,6 +70,12 @@ const JOB_FILES: &[FileSpec] = &[
         perm: 0o400,
         help: "stdout gathered: nodes with the same output and exit under one header (owner)",
     },
+    FileSpec {
+        name: "progress",
+        kind: Kind::Snapshot,
+        perm: 0o444,
+        help: "a copy job's bytes delivered per node: `<nodes> <bytes>/<size>`, furthest first",
+    },
     FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
 ];
 
@@ -155,6 +161,7 @@ fn job_files(job: &Job) -> impl Iterator<Item = &'static FileSpec> + '_ {
     JOB_FILES.iter().filter(move |f| match f.name {
         "nodes" => job.spread.is_none(),
         "summary" | "output" => job.spec.array.is_none() || job.task.is_some(),
+        "progress" => job.spec.copy.is_some() && job.task.is_none(),
         _ => true,
     })
 }
@@ -371,6 +378,7 @@ impl JobsView {
             })),
             "nodes" => now(Ok(format!("{}\n", self.jobs.nodes_of(&job)))),
             "summary" => now(Ok(self.jobs.summary(&job, None))),
+            "progress" => now(Ok(self.jobs.progress_text(&job))),
             "output" => self.gathered(job, None, caller),
             "ctl" => {
                 now(Ok(VERBS.iter().map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n").collect()))

@@ -3,6 +3,7 @@
 //! They need root and /dev/fuse. Under CI=true a missing /dev/fuse fails the suite;
 //! elsewhere the tests that need it are skipped with a message.
 
+mod copy;
 mod fsrules;
 mod groups;
 mod harness;

@@ -20,6 +20,7 @@ use crate::proto::{Op, Reply};
 
 mod agents;
 mod array;
+mod copy;
 mod multi;
 mod schedule;
 
@@ -100,6 +101,9 @@ pub struct Job {
     /// For a multi-node job: its nodes and attempts.
     #[serde(default)]
     pub spread: Option<Arc<Spread>>,
+    /// For a copy job: the size of its file, once read.
+    #[serde(default)]
+    pub copy_size: Option<u64>,
 }
 
 /// What a job is made of, for the scheduler.
@@ -172,6 +176,7 @@ impl Job {
             launched: 0,
             task_base: 0,
             spread: None,
+            copy_size: None,
         }
     }
 }
@@ -204,6 +209,10 @@ pub struct Jobs {
     pub changed: Notify,
     /// Runs whose start is not confirmed yet: asked now, or asked and not answered.
     dispatching: DashMap<u64, Dispatch>,
+    /// Bytes each copy run has written on its node, as its agent last said.
+    copied: DashMap<u64, u64>,
+    /// The cluster secret: the head authenticates to the relays it feeds.
+    secret: Arc<crate::auth::Secret>,
 }
 
 impl Jobs {
@@ -212,6 +221,7 @@ impl Jobs {
         cfg: JobsConfig,
         cluster: Arc<Cluster>,
         spool: PathBuf,
+        secret: Arc<crate::auth::Secret>,
     ) -> Result<Jobs, crate::head::store::StoreError> {
         std::fs::create_dir_all(&spool).map_err(|e| crate::head::store::StoreError::Db(e.to_string()))?;
         let jobs = DashMap::new();
@@ -241,6 +251,8 @@ impl Jobs {
             next_id: AtomicU64::new(stored.max(max + 1)),
             changed: Notify::new(),
             dispatching: DashMap::new(),
+            copied: DashMap::new(),
+            secret,
         })
     }
 
@@ -350,6 +362,7 @@ impl Jobs {
         }
         let spread = self.spread_of(&spec)?;
         check_priority(&owner, &spec)?;
+        Jobs::check_copy(&owner, &spec)?;
         for dep in spec.after.iter().chain(&spec.afterany) {
             if self.jobs.get(dep).is_none_or(|j| j.task.is_some()) {
                 return Err(FsError::invalid(format!("after: job {dep} does not exist")));
@@ -377,6 +390,7 @@ impl Jobs {
             launched: 0,
             task_base: id + 1,
             spread,
+            copy_size: None,
         };
         let changes =
             [Store::change("jobs", &id.to_string(), &job), Store::change("meta", "next_job", &(id + 1 + tasks))];
@@ -397,6 +411,7 @@ impl Jobs {
             .with(id, |j| (j.owner.clone(), j.spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64)))
             .ok_or_else(|| FsError::not_found(format!("job {id}")))?;
         check_priority(&owner, &spec)?;
+        Jobs::check_copy(&owner, &spec)?;
         // An array that grew as its spec was written takes a new block of ids for its tasks.
         let want = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
         let base = if want > tasks {

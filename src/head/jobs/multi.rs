@@ -320,8 +320,14 @@ impl Jobs {
         }
         self.changed.notify_waiters();
         info!(job = id, nodes = %spread.folded, attempt = attempt + 1, away = away.len(), "multi-node job started");
+        let copy = self.with(id, |j| j.spec.copy.is_some()).unwrap_or(false);
+        let mut started = Vec::new();
         for r in runs.into_iter().filter(|r| r.state == State::Running) {
+            started.push((r.node.clone().unwrap_or_default(), r.id));
             self.dispatch(r);
+        }
+        if copy {
+            self.drive_copy(id, started);
         }
     }
 

@@ -256,15 +256,16 @@ impl Jobs {
     fn run_of(&self, job: &Job) -> Run {
         let node = job.node.clone().unwrap_or_default();
         let mut env = job.spec.env.clone();
-        let (job_id, index, script, nodes) = match job.task {
+        let (job_id, index, script, nodes, copy) = match job.task {
             Some(t) => self
                 .with(t.parent, |p| {
                     let index = if p.spec.array.is_some() { t.index.to_string() } else { String::new() };
                     let nodes = p.spread.as_ref().map_or_else(|| node.clone(), |s| s.folded.clone());
-                    (t.parent, index, p.spec.script.clone(), nodes)
+                    let copy = p.spec.copy.as_ref().map(|c| c.dest.replace("%n", &node));
+                    (t.parent, index, p.spec.script.clone(), nodes, copy)
                 })
-                .unwrap_or_else(|| (t.parent, String::new(), "".into(), node.clone())),
-            None => (job.id, String::new(), job.spec.script.clone(), node.clone()),
+                .unwrap_or_else(|| (t.parent, String::new(), "".into(), node.clone(), None)),
+            None => (job.id, String::new(), job.spec.script.clone(), node.clone(), None),
         };
         env.insert("CLUSTER_JOB_ID".into(), job_id.to_string());
         env.insert("CLUSTER_NODE".into(), node);
@@ -284,6 +285,7 @@ impl Jobs {
             rootfs: job.spec.rootfs.clone(),
             cpus: job.spec.cpus,
             mem: job.spec.mem,
+            copy,
         }
     }
 

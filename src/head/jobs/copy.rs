@@ -1,0 +1,281 @@
+//! Copy jobs on the head: the file's facts, the relay tree, feeding its top, progress, and routing around nodes that drop out.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clusterfs_fs::FsError;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{Jobs, Owner, State, now_ms};
+use crate::auth::agent_handshake;
+use crate::head::cluster::NodeState;
+use crate::jobs::Spec;
+use crate::jobs::copy::{self, Branch, CHUNK, FileFacts, FileSum, Plan};
+use crate::nodeset::NodeSet;
+use crate::proto::{Conn, Frame, Message, ProtoError};
+
+/// The relay tree's width when the spec gives none.
+const DEFAULT_FANOUT: u32 = 8;
+
+/// How long a node may go without reports, still connected, before the copy routes around it.
+const GONE_AFTER: Duration = Duration::from_secs(10);
+
+/// How long a node's agent has to accept its copy run before the tree is built without it.
+const CONFIRM_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether `owner` may read `meta`'s file, by its mode bits (root may read anything).
+fn may_read(owner: &Owner, meta: &std::fs::Metadata) -> bool {
+    let mode = meta.mode();
+    owner.uid == 0
+        || (meta.uid() == owner.uid && mode & 0o400 != 0)
+        || ((meta.gid() == owner.gid || owner.groups.contains(&meta.gid())) && mode & 0o040 != 0)
+        || mode & 0o004 != 0
+}
+
+/// Size, mode, owner, mtime and checksum of the file at `src`.
+fn facts_of(src: &str) -> std::io::Result<FileFacts> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(src)?;
+    let meta = f.metadata()?;
+    let mut sum = FileSum::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sum.update(&buf[..n]);
+        size += n as u64;
+    }
+    if size != meta.len() {
+        return Err(std::io::Error::other(format!("{src} changed while it was read")));
+    }
+    Ok(FileFacts {
+        size,
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mtime_s: meta.mtime(),
+        mtime_ns: meta.mtime_nsec(),
+        sum: sum.hex(),
+    })
+}
+
+/// Every branch of `tree`, by run.
+fn by_run(tree: &[Branch], out: &mut HashMap<u64, Branch>) {
+    for b in tree {
+        out.insert(b.run, b.clone());
+        by_run(&b.children, out);
+    }
+}
+
+impl Jobs {
+    /// A copy job's source, checked at submission: a regular file on the head that its
+    /// submitter may read (and, for anyone but root, owns: its owner is kept on the nodes).
+    pub(super) fn check_copy(owner: &Owner, spec: &Spec) -> Result<(), FsError> {
+        let Some(c) = &spec.copy else { return Ok(()) };
+        let meta = std::fs::metadata(&c.src).map_err(|e| FsError::invalid(format!("copy={}: {e}", c.src)))?;
+        if !meta.is_file() {
+            return Err(FsError::invalid(format!("copy={}: not a regular file", c.src)));
+        }
+        if !may_read(owner, &meta) {
+            return Err(FsError::denied(format!("copy={}: {} may not read it", c.src, owner.user)));
+        }
+        if owner.uid != 0 && meta.uid() != owner.uid {
+            return Err(FsError::denied(format!(
+                "copy={}: only root may copy a file someone else owns (its owner is kept)",
+                c.src
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of copy run `run` written on its node so far, from the agent.
+    pub fn progress(&self, node: &str, run: u64, bytes: u64) {
+        if self.runs_on(run, node) {
+            self.copied.insert(run, bytes);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// `progress` of a copy job: bytes delivered per node, nodes with equal progress folded
+    /// together, the furthest first: `cn[0-3] 1048576/4194304`.
+    pub fn progress_text(&self, job: &super::Job) -> String {
+        let (Some(spread), Some(size)) = (&job.spread, job.copy_size) else { return String::new() };
+        let mut groups: Vec<(u64, NodeSet)> = Vec::new();
+        for (node, run) in self.spread_runs(spread, None) {
+            let bytes = match &run {
+                Some(r) if r.state == State::Done => size,
+                Some(r) => self.copied.get(&r.id).map_or(0, |b| *b),
+                None => 0,
+            };
+            match groups.iter_mut().find(|g| g.0 == bytes) {
+                Some(g) => drop(g.1.insert(&node)),
+                None => {
+                    let mut set = NodeSet::new();
+                    let _ = set.insert(&node);
+                    groups.push((bytes, set));
+                }
+            }
+        }
+        groups.sort_by_key(|g| std::cmp::Reverse(g.0));
+        groups.iter().map(|(bytes, set)| format!("{} {bytes}/{size}\n", set.fold())).collect()
+    }
+
+    /// Ends copy run `run` from the head (it never got or lost its feed), unless it ended.
+    fn end_copy_run(&self, run: u64, state: State, reason: String) {
+        let _ = self.update(run, |j| {
+            if !j.state.ended() {
+                j.state = state;
+                j.reason = reason;
+                j.ended_ms = Some(now_ms());
+            }
+        });
+    }
+
+    /// Sends copy job `id`'s file to the nodes of `runs` (node, run) down a relay tree, from a
+    /// task: the head feeds the top of the tree; a node that drops out (down, or its feed
+    /// fails) is reported lost and the head feeds its children itself, from the start.
+    pub(super) fn drive_copy(self: &Arc<Self>, id: u64, runs: Vec<(String, u64)>) {
+        let Some((src, dest, fanout)) =
+            self.with(id, |j| j.spec.copy.clone().map(|c| (c.src, c.dest, j.spec.fanout))).flatten()
+        else {
+            return;
+        };
+        let fanout = if fanout == 0 { DEFAULT_FANOUT } else { fanout } as usize;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let read = src.clone();
+            let facts = match tokio::task::spawn_blocking(move || facts_of(&read)).await {
+                Ok(Ok(f)) => f,
+                other => {
+                    let why = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => unreachable!("handled above"),
+                    };
+                    for (_, run) in runs {
+                        this.end_copy_run(run, State::Failed, format!("cannot read {src}: {why}"));
+                    }
+                    return;
+                }
+            };
+            let _ = this.update(id, |j| j.copy_size = Some(facts.size));
+            // The nodes' agents accept their runs first: a relay connection names its run.
+            let deadline = Instant::now() + CONFIRM_WAIT;
+            while Instant::now() < deadline
+                && !runs.iter().all(|(_, r)| this.with(*r, |j| j.confirmed || j.state.ended()).unwrap_or(true))
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut leaves = Vec::new();
+            for (node, run) in runs {
+                if this.with(run, |j| j.state.ended()).unwrap_or(true) {
+                    continue;
+                }
+                match this.cluster.relay(&node) {
+                    Some(addr) => leaves.push((node.clone(), run, addr, dest.replace("%n", &node))),
+                    None => this.end_copy_run(run, State::Lost, format!("{node}'s agent takes no relay connections")),
+                }
+            }
+            let top = copy::tree(leaves, fanout);
+            let mut branches = HashMap::new();
+            by_run(&top, &mut branches);
+            info!(job = id, nodes = branches.len(), fanout, size = facts.size, "copy started");
+            let (failed, mut failures) = mpsc::unbounded_channel::<(u64, String)>();
+            for b in top {
+                this.feed(facts.clone(), src.clone(), b, failed.clone());
+            }
+            let mut dropped: HashSet<u64> = HashSet::new();
+            loop {
+                let open: Vec<&Branch> =
+                    branches.values().filter(|b| !this.with(b.run, |j| j.state.ended()).unwrap_or(true)).collect();
+                if open.is_empty() {
+                    break;
+                }
+                let mut lost: Vec<(u64, String)> = Vec::new();
+                while let Ok(f) = failures.try_recv() {
+                    lost.push(f);
+                }
+                for b in open {
+                    // Gone: its agent's connection closed, or no report for a while (a node
+                    // busy relaying may report late; that alone is not dropping out).
+                    let Some(v) = this.cluster.view(&b.node) else { continue };
+                    let gone = this.cluster.relay(&b.node).is_none() || v.age_s >= GONE_AFTER.as_secs_f64();
+                    if matches!(v.state, NodeState::Down(_)) && gone {
+                        lost.push((b.run, v.state.line()));
+                    }
+                }
+                for (run, why) in lost {
+                    if !dropped.insert(run) {
+                        continue;
+                    }
+                    let Some(b) = branches.get(&run) else { continue };
+                    warn!(job = id, node = b.node, why, "a node dropped out of the copy tree");
+                    this.end_copy_run(run, State::Lost, format!("dropped out of the copy tree: {why}"));
+                    for child in &b.children {
+                        this.feed(facts.clone(), src.clone(), child.clone(), failed.clone());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            info!(job = id, "copy ended");
+        });
+    }
+
+    /// Feeds `branch` from the head, from a task; a failure is sent to `failed`.
+    fn feed(&self, file: FileFacts, src: String, branch: Branch, failed: mpsc::UnboundedSender<(u64, String)>) {
+        let (secret, max_frame) = (self.secret.clone(), self.cluster.cfg.max_frame);
+        tokio::spawn(async move {
+            let run = branch.run;
+            let plan = Plan { file, tree: branch };
+            if let Err(e) = send_file(&secret, max_frame, &src, plan).await {
+                let _ = failed.send((run, format!("its feed failed: {e}")));
+            }
+        });
+    }
+}
+
+/// Sends the file at `src` to `plan.tree`'s relay, then waits for it to close the connection
+/// (it does once it has the whole file).
+pub(crate) async fn send_file(
+    secret: &crate::auth::Secret,
+    max_frame: usize,
+    src: &str,
+    plan: Plan,
+) -> Result<(), ProtoError> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&plan.tree.addr))
+        .await
+        .map_err(|_| ProtoError::Timeout("the relay connection"))??;
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn::new(stream, max_frame);
+    tokio::time::timeout(Duration::from_secs(5), agent_handshake(&mut conn, secret, &plan.tree.node))
+        .await
+        .map_err(|_| ProtoError::Timeout("the relay handshake"))??;
+    let size = plan.file.size;
+    conn.send(&Message::Copy { plan: Box::new(plan) }).await?;
+    let mut f = tokio::fs::File::open(src).await?;
+    let mut offset = 0u64;
+    while offset < size {
+        let mut buf = vec![0u8; CHUNK.min(usize::try_from(size - offset).unwrap_or(CHUNK))];
+        f.read_exact(&mut buf).await?;
+        let sum = copy::chunk_sum(&buf);
+        conn.send_frame(&Frame::Chunk { offset, sum, data: Bytes::from(buf) }).await?;
+        offset += CHUNK as u64;
+    }
+    // The relay closes the connection once it has the whole file.
+    match tokio::time::timeout(Duration::from_secs(600), conn.recv())
+        .await
+        .map_err(|_| ProtoError::Timeout("the end of the copy"))?
+    {
+        Err(ProtoError::Closed) => Ok(()),
+        Ok(other) => Err(ProtoError::Unexpected { expected: "the end", got: other.name().into() }),
+        Err(e) => Err(e),
+    }
+}

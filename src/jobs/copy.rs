@@ -1,0 +1,125 @@
+//! File copies as both sides see them: the file's facts, the relay tree, and chunk checksums.
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+/// Bytes of file in one chunk frame.
+pub const CHUNK: usize = 1 << 20;
+
+/// What a copied file is: size, ownership, mode, mtime, and the checksum of its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileFacts {
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_s: i64,
+    pub mtime_ns: i64,
+    /// xxh3-128 of the whole content, hex.
+    pub sum: String,
+}
+
+/// A node of the relay tree: it receives the file, writes it to `dest` and passes it on to
+/// its children while still receiving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    pub node: String,
+    /// The run this node's copy is.
+    pub run: u64,
+    /// Where its agent takes relay connections.
+    pub addr: String,
+    pub dest: String,
+    pub children: Vec<Branch>,
+}
+
+/// What a relay connection carries first: the file, and the subtree the receiver heads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub file: FileFacts,
+    pub tree: Branch,
+}
+
+/// The checksum every chunk travels with.
+pub fn chunk_sum(data: &[u8]) -> u64 {
+    xxh3_64(data)
+}
+
+/// The whole-file checksum, fed in order.
+#[derive(Default)]
+pub struct FileSum(Xxh3);
+
+impl std::fmt::Debug for FileSum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FileSum")
+    }
+}
+
+impl FileSum {
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub fn hex(&self) -> String {
+        format!("{:032x}", self.0.digest128())
+    }
+}
+
+/// The relay tree over `leaves` (node, run, addr, dest), in order: the first `fanout` are fed
+/// by the head, and leaf `i` (1-based) feeds leaves `i * fanout + 1 ..= i * fanout + fanout`,
+/// so the depth grows as log(n) / log(fanout).
+pub fn tree(leaves: Vec<(String, u64, String, String)>, fanout: usize) -> Vec<Branch> {
+    let fanout = fanout.max(1);
+    let mut slots: Vec<Option<Branch>> = leaves
+        .into_iter()
+        .map(|(node, run, addr, dest)| Some(Branch { node, run, addr, dest, children: Vec::new() }))
+        .collect();
+    // Children are placed into their parents from the last up, so each parent is whole when
+    // its own parent takes it.
+    for i in (1..=slots.len()).rev() {
+        let parent = (i - 1) / fanout;
+        if parent == 0 {
+            continue;
+        }
+        if let Some(b) = slots[i - 1].take()
+            && let Some(Some(p)) = slots.get_mut(parent - 1)
+        {
+            p.children.insert(0, b);
+        }
+    }
+    slots.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(b: &[Branch]) -> Vec<String> {
+        b.iter().map(|b| format!("{}{:?}", b.node, names(&b.children))).collect()
+    }
+
+    #[test]
+    fn the_tree_is_a_heap_of_the_given_width() {
+        let leaves = (1..=7).map(|i| (format!("n{i}"), i, String::new(), String::new())).collect();
+        let t = tree(leaves, 2);
+        assert_eq!(names(&t), ["n1[\"n3[\\\"n7[]\\\"]\", \"n4[]\"]", "n2[\"n5[]\", \"n6[]\"]"]);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].children.iter().map(|c| c.node.as_str()).collect::<Vec<_>>(), ["n3", "n4"]);
+        assert_eq!(t[1].children.iter().map(|c| c.node.as_str()).collect::<Vec<_>>(), ["n5", "n6"]);
+        assert_eq!(t[0].children[0].children[0].node, "n7");
+        let chain = tree((1..=3).map(|i| (format!("n{i}"), i, String::new(), String::new())).collect(), 1);
+        assert_eq!(chain.len(), 1);
+        assert_eq!(chain[0].children[0].children[0].node, "n3");
+    }
+
+    #[test]
+    fn sums_are_stable() {
+        let mut s = FileSum::default();
+        s.update(b"ab");
+        s.update(b"c");
+        let mut t = FileSum::default();
+        t.update(b"abc");
+        assert_eq!(s.hex(), t.hex());
+        assert_eq!(s.hex().len(), 32);
+        assert_ne!(chunk_sum(b"a"), chunk_sum(b"b"));
+    }
+}

@@ -1,0 +1,182 @@
+//! Copy jobs: a head-side file sent down a relay tree of agents, checked, with its metadata.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::time::Duration;
+
+use clusterfs::jobs::copy::FileSum;
+use clusterfs::nodeset::NodeSet;
+
+use crate::harness::{Cluster, eventually, sh, sh_as};
+use crate::jobs::{submit_as, users, wait};
+
+const MIB: u64 = 1 << 20;
+
+/// The xxh3-128 of a file's content.
+fn sum_of(path: &Path) -> String {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut sum = FileSum::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            return sum.hex();
+        }
+        sum.update(&buf[..n]);
+    }
+}
+
+/// A file of `mib` MiB of random bytes owned by `user`, mode 0640, with an old mtime.
+fn source(c: &Cluster, user: &str, mib: u64) -> std::path::PathBuf {
+    let src = c.dir.path().join("src.bin");
+    let (code, _, err) = sh(&format!(
+        "head -c {mib}M /dev/urandom > {s} && chown {user}: {s} && chmod 0640 {s} && touch -d '2001-02-03 04:05:06.789' {s}",
+        s = src.display()
+    ));
+    assert_eq!(code, 0, "{err}");
+    src
+}
+
+/// A directory `user` may fill.
+fn dest_root(c: &Cluster, user: &str) -> std::path::PathBuf {
+    let d = c.dir.path().join("dest");
+    std::fs::create_dir_all(&d).unwrap();
+    let (code, _, err) = sh(&format!("chown {user}: {}", d.display()));
+    assert_eq!(code, 0, "{err}");
+    std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+/// Bytes of `node` in a copy job's `progress`.
+fn progress_of(text: &str, node: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (set, bytes) = l.split_once(' ')?;
+        NodeSet::parse(set).ok()?.contains(node).then(|| bytes.split('/').next()?.parse().ok()).flatten()
+    })
+}
+
+#[test]
+fn a_file_lands_byte_identical_on_20_nodes_with_its_metadata() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn[0-19]", 200);
+    let src = source(&c, "cfalice", 200);
+    let want = sum_of(&src);
+    let root = dest_root(&c, "cfalice");
+    let spec =
+        format!("#CLUSTER nodes=cn[0-19] copy={} dest={}/%n/sub/big.bin fanout=3\n", src.display(), root.display());
+    let id = submit_as(&c, "cfalice", &spec);
+    let j = format!("jobs/{id}");
+    assert_eq!(wait(&c, id), "0\n", "{}: {}", c.read(&format!("{j}/summary")), c.read(&format!("{j}/nodes/cn0/state")));
+    assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-19], SUM: 20\n");
+    assert_eq!(c.read(&format!("{j}/progress")), format!("cn[0-19] {0}/{0}\n", 200 * MIB));
+    let src_meta = std::fs::metadata(&src).unwrap();
+    for n in 0..20 {
+        let dir = root.join(format!("cn{n}")).join("sub");
+        let f = dir.join("big.bin");
+        let m = std::fs::metadata(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert_eq!(m.len(), 200 * MIB);
+        assert_eq!(m.mode() & 0o7777, 0o640, "{}", f.display());
+        assert_eq!((m.uid(), m.gid()), (src_meta.uid(), src_meta.gid()), "{}", f.display());
+        assert_eq!((m.mtime(), m.mtime_nsec()), (src_meta.mtime(), src_meta.mtime_nsec()), "{}", f.display());
+        // Parents were made as the user; no temporary file is left.
+        assert_eq!(std::fs::metadata(&dir).unwrap().uid(), src_meta.uid());
+        let names: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert_eq!(names, ["big.bin"]);
+        assert_eq!(sum_of(&f), want, "{} differs", f.display());
+    }
+}
+
+#[test]
+fn copies_are_checked_and_run_as_the_user() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn[0-1]", 200);
+    let src = source(&c, "cfalice", 1);
+    let root = dest_root(&c, "cfalice");
+    let s = src.display();
+    // A spec refused whole at the first write gets an errno and a sentence; one found broken
+    // when complete fails its job with the reason.
+    let (code, _, _) = sh_as(
+        "cfalice",
+        &format!("printf '#CLUSTER nodes=cn[0-1] copy=/no/such dest=/x\\n' > {}", c.path("jobs/new").display()),
+    );
+    assert_ne!(code, 0);
+    let error_of = |user: &str| sh_as(user, &format!("cat {}", c.path("jobs/error").display())).1;
+    assert!(error_of("cfalice").contains("/no/such: No such file"), "{}", error_of("cfalice"));
+    for (spec, why) in [
+        (format!("#CLUSTER nodes=cn[0-1] copy={s}\n"), "copy needs dest="),
+        (format!("#CLUSTER nodes=cn[0-1] copy={s} dest=/x\necho hi\n"), "runs no script"),
+        (format!("#CLUSTER copy={s} dest=/x\n"), "copy needs nodes="),
+    ] {
+        let id = submit_as(&c, "cfalice", &spec);
+        wait(&c, id);
+        let state = c.read(&format!("jobs/{id}/state"));
+        assert!(state.starts_with("failed spec: ") && state.contains(why), "{spec}: {state}");
+    }
+    // Another user may not read alice's file, and may not write where alice's copy goes.
+    let (code, _, err) = sh_as(
+        "cfbob",
+        &format!("printf '#CLUSTER nodes=cn[0-1] copy={s} dest=/tmp/x\\n' > {}", c.path("jobs/new").display()),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(error_of("cfbob").contains("cfbob may not read it"), "{}", error_of("cfbob"));
+    let bob_src = c.dir.path().join("bob.bin");
+    sh(&format!("echo bob > {b}; chown cfbob: {b}", b = bob_src.display()));
+    let id = submit_as(
+        &c,
+        "cfbob",
+        &format!("#CLUSTER nodes=cn[0-1] copy={} dest={}/%n.bin\n", bob_src.display(), root.display()),
+    );
+    assert_eq!(wait(&c, id), "1\n");
+    assert_eq!(c.read(&format!("jobs/{id}/summary")), "PASS: , SUM: 0\nFAILED: cn[0-1], SUM: 2\n");
+    let state = c.read(&format!("jobs/{id}/nodes/cn0/state"));
+    assert!(state.contains("copy failed") && state.contains("Permission denied"), "{state}");
+    assert!(!root.join("cn0.bin").exists());
+}
+
+#[test]
+fn a_relay_killed_mid_copy_is_routed_around_and_named() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let mut c = Cluster::up("cn[0-1]", 200);
+    let mut relays = Vec::new();
+    for n in 1..=5 {
+        relays.push(c.agent(&format!("cr{n}")));
+    }
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0-1],cr[1-5]\n"));
+    let src = source(&c, "cfalice", 300);
+    let want = sum_of(&src);
+    let root = dest_root(&c, "cfalice");
+    // fanout=1: a chain cn0 -> cn1 -> cr1 -> cr2 -> cr3 -> cr4 -> cr5.
+    let spec =
+        format!("#CLUSTER nodes=cn[0-1],cr[1-5] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
+    let id = submit_as(&c, "cfalice", &spec);
+    let j = format!("jobs/{id}");
+    let size = 300 * MIB;
+    let mid = eventually(Duration::from_secs(60), || {
+        let p = c.read(&format!("{j}/progress"));
+        progress_of(&p, "cr2").is_some_and(|b| b > 0)
+    });
+    assert!(mid, "cr2 never got data: {}", c.read(&format!("{j}/progress")));
+    c.kill_agent(relays[1]);
+    let p = c.read(&format!("{j}/progress"));
+    assert!(progress_of(&p, "cr2").is_some_and(|b| b < size), "cr2 was done before it was killed: {p}");
+    assert_eq!(wait(&c, id), "255\n", "{}", c.read(&format!("{j}/summary")));
+    assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-1],cr[1,3-5], SUM: 6\nDOWN: cr2, SUM: 1\n");
+    let state = c.read(&format!("{j}/nodes/cr2/state"));
+    assert!(state.starts_with("lost dropped out of the copy tree"), "{state}");
+    for node in ["cn0", "cn1", "cr1", "cr3", "cr4", "cr5"] {
+        assert_eq!(sum_of(&root.join(format!("{node}.bin"))), want, "{node}");
+    }
+    assert!(!root.join("cr2.bin").exists(), "a failed copy leaves no file");
+}

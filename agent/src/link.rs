@@ -72,7 +72,7 @@ impl Done {
 /// Runs `node`'s link forever, redialling with exponential backoff (100 ms to 5 s, jittered).
 pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) {
     let runner = match Runner::new(cfg.state.join(&node).join("runs")) {
-        Ok(r) => r,
+        Ok(r) => Arc::new(r),
         Err(e) => return warn!(node, error = %e, "cannot keep runs: this node will not serve"),
     };
     let mut backoff = Duration::from_millis(100);
@@ -99,7 +99,7 @@ async fn session(
     head: &str,
     cfg: &LinkConfig,
     probe: &Arc<Mutex<Shared>>,
-    runner: &Runner,
+    runner: &Arc<Runner>,
     done: &mut Done,
 ) -> Result<(), ProtoError> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(head))
@@ -203,14 +203,17 @@ async fn send_output(
 
 async fn execute(
     op: Op,
-    runner: &Runner,
+    runner: &Arc<Runner>,
     relay: &Arc<Relay>,
     cursors: &mut HashMap<u64, Cursor>,
 ) -> Result<Reply, String> {
     match op {
         Op::Ping => Ok(Reply::Pong),
         Op::Run(run) => {
-            let started = runner.start(&run)?;
+            // Preparing a run writes and syncs files: off the runtime, so the many node names
+            // of one process start their runs side by side.
+            let (r, req) = (runner.clone(), run.clone());
+            let started = tokio::task::spawn_blocking(move || r.start(&req)).await.map_err(|e| e.to_string())??;
             if started == Started::Now && run.copy.is_some() {
                 relay.expect(&run, runner.run_dir(run.run), runner.ended.clone());
             }
@@ -229,7 +232,8 @@ async fn execute(
         Op::Forget { run } => {
             relay.abort(run, "forgotten by the head").await;
             relay.forget(run);
-            runner.forget(run);
+            let r = runner.clone();
+            let _ = tokio::task::spawn_blocking(move || r.forget(run)).await;
             cursors.remove(&run);
             Ok(Reply::Done)
         }

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clusterfs::auth::{Secret, agent_handshake, head_handshake};
-use clusterfs::jobs::copy::{Branch, FileFacts, FileSum, Plan, chunk_sum};
+use clusterfs::auth::{Secret, head_handshake};
+use clusterfs::jobs::copy::{Branch, FileFacts, FileSum, Plan, chunk_sum, close_feed, open_feed};
 use clusterfs::jobs::{Exit, Run};
 use clusterfs::proto::{Conn, Frame, Message, ProtoError};
 use dashmap::DashMap;
@@ -335,22 +335,13 @@ async fn feed_child(
     child: Branch,
     mut chunks: mpsc::Receiver<Frame>,
 ) -> Result<(), ProtoError> {
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&child.addr))
-        .await
-        .map_err(|_| ProtoError::Timeout("the relay connection"))??;
-    let _ = stream.set_nodelay(true);
-    let mut conn = Conn::new(stream, max_frame);
-    tokio::time::timeout(Duration::from_secs(5), agent_handshake(&mut conn, secret, &child.node))
-        .await
-        .map_err(|_| ProtoError::Timeout("the relay handshake"))??;
-    conn.send(&Message::Copy { plan: Box::new(Plan { file, tree: child }) }).await?;
+    let mut conn = open_feed(secret, max_frame, Plan { file, tree: child }).await?;
     while let Some(frame) = chunks.recv().await {
         conn.send_frame(&frame).await?;
     }
-    match tokio::time::timeout(STALL, conn.recv()).await {
-        Ok(Err(ProtoError::Closed)) | Err(_) => Ok(()),
-        Ok(Ok(other)) => Err(ProtoError::Unexpected { expected: "the end", got: other.name().into() }),
-        Ok(Err(e)) => Err(e),
+    match close_feed(&mut conn, STALL).await {
+        Err(ProtoError::Timeout(_)) => Ok(()),
+        other => other,
     }
 }
 

@@ -39,6 +39,42 @@ pub struct Plan {
     pub tree: Branch,
 }
 
+/// Dials the relay of `plan.tree`, authenticates, and sends the plan: the connection is then
+/// ready for the file's chunks. Used by the head and by agents feeding their children.
+pub async fn open_feed(
+    secret: &crate::auth::Secret,
+    max_frame: usize,
+    plan: Plan,
+) -> Result<crate::proto::Conn<tokio::net::TcpStream>, crate::proto::ProtoError> {
+    use crate::proto::{Conn, Message, ProtoError};
+    use std::time::Duration;
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&plan.tree.addr))
+        .await
+        .map_err(|_| ProtoError::Timeout("the relay connection"))??;
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn::new(stream, max_frame);
+    tokio::time::timeout(Duration::from_secs(5), crate::auth::agent_handshake(&mut conn, secret, &plan.tree.node))
+        .await
+        .map_err(|_| ProtoError::Timeout("the relay handshake"))??;
+    conn.send(&Message::Copy { plan: Box::new(plan) }).await?;
+    Ok(conn)
+}
+
+/// Waits, after the last chunk, for the relay to close the connection: it does once it has
+/// the whole file (or `wait` passes).
+pub async fn close_feed(
+    conn: &mut crate::proto::Conn<tokio::net::TcpStream>,
+    wait: std::time::Duration,
+) -> Result<(), crate::proto::ProtoError> {
+    use crate::proto::ProtoError;
+    match tokio::time::timeout(wait, conn.recv()).await {
+        Ok(Err(ProtoError::Closed)) => Ok(()),
+        Err(_) => Err(ProtoError::Timeout("the end of the copy")),
+        Ok(Ok(other)) => Err(ProtoError::Unexpected { expected: "the end", got: other.name().into() }),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
 /// The checksum every chunk travels with.
 pub fn chunk_sum(data: &[u8]) -> u64 {
     xxh3_64(data)

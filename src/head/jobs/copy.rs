@@ -12,12 +12,11 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{Jobs, Owner, State, now_ms};
-use crate::auth::agent_handshake;
 use crate::head::cluster::NodeState;
 use crate::jobs::Spec;
 use crate::jobs::copy::{self, Branch, CHUNK, FileFacts, FileSum, Plan};
 use crate::nodeset::NodeSet;
-use crate::proto::{Conn, Frame, Message, ProtoError};
+use crate::proto::{Frame, ProtoError};
 
 /// The relay tree's width when the spec gives none.
 const DEFAULT_FANOUT: u32 = 8;
@@ -250,16 +249,8 @@ pub(crate) async fn send_file(
     src: &str,
     plan: Plan,
 ) -> Result<(), ProtoError> {
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&plan.tree.addr))
-        .await
-        .map_err(|_| ProtoError::Timeout("the relay connection"))??;
-    let _ = stream.set_nodelay(true);
-    let mut conn = Conn::new(stream, max_frame);
-    tokio::time::timeout(Duration::from_secs(5), agent_handshake(&mut conn, secret, &plan.tree.node))
-        .await
-        .map_err(|_| ProtoError::Timeout("the relay handshake"))??;
     let size = plan.file.size;
-    conn.send(&Message::Copy { plan: Box::new(plan) }).await?;
+    let mut conn = copy::open_feed(secret, max_frame, plan).await?;
     let mut f = tokio::fs::File::open(src).await?;
     let mut offset = 0u64;
     while offset < size {
@@ -269,13 +260,5 @@ pub(crate) async fn send_file(
         conn.send_frame(&Frame::Chunk { offset, sum, data: Bytes::from(buf) }).await?;
         offset += CHUNK as u64;
     }
-    // The relay closes the connection once it has the whole file.
-    match tokio::time::timeout(Duration::from_secs(600), conn.recv())
-        .await
-        .map_err(|_| ProtoError::Timeout("the end of the copy"))?
-    {
-        Err(ProtoError::Closed) => Ok(()),
-        Ok(other) => Err(ProtoError::Unexpected { expected: "the end", got: other.name().into() }),
-        Err(e) => Err(e),
-    }
+    copy::close_feed(&mut conn, Duration::from_secs(600)).await
 }

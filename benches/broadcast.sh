@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Sends a BENCH_COPY_MIB MiB file to 4 and to 16 agents, each in its own network namespace
+# whose veth link (and the head's) is limited to 1 Gbit/s each way with tc, and prints a
+# Markdown table: time against the ideal (size / link speed) for a chain (fanout=1), a tree of
+# width 2, and a star (the head sends to every node itself: fanout >= nodes).
+#   BENCH_COPY_MIB=1024 BENCH_LINK=1gbit benches/broadcast.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MIB=${BENCH_COPY_MIB:-1024}
+LINK=${BENCH_LINK:-1gbit}
+COUNTS=${BENCH_COPY_NODES:-4 16}
+MAX=16
+work=$(mktemp -d /tmp/clusterfs-bench.XXXXXX)
+chmod 755 "$work"
+cleanup() {
+  set +e
+  pkill -f "clusterfs-agent --head 10.77.0.1" 2>/dev/null
+  [ -n "${head:-}" ] && kill "$head" 2>/dev/null && wait "$head" 2>/dev/null
+  for _ in 1 2 3 4 5; do mountpoint -q "$work/mnt" && umount -l "$work/mnt"; sleep 0.2; done
+  mountpoint -q "$work/dest" && umount -l "$work/dest"
+  for i in $(seq 1 $MAX); do ip netns del "cfbn$i" 2>/dev/null; done
+  ip netns del cfbsw 2>/dev/null
+  ip link del cfh0 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+now() { date +%s.%N; }
+limit() { tc qdisc add dev "$1" root tbf rate "$LINK" burst 512kb latency 100ms; }
+
+# A switch namespace with a bridge; the head's link and each node's link are veth pairs into it.
+ip netns add cfbsw
+ip -n cfbsw link add br0 type bridge
+ip -n cfbsw link set br0 up
+ip link add cfh0 type veth peer name cfh1 netns cfbsw
+ip addr add 10.77.0.1/24 dev cfh0
+ip link set cfh0 up
+ip -n cfbsw link set cfh1 master br0 up
+limit cfh0
+ip netns exec cfbsw bash -c "$(declare -f limit); LINK=$LINK; limit cfh1"
+for i in $(seq 1 $MAX); do
+  ip netns add "cfbn$i"
+  ip -n "cfbn$i" link set lo up
+  ip link add "cfn${i}a" netns "cfbn$i" type veth peer name "cfn${i}b" netns cfbsw
+  ip -n "cfbn$i" addr add "10.77.0.$((10 + i))/24" dev "cfn${i}a"
+  ip -n "cfbn$i" link set "cfn${i}a" up
+  ip -n cfbsw link set "cfn${i}b" master br0 up
+  ip netns exec "cfbn$i" bash -c "$(declare -f limit); LINK=$LINK; limit cfn${i}a"
+  ip netns exec cfbsw bash -c "$(declare -f limit); LINK=$LINK; limit cfn${i}b"
+done
+
+# The file, and a tmpfs for the copies (made before the agents' namespaces copy the mounts).
+head -c "${MIB}M" /dev/urandom > "$work/src.bin"
+mkdir -p "$work/dest" "$work/mnt"
+mount -t tmpfs -o size=$(((MIB + 64) * MAX))m tmpfs "$work/dest"
+target/release/clusterfs mount "$work/mnt" --state "$work/state" --listen 10.77.0.1:0 \
+  > /dev/null 2> "$work/head.log" &
+head=$!
+for _ in $(seq 1 100); do [ -s "$work/state/head.addr" ] && break; sleep 0.1; done
+addr=$(cat "$work/state/head.addr")
+for i in $(seq 1 $MAX); do
+  ip netns exec "cfbn$i" target/release/clusterfs-agent --head "$addr" --name "bn$i" \
+    --secret-file "$work/state/secret" --state "$work/agent$i" --relay-listen "10.77.0.$((10 + i)):0" \
+    > /dev/null 2> "$work/agent$i.log" &
+done
+for _ in $(seq 1 200); do [ "$(cat "$work/mnt/nodes/up" 2>/dev/null)" = "bn[1-$MAX]" ] && break; sleep 0.1; done
+
+# copy NODES FANOUT: seconds from submission to the job's end (checked: every node passed).
+copy() {
+  local id t0 t1
+  rm -rf "${work:?}/dest/"*
+  t0=$(now)
+  exec 3<> "$work/mnt/jobs/new"
+  printf '#CLUSTER nodes=bn[1-%s] copy=%s dest=%s/%%n.bin fanout=%s\n' "$1" "$work/src.bin" "$work/dest" "$2" >&3
+  read -r id <&3
+  exec 3>&-
+  cat "$work/mnt/jobs/$id/wait" > /dev/null
+  t1=$(now)
+  grep -q "^PASS: .*SUM: $1\$" "$work/mnt/jobs/$id/summary" || { cat "$work/mnt/jobs/$id/summary" >&2; exit 1; }
+  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
+}
+ideal=$(awk -v m="$MIB" -v l="${LINK%gbit}" 'BEGIN { printf "%.2f", m * 1048576 * 8 / (l * 1e9) }')
+rows=""
+for n in $COUNTS; do
+  for f in 1 2 "$n"; do
+    t=$(copy "$n" "$f")
+    kind=$([ "$f" = "$n" ] && echo "star" || echo "tree, fanout $f")
+    rows+="| $n | $kind | $t | $(awk -v t="$t" -v i="$ideal" 'BEGIN { printf "%.2fx", t / i }') |"$'\n'
+  done
+done
+cat <<EOF
+## Broadcast: ${MIB} MiB to agents in network namespaces, links limited to $LINK
+
+Each agent is in its own network namespace, and each link (every node's and the head's) is a
+veth pair limited to $LINK each way with \`tc tbf\`; copies land on a tmpfs. Time is from the
+write to \`jobs/new\` to \`wait\` returning, every node checked (chunk and whole-file
+checksums) and renamed in place. Ideal: size / link speed = $ideal s.
+
+| nodes | shape | seconds | vs ideal |
+|---|---|---|---|
+$rows
+EOF

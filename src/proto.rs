@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 use crate::jobs::copy::Plan;
 use crate::jobs::{Exit, Run, RunStatus};
@@ -141,6 +141,12 @@ impl Frame {
     /// Encodes the payload (kind byte + body), without the length prefix.
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::new();
+        self.encode_into(&mut out);
+        out.freeze()
+    }
+
+    /// Appends the payload to `out` (file data is copied once, straight into the send buffer).
+    fn encode_into(&self, out: &mut BytesMut) {
         match self {
             Frame::Message(m) => {
                 out.put_u8(b'J');
@@ -159,26 +165,28 @@ impl Frame {
                 out.extend_from_slice(data);
             }
         }
-        out.freeze()
     }
 
     /// Decodes a payload; never panics on any input.
     pub fn decode(payload: &[u8]) -> Result<Frame, ProtoError> {
+        Frame::decode_bytes(Bytes::copy_from_slice(payload))
+    }
+
+    /// Decodes a payload it owns: the data of bulk and chunk frames is a view of it, not a copy.
+    fn decode_bytes(payload: Bytes) -> Result<Frame, ProtoError> {
+        let data_at = |payload: &Bytes| payload.slice(17..);
         match payload.split_first() {
             Some((b'J', body)) => serde_json::from_slice(body)
                 .map(Frame::Message)
                 .map_err(|e| ProtoError::BadFrame(format!("message: {e}"))),
-            Some((b'B', body)) if body.len() >= 16 => {
-                let (head, data) = body.split_at(16);
-                let stream = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
-                let offset = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
-                Ok(Frame::Bulk { stream, offset, data: Bytes::copy_from_slice(data) })
-            }
-            Some((b'C', body)) if body.len() >= 16 => {
-                let (head, data) = body.split_at(16);
-                let offset = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
-                let sum = u64::from_be_bytes(head[8..].try_into().expect("8 bytes"));
-                Ok(Frame::Chunk { offset, sum, data: Bytes::copy_from_slice(data) })
+            Some((kind @ (b'B' | b'C'), body)) if body.len() >= 16 => {
+                let first = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+                let second = u64::from_be_bytes(body[8..16].try_into().expect("8 bytes"));
+                let data = data_at(&payload);
+                Ok(match kind {
+                    b'B' => Frame::Bulk { stream: first, offset: second, data },
+                    _ => Frame::Chunk { offset: first, sum: second, data },
+                })
             }
             Some((b'B' | b'C', _)) => Err(ProtoError::BadFrame("data frame shorter than its header".into())),
             Some((k, _)) => Err(ProtoError::BadFrame(format!("unknown frame kind {k:#04x}"))),
@@ -187,16 +195,51 @@ impl Frame {
     }
 }
 
+/// Frames on the wire: a 4-byte big-endian length, then the payload. Frames longer than the
+/// limit are an error.
+#[derive(Debug)]
+struct FrameCodec {
+    lengths: LengthDelimitedCodec,
+    max_frame: usize,
+}
+
+impl Decoder for FrameCodec {
+    type Item = Bytes;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, std::io::Error> {
+        Ok(self.lengths.decode(src)?.map(BytesMut::freeze))
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), std::io::Error> {
+        let at = dst.len();
+        dst.put_u32(0);
+        frame.encode_into(dst);
+        let len = dst.len() - at - 4;
+        if len > self.max_frame {
+            dst.truncate(at);
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over the size limit"));
+        }
+        let len = u32::try_from(len).map_err(|_| std::io::Error::other("frame over 4 GiB"))?;
+        dst[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        Ok(())
+    }
+}
+
 /// A framed connection.
 #[derive(Debug)]
 pub struct Conn<S> {
-    inner: Framed<S, LengthDelimitedCodec>,
+    inner: Framed<S, FrameCodec>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn new(stream: S, max_frame: usize) -> Conn<S> {
-        let codec = LengthDelimitedCodec::builder().max_frame_length(max_frame).new_codec();
-        Conn { inner: Framed::new(stream, codec) }
+        let lengths = LengthDelimitedCodec::builder().max_frame_length(max_frame).new_codec();
+        Conn { inner: Framed::new(stream, FrameCodec { lengths, max_frame }) }
     }
 
     pub async fn send(&mut self, msg: &Message) -> Result<(), ProtoError> {
@@ -204,14 +247,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     pub async fn send_frame(&mut self, frame: &Frame) -> Result<(), ProtoError> {
-        self.inner.send(frame.encode()).await?;
+        self.inner.send(frame).await?;
         Ok(())
     }
 
     /// The next frame; an oversized or undecodable frame is an error.
     pub async fn recv_frame(&mut self) -> Result<Frame, ProtoError> {
         match self.inner.next().await {
-            Some(Ok(buf)) => Frame::decode(&buf),
+            Some(Ok(buf)) => Frame::decode_bytes(buf),
             Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                 Err(ProtoError::BadFrame(format!("frame over the size limit: {e}")))
             }

@@ -79,13 +79,15 @@ impl Jobs {
             (None, None) => (State::Failed, String::new()),
         };
         info!(job = run, node, code = exit.code, state = state.word(), "job ended");
-        let _ = self.update(run, |j| {
+        let ended = self.update_later(run, |j| {
             j.state = state;
             j.reason = reason;
             j.exit = Some(exit);
             j.ended_ms = Some(now_ms());
         });
-        self.forget_later(node, run);
+        if let Ok((_, ticket)) = ended {
+            self.forget_when_durable(node, run, ticket);
+        }
         None
     }
 }

@@ -317,6 +317,18 @@ impl Jobs {
         });
     }
 
+    /// Tells `node`'s agent it may drop `run` once the store has what `ticket` carries (its end):
+    /// until then the agent keeps it, so a head that stops first learns the end again.
+    fn forget_when_durable(self: &Arc<Self>, node: &str, run: u64, ticket: u64) {
+        let (this, node) = (self.clone(), node.to_string());
+        tokio::spawn(async move {
+            let jobs = this.clone();
+            if let Ok(Ok(())) = tokio::task::spawn_blocking(move || jobs.durable(ticket)).await {
+                this.forget_later(&node, run);
+            }
+        });
+    }
+
     pub fn spool_path(&self, id: u64, stream: u64) -> PathBuf {
         self.spool.join(id.to_string()).join(if stream == STDOUT { "stdout" } else { "stderr" })
     }
@@ -338,6 +350,14 @@ impl Jobs {
     /// store in the order they happened; the commit is waited for after the lock is let go, so
     /// no reader of the job (a FUSE thread) waits on the disk.
     fn update(&self, id: u64, f: impl FnOnce(&mut Job)) -> Result<Job, FsError> {
+        let (job, ticket) = self.update_later(id, f)?;
+        self.durable(ticket).map(|()| job)
+    }
+
+    /// `update` without waiting for the store: the new job and the ticket its commit has. For
+    /// the paths that must not hold a task on the disk (many agents' reports at once share one
+    /// commit instead of each waiting for its own).
+    fn update_later(&self, id: u64, f: impl FnOnce(&mut Job)) -> Result<(Job, u64), FsError> {
         let (job, ticket) = {
             let mut entry = self.jobs.get_mut(&id).ok_or_else(|| FsError::not_found(format!("job {id}")))?;
             let mut job = entry.clone();
@@ -346,9 +366,8 @@ impl Jobs {
             *entry = job.clone();
             (job, ticket)
         };
-        let durable = self.durable(ticket);
         self.changed.notify_waiters();
-        durable.map(|()| job)
+        Ok((job, ticket))
     }
 
     /// Creates a job from a checked spec; `held` while its writer may still add to it. Returns

@@ -322,7 +322,9 @@ impl Jobs {
             match this.cluster.request(&node, Op::Run(Box::new(this.run_of(&job))), timeout).await {
                 Ok(Reply::Started | Reply::Known) => {
                     this.dispatching.remove(&job.id);
-                    let _ = this.update(job.id, |j| j.confirmed = true);
+                    // Not waited for: a confirmation lost with a crash only means asking again
+                    // (the agent answers `known`).
+                    let _ = this.update_later(job.id, |j| j.confirmed = true);
                     return;
                 }
                 Ok(other) => warn!(job = job.id, ?other, "unexpected answer to a run"),

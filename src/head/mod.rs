@@ -91,6 +91,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), listener, secret)),
         tokio::spawn(jobs.clone().scheduler()),
     ];
+    jobs.resume_copies();
     Ok(Head { addr, cluster, jobs, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
 }
 

@@ -180,3 +180,36 @@ fn a_relay_killed_mid_copy_is_routed_around_and_named() {
     }
     assert!(!root.join("cr2.bin").exists(), "a failed copy leaves no file");
 }
+
+#[test]
+fn a_copy_survives_a_head_crash() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let mut c = Cluster::up("cn0", 200);
+    // Agents of their own: `clusterfs up`'s local agent ends with its head.
+    for n in 1..=3 {
+        c.agent(&format!("cr{n}"));
+    }
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn0,cr[1-3]\n"));
+    let src = source(&c, "cfalice", 300);
+    let want = sum_of(&src);
+    let root = dest_root(&c, "cfalice");
+    let spec = format!("#CLUSTER nodes=cr[1-3] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
+    let id = submit_as(&c, "cfalice", &spec);
+    let j = format!("jobs/{id}");
+    let size = 300 * MIB;
+    let under_way = eventually(Duration::from_secs(60), || {
+        let p = c.read(&format!("{j}/progress"));
+        progress_of(&p, "cr1").is_some_and(|b| b > 0 && b < size)
+    });
+    assert!(under_way, "the copy was never seen under way: {}", c.read(&format!("{j}/progress")));
+    c.crash_head();
+    c.start_head();
+    assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("{j}/summary")));
+    assert_eq!(c.read(&format!("{j}/summary")), "PASS: cr[1-3], SUM: 3\n");
+    for node in ["cr1", "cr2", "cr3"] {
+        assert_eq!(sum_of(&root.join(format!("{node}.bin"))), want, "{node}");
+    }
+}

@@ -138,6 +138,23 @@ impl Jobs {
         });
     }
 
+    /// After a head restart: feeds again the copy jobs that were running (their nodes skip
+    /// what they already have).
+    pub fn resume_copies(self: &Arc<Self>) {
+        for (id, spread) in
+            self.scan(|j| (j.state == State::Running && j.spec.copy.is_some()).then(|| (j.id, j.spread.clone())))
+        {
+            let Some(spread) = spread else { continue };
+            let runs: Vec<(String, u64)> = self
+                .spread_runs(&spread, spread.attempts.len().checked_sub(1))
+                .into_iter()
+                .filter_map(|(node, run)| Some((node, run.filter(|r| r.state == State::Running)?.id)))
+                .collect();
+            info!(job = id, nodes = runs.len(), "resuming a copy");
+            self.drive_copy(id, runs);
+        }
+    }
+
     /// Sends copy job `id`'s file to the nodes of `runs` (node, run) down a relay tree, from a
     /// task: the head feeds the top of the tree; a node that drops out (down, or its feed
     /// fails) is reported lost and the head feeds its children itself, from the start.
@@ -166,11 +183,14 @@ impl Jobs {
                 }
             };
             let _ = this.update(id, |j| j.copy_size = Some(facts.size));
-            // The nodes' agents accept their runs first: a relay connection names its run.
+            // The nodes' agents accept their runs first (a relay connection names its run), and
+            // are connected (after a head restart they come back within moments).
             let deadline = Instant::now() + CONFIRM_WAIT;
-            while Instant::now() < deadline
-                && !runs.iter().all(|(_, r)| this.with(*r, |j| j.confirmed || j.state.ended()).unwrap_or(true))
-            {
+            let ready = |node: &str, run: u64| {
+                this.with(run, |j| j.state.ended() || (j.confirmed && this.cluster.relay(node).is_some()))
+                    .unwrap_or(true)
+            };
+            while Instant::now() < deadline && !runs.iter().all(|(node, r)| ready(node, *r)) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let mut leaves = Vec::new();

@@ -269,13 +269,21 @@ mod tests {
     fn a_run_is_started_once_and_listed_until_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let r = Runner::new(dir.path().join("runs")).unwrap();
-        // The shim is this test binary, which does not know --shim: the run fails to run
-        // its script, but it was started exactly once and is listed.
+        // The shim is this test binary, which does not know --shim: it ends at once without an
+        // exit status, but the run was started exactly once and is listed.
         assert_eq!(r.start(&run(7)).unwrap(), Started::Now);
         assert_eq!(r.start(&run(7)).unwrap(), Started::Before);
         assert_eq!(r.list().iter().map(|s| s.run).collect::<Vec<_>>(), vec![7]);
+        // A supervisor gone without an exit status: the run ends as such, once.
+        let ended = (0..500).find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            r.status(7).exit
+        });
+        let ended = ended.expect("the run never ended");
+        assert_eq!((ended.code, ended.reason.as_deref()), (255, Some("its supervisor died")));
+        // The first complete exit stays.
         write_exit(&r.run_dir(7), &Exit { code: 0, signal: None, reason: None }).unwrap();
-        assert_eq!(r.status(7).exit.unwrap().code, 0);
+        assert_eq!(r.status(7).exit.unwrap().code, 255);
         r.forget(7);
         assert!(r.list().is_empty());
     }

@@ -224,13 +224,13 @@ async fn execute(
             })
         }
         Op::Signal { run, signal } => {
-            if relay.abort(run, &format!("stopped by signal {signal}")).await {
+            if relay.abort(run, &format!("stopped by signal {signal}")) {
                 return Ok(Reply::Done);
             }
             runner.signal(run, signal).map(|sent| if sent { Reply::Done } else { Reply::NotYet })
         }
         Op::Forget { run } => {
-            relay.abort(run, "forgotten by the head").await;
+            relay.abort(run, "forgotten by the head");
             relay.forget(run);
             let r = runner.clone();
             let _ = tokio::task::spawn_blocking(move || r.forget(run)).await;

@@ -148,10 +148,13 @@ impl Relay {
         });
     }
 
-    /// Stops copy run `run` (killed or forgotten); true if it was one.
-    pub async fn abort(&self, run: u64, why: &str) -> bool {
+    /// Stops copy run `run` (killed or forgotten), from a task: its feeds stop at once, and it
+    /// ends as soon as a chunk being passed on has gone. True if it was a copy run.
+    pub fn abort(self: &Arc<Self>, run: u64, why: &str) -> bool {
         let Some(inc) = self.incoming.get(&run).map(|i| i.clone()) else { return false };
-        self.end(&inc, &mut *inc.state.lock().await, Err(why.to_string())).await;
+        let _ = inc.over.send(true);
+        let (relay, why) = (self.clone(), why.to_string());
+        tokio::spawn(async move { relay.end(&inc, &mut *inc.state.lock().await, Err(why)).await });
         true
     }
 
@@ -240,7 +243,7 @@ impl Relay {
     /// Takes one checked chunk: writes and forwards what is new of it. False once the run ended.
     async fn take(&self, inc: &Arc<Incoming>, offset: u64, data: Bytes) -> Result<bool, ProtoError> {
         let mut st = inc.state.lock().await;
-        if st.ended {
+        if st.ended || *inc.over.borrow() {
             return Ok(false);
         }
         let end = offset + data.len() as u64;
@@ -302,9 +305,12 @@ impl Relay {
                 }
                 None
             }
-            Err(why) => Some(why),
+            Err(why) => {
+                // Closing the channel without a commit makes the writer remove its temporary file.
+                drop(writer);
+                Some(why)
+            }
         };
-        // Dropping the channel without a commit makes the writer remove its temporary file.
         let written = st.written.take();
         let result = tokio::task::spawn_blocking(move || match written {
             Some(rx) => rx.recv().unwrap_or_else(|_| Err("the copy writer died".into())),

@@ -213,3 +213,61 @@ fn a_copy_survives_a_head_crash() {
         assert_eq!(sum_of(&root.join(format!("{node}.bin"))), want, "{node}");
     }
 }
+
+#[test]
+fn a_killed_copy_leaves_no_file() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn[0-3]", 200);
+    let src = source(&c, "cfalice", 300);
+    let root = dest_root(&c, "cfalice");
+    let spec = format!("#CLUSTER nodes=cn[0-3] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
+    let id = submit_as(&c, "cfalice", &spec);
+    let j = format!("jobs/{id}");
+    let under_way = eventually(Duration::from_secs(60), || {
+        let p = c.read(&format!("{j}/progress"));
+        progress_of(&p, "cn3").is_some_and(|b| b > 0 && b < 300 * MIB)
+    });
+    assert!(under_way, "the copy was never seen under way: {}", c.read(&format!("{j}/progress")));
+    let (code, _, err) = sh_as("cfalice", &format!("echo kill > {}/ctl", c.path(&j).display()));
+    assert_eq!(code, 0, "{err}");
+    wait(&c, id);
+    assert_eq!(c.read(&format!("{j}/state")), "killed by cfalice\n");
+    let state = c.read(&format!("{j}/nodes/cn3/state"));
+    assert_eq!(state, "killed by cfalice\n");
+    let left: Vec<String> =
+        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert!(left.iter().all(|n| !n.starts_with(".cn3.bin.")), "a temporary file was left: {left:?}");
+}
+
+#[test]
+fn a_source_changed_mid_copy_fails_its_checksum_and_leaves_no_file() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn[0-2]", 200);
+    let src = source(&c, "cfalice", 300);
+    let root = dest_root(&c, "cfalice");
+    let spec = format!("#CLUSTER nodes=cn[0-2] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
+    let id = submit_as(&c, "cfalice", &spec);
+    let j = format!("jobs/{id}");
+    let under_way = eventually(Duration::from_secs(60), || {
+        let p = c.read(&format!("{j}/progress"));
+        progress_of(&p, "cn0").is_some_and(|b| b > 0 && b < 200 * MIB)
+    });
+    assert!(under_way, "the copy was never seen under way: {}", c.read(&format!("{j}/progress")));
+    // The last MiB changes after its checksum was taken and before it is sent.
+    let (code, _, err) =
+        sh(&format!("dd if=/dev/zero of={} bs=1M seek=299 count=1 conv=notrunc status=none", src.display()));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(wait(&c, id), "1\n", "{}", c.read(&format!("{j}/summary")));
+    assert_eq!(c.read(&format!("{j}/summary")), "PASS: , SUM: 0\nFAILED: cn[0-2], SUM: 3\n");
+    let state = c.read(&format!("{j}/nodes/cn2/state"));
+    assert!(state.contains("checksum does not match"), "{state}");
+    let left: Vec<String> =
+        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert!(left.is_empty(), "a failed copy left files: {left:?}");
+}

@@ -213,6 +213,10 @@ impl Jobs {
             }
             let mut dropped: HashSet<u64> = HashSet::new();
             loop {
+                // A killed copy is ended by its nodes; nothing is routed around any more.
+                if this.with(id, |j| j.killed_by.is_some() || j.state.ended()).unwrap_or(true) {
+                    break;
+                }
                 let open: Vec<&Branch> =
                     branches.values().filter(|b| !this.with(b.run, |j| j.state.ended()).unwrap_or(true)).collect();
                 if open.is_empty() {

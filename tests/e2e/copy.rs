@@ -56,6 +56,22 @@ fn progress_of(text: &str, node: &str) -> Option<u64> {
     })
 }
 
+/// Waits until `node` of copy job `j` has more than 0 and less than `below` bytes.
+fn await_under_way(c: &Cluster, j: &str, node: &str, below: u64) {
+    let seen = eventually(Duration::from_secs(60), || {
+        progress_of(&c.read(&format!("{j}/progress")), node).is_some_and(|b| b > 0 && b < below)
+    });
+    assert!(seen, "{node}'s copy was never seen under way: {}", c.read(&format!("{j}/progress")));
+}
+
+/// The names in a directory of the host.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn a_file_lands_byte_identical_on_20_nodes_with_its_metadata() {
     if !crate::can_mount() {
@@ -84,9 +100,7 @@ fn a_file_lands_byte_identical_on_20_nodes_with_its_metadata() {
         assert_eq!((m.mtime(), m.mtime_nsec()), (src_meta.mtime(), src_meta.mtime_nsec()), "{}", f.display());
         // Parents were made as the user; no temporary file is left.
         assert_eq!(std::fs::metadata(&dir).unwrap().uid(), src_meta.uid());
-        let names: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
-        assert_eq!(names, ["big.bin"]);
+        assert_eq!(names_in(&dir), ["big.bin"]);
         assert_eq!(sum_of(&f), want, "{} differs", f.display());
     }
 }
@@ -163,11 +177,7 @@ fn a_relay_killed_mid_copy_is_routed_around_and_named() {
     let id = submit_as(&c, "cfalice", &spec);
     let j = format!("jobs/{id}");
     let size = 300 * MIB;
-    let mid = eventually(Duration::from_secs(60), || {
-        let p = c.read(&format!("{j}/progress"));
-        progress_of(&p, "cr2").is_some_and(|b| b > 0)
-    });
-    assert!(mid, "cr2 never got data: {}", c.read(&format!("{j}/progress")));
+    await_under_way(&c, &j, "cr2", u64::MAX);
     c.kill_agent(relays[1]);
     let p = c.read(&format!("{j}/progress"));
     assert!(progress_of(&p, "cr2").is_some_and(|b| b < size), "cr2 was done before it was killed: {p}");
@@ -200,11 +210,7 @@ fn a_copy_survives_a_head_crash() {
     let id = submit_as(&c, "cfalice", &spec);
     let j = format!("jobs/{id}");
     let size = 300 * MIB;
-    let under_way = eventually(Duration::from_secs(60), || {
-        let p = c.read(&format!("{j}/progress"));
-        progress_of(&p, "cr1").is_some_and(|b| b > 0 && b < size)
-    });
-    assert!(under_way, "the copy was never seen under way: {}", c.read(&format!("{j}/progress")));
+    await_under_way(&c, &j, "cr1", size);
     c.crash_head();
     c.start_head();
     assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("{j}/summary")));
@@ -226,19 +232,14 @@ fn a_killed_copy_leaves_no_file() {
     let spec = format!("#CLUSTER nodes=cn[0-3] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
     let id = submit_as(&c, "cfalice", &spec);
     let j = format!("jobs/{id}");
-    let under_way = eventually(Duration::from_secs(60), || {
-        let p = c.read(&format!("{j}/progress"));
-        progress_of(&p, "cn3").is_some_and(|b| b > 0 && b < 300 * MIB)
-    });
-    assert!(under_way, "the copy was never seen under way: {}", c.read(&format!("{j}/progress")));
+    await_under_way(&c, &j, "cn3", 300 * MIB);
     let (code, _, err) = sh_as("cfalice", &format!("echo kill > {}/ctl", c.path(&j).display()));
     assert_eq!(code, 0, "{err}");
     wait(&c, id);
     assert_eq!(c.read(&format!("{j}/state")), "killed by cfalice\n");
     let state = c.read(&format!("{j}/nodes/cn3/state"));
     assert_eq!(state, "killed by cfalice\n");
-    let left: Vec<String> =
-        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    let left = names_in(&root);
     assert!(left.iter().all(|n| !n.starts_with(".cn3.bin.")), "a temporary file was left: {left:?}");
 }
 
@@ -254,11 +255,7 @@ fn a_source_changed_mid_copy_fails_its_checksum_and_leaves_no_file() {
     let spec = format!("#CLUSTER nodes=cn[0-2] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
     let id = submit_as(&c, "cfalice", &spec);
     let j = format!("jobs/{id}");
-    let under_way = eventually(Duration::from_secs(60), || {
-        let p = c.read(&format!("{j}/progress"));
-        progress_of(&p, "cn0").is_some_and(|b| b > 0 && b < 200 * MIB)
-    });
-    assert!(under_way, "the copy was never seen under way: {}", c.read(&format!("{j}/progress")));
+    await_under_way(&c, &j, "cn0", 200 * MIB);
     // The last MiB changes after its checksum was taken and before it is sent.
     let (code, _, err) =
         sh(&format!("dd if=/dev/zero of={} bs=1M seek=299 count=1 conv=notrunc status=none", src.display()));
@@ -267,7 +264,6 @@ fn a_source_changed_mid_copy_fails_its_checksum_and_leaves_no_file() {
     assert_eq!(c.read(&format!("{j}/summary")), "PASS: , SUM: 0\nFAILED: cn[0-2], SUM: 3\n");
     let state = c.read(&format!("{j}/nodes/cn2/state"));
     assert!(state.contains("checksum does not match"), "{state}");
-    let left: Vec<String> =
-        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    let left = names_in(&root);
     assert!(left.is_empty(), "a failed copy left files: {left:?}");
 }

@@ -21,7 +21,7 @@ use clusterfs::jobs::{Exit, Run};
 use clusterfs::proto::{Conn, Frame, Message, ProtoError};
 use dashmap::DashMap;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, Notify, mpsc, watch};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::runner::write_exit;
@@ -62,7 +62,7 @@ struct Receive {
     have: u64,
     sum: FileSum,
     writer: Option<mpsc::Sender<Write>>,
-    written: Option<std::sync::mpsc::Receiver<Result<(), String>>>,
+    written: Option<oneshot::Receiver<Result<(), String>>>,
     children: Vec<mpsc::Sender<Frame>>,
     ended: bool,
 }
@@ -201,7 +201,7 @@ impl Relay {
                 // This feed is broken; another one may still bring the data.
                 return Err(ProtoError::BadFrame(format!("the chunk at byte {offset} fails its checksum")));
             }
-            if !self.take(&inc, offset, data).await? {
+            if !self.take(&inc, offset, sum, data).await? {
                 return Ok(());
             }
         }
@@ -214,7 +214,7 @@ impl Relay {
             return;
         }
         let (tx, rx) = mpsc::channel(QUEUE);
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = oneshot::channel();
         let (run, file, dest) = (inc.run.clone(), plan.file.clone(), plan.tree.dest.clone());
         let spawned = std::thread::Builder::new().name(format!("copy-{}", run.run)).spawn(move || {
             let _ = done_tx.send(write_file(&run, &file, &dest, rx));
@@ -240,37 +240,36 @@ impl Relay {
         st.plan = Some(plan);
     }
 
-    /// Takes one checked chunk: writes and forwards what is new of it. False once the run ended.
-    async fn take(&self, inc: &Arc<Incoming>, offset: u64, data: Bytes) -> Result<bool, ProtoError> {
+    /// Takes one checked chunk (`sum` is its checksum): writes and forwards it unless this node
+    /// has it already (a second feed starts from byte 0). Every feed sends the same chunks, so
+    /// a new one starts exactly where this node is. False once the run ended.
+    async fn take(&self, inc: &Arc<Incoming>, offset: u64, sum: u64, data: Bytes) -> Result<bool, ProtoError> {
         let mut st = inc.state.lock().await;
         if st.ended || *inc.over.borrow() {
             return Ok(false);
         }
         let end = offset + data.len() as u64;
-        if offset > st.have {
-            return Err(ProtoError::BadFrame(format!("a gap: byte {offset} came before byte {}", st.have)));
-        }
         if end <= st.have {
             return Ok(true);
         }
-        let at = st.have;
-        let new = if offset == at { data } else { data.slice(usize::try_from(at - offset).unwrap_or(0)..) };
-        let sum = chunk_sum(&new);
+        if offset != st.have {
+            return Err(ProtoError::BadFrame(format!("the chunk at byte {offset} does not follow byte {}", st.have)));
+        }
         if let Some(w) = &st.writer
-            && w.send(Write::Data(at, new.clone())).await.is_err()
+            && w.send(Write::Data(offset, data.clone())).await.is_err()
         {
             // The writer stopped (its error is read at the end); the children still get the file.
             st.writer = None;
         }
         let mut alive = Vec::with_capacity(st.children.len());
         for child in std::mem::take(&mut st.children) {
-            let frame = Frame::Chunk { offset: at, sum, data: new.clone() };
+            let frame = Frame::Chunk { offset, sum, data: data.clone() };
             if let Ok(Ok(())) = tokio::time::timeout(CHILD_WAIT, child.send(frame)).await {
                 alive.push(child);
             }
         }
         st.children = alive;
-        st.sum.update(&new);
+        st.sum.update(&data);
         st.have = end;
         inc.bytes.store(end, Ordering::Relaxed);
         if let Ok(mut t) = inc.last_data.lock() {
@@ -311,13 +310,10 @@ impl Relay {
                 Some(why)
             }
         };
-        let written = st.written.take();
-        let result = tokio::task::spawn_blocking(move || match written {
-            Some(rx) => rx.recv().unwrap_or_else(|_| Err("the copy writer died".into())),
+        let result = match st.written.take() {
+            Some(rx) => rx.await.unwrap_or_else(|_| Err("the copy writer died".into())),
             None => Err("the copy never began".into()),
-        })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+        };
         let exit = match (outcome, result) {
             (None, Ok(())) => Exit { code: 0, signal: None, reason: None },
             (Some(why), _) | (None, Err(why)) => {

@@ -1,7 +1,13 @@
 //! File copies as both sides see them: the file's facts, the relay tree, and chunk checksums.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+
+use crate::auth::{Secret, agent_handshake};
+use crate::proto::{Conn, Message, ProtoError};
 
 /// Bytes of file in one chunk frame.
 pub const CHUNK: usize = 1 << 20;
@@ -41,19 +47,13 @@ pub struct Plan {
 
 /// Dials the relay of `plan.tree`, authenticates, and sends the plan: the connection is then
 /// ready for the file's chunks. Used by the head and by agents feeding their children.
-pub async fn open_feed(
-    secret: &crate::auth::Secret,
-    max_frame: usize,
-    plan: Plan,
-) -> Result<crate::proto::Conn<tokio::net::TcpStream>, crate::proto::ProtoError> {
-    use crate::proto::{Conn, Message, ProtoError};
-    use std::time::Duration;
-    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(&plan.tree.addr))
+pub async fn open_feed(secret: &Secret, max_frame: usize, plan: Plan) -> Result<Conn<TcpStream>, ProtoError> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&plan.tree.addr))
         .await
         .map_err(|_| ProtoError::Timeout("the relay connection"))??;
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::new(stream, max_frame);
-    tokio::time::timeout(Duration::from_secs(5), crate::auth::agent_handshake(&mut conn, secret, &plan.tree.node))
+    tokio::time::timeout(Duration::from_secs(5), agent_handshake(&mut conn, secret, &plan.tree.node))
         .await
         .map_err(|_| ProtoError::Timeout("the relay handshake"))??;
     conn.send(&Message::Copy { plan: Box::new(plan) }).await?;
@@ -62,11 +62,7 @@ pub async fn open_feed(
 
 /// Waits, after the last chunk, for the relay to close the connection: it does once it has
 /// the whole file (or `wait` passes).
-pub async fn close_feed(
-    conn: &mut crate::proto::Conn<tokio::net::TcpStream>,
-    wait: std::time::Duration,
-) -> Result<(), crate::proto::ProtoError> {
-    use crate::proto::ProtoError;
+pub async fn close_feed(conn: &mut Conn<TcpStream>, wait: Duration) -> Result<(), ProtoError> {
     match tokio::time::timeout(wait, conn.recv()).await {
         Ok(Err(ProtoError::Closed)) => Ok(()),
         Err(_) => Err(ProtoError::Timeout("the end of the copy")),

@@ -268,7 +268,7 @@ impl JobsView {
         }
     }
 
-    /// A job or array task file: the job and the file name.
+    /// The directory and the file a path names (a directory itself is EISDIR).
     fn file<'p>(&self, path: &'p [&'p str]) -> Result<(At, &'p str)> {
         match self.resolve(path)? {
             (at, Some(file)) => Ok((at, file)),

@@ -56,6 +56,25 @@ fn progress_of(text: &str, node: &str) -> Option<u64> {
     })
 }
 
+/// A copy job submitted by alice: a fresh `mib` MiB file of hers to `nodes`, at
+/// `<dest root>/<dest>`.
+struct CopyJob {
+    id: u64,
+    /// `jobs/<id>`.
+    j: String,
+    src: std::path::PathBuf,
+    root: std::path::PathBuf,
+}
+
+fn copy_job(c: &Cluster, nodes: &str, mib: u64, dest: &str, fanout: u32) -> CopyJob {
+    let src = source(c, "cfalice", mib);
+    let root = dest_root(c, "cfalice");
+    let spec =
+        format!("#CLUSTER nodes={nodes} copy={} dest={}/{dest} fanout={fanout}\n", src.display(), root.display());
+    let id = submit_as(c, "cfalice", &spec);
+    CopyJob { id, j: format!("jobs/{id}"), src, root }
+}
+
 /// Waits until `node` of copy job `j` has more than 0 and less than `below` bytes.
 fn await_under_way(c: &Cluster, j: &str, node: &str, below: u64) {
     let seen = eventually(Duration::from_secs(60), || {
@@ -79,17 +98,12 @@ fn a_file_lands_byte_identical_on_20_nodes_with_its_metadata() {
     }
     users();
     let c = Cluster::up("cn[0-19]", 200);
-    let src = source(&c, "cfalice", 200);
-    let want = sum_of(&src);
-    let root = dest_root(&c, "cfalice");
-    let spec =
-        format!("#CLUSTER nodes=cn[0-19] copy={} dest={}/%n/sub/big.bin fanout=3\n", src.display(), root.display());
-    let id = submit_as(&c, "cfalice", &spec);
-    let j = format!("jobs/{id}");
+    let CopyJob { id, j, src, root } = copy_job(&c, "cn[0-19]", 200, "%n/sub/big.bin", 3);
     assert_eq!(wait(&c, id), "0\n", "{}: {}", c.read(&format!("{j}/summary")), c.read(&format!("{j}/nodes/cn0/state")));
     assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-19], SUM: 20\n");
     assert_eq!(c.read(&format!("{j}/progress")), format!("cn[0-19] {0}/{0}\n", 200 * MIB));
     let src_meta = std::fs::metadata(&src).unwrap();
+    let want = sum_of(&src);
     for n in 0..20 {
         let dir = root.join(format!("cn{n}")).join("sub");
         let f = dir.join("big.bin");
@@ -168,14 +182,8 @@ fn a_relay_killed_mid_copy_is_routed_around_and_named() {
         relays.push(c.agent(&format!("cr{n}")));
     }
     assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0-1],cr[1-5]\n"));
-    let src = source(&c, "cfalice", 300);
-    let want = sum_of(&src);
-    let root = dest_root(&c, "cfalice");
     // fanout=1: a chain cn0 -> cn1 -> cr1 -> cr2 -> cr3 -> cr4 -> cr5.
-    let spec =
-        format!("#CLUSTER nodes=cn[0-1],cr[1-5] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
-    let id = submit_as(&c, "cfalice", &spec);
-    let j = format!("jobs/{id}");
+    let CopyJob { id, j, src, root } = copy_job(&c, "cn[0-1],cr[1-5]", 300, "%n.bin", 1);
     let size = 300 * MIB;
     await_under_way(&c, &j, "cr2", u64::MAX);
     c.kill_agent(relays[1]);
@@ -185,6 +193,7 @@ fn a_relay_killed_mid_copy_is_routed_around_and_named() {
     assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-1],cr[1,3-5], SUM: 6\nDOWN: cr2, SUM: 1\n");
     let state = c.read(&format!("{j}/nodes/cr2/state"));
     assert!(state.starts_with("lost dropped out of the copy tree"), "{state}");
+    let want = sum_of(&src);
     for node in ["cn0", "cn1", "cr1", "cr3", "cr4", "cr5"] {
         assert_eq!(sum_of(&root.join(format!("{node}.bin"))), want, "{node}");
     }
@@ -203,18 +212,14 @@ fn a_copy_survives_a_head_crash() {
         c.agent(&format!("cr{n}"));
     }
     assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn0,cr[1-3]\n"));
-    let src = source(&c, "cfalice", 300);
-    let want = sum_of(&src);
-    let root = dest_root(&c, "cfalice");
-    let spec = format!("#CLUSTER nodes=cr[1-3] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
-    let id = submit_as(&c, "cfalice", &spec);
-    let j = format!("jobs/{id}");
+    let CopyJob { id, j, src, root } = copy_job(&c, "cr[1-3]", 300, "%n.bin", 1);
     let size = 300 * MIB;
     await_under_way(&c, &j, "cr1", size);
     c.crash_head();
     c.start_head();
     assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("{j}/summary")));
     assert_eq!(c.read(&format!("{j}/summary")), "PASS: cr[1-3], SUM: 3\n");
+    let want = sum_of(&src);
     for node in ["cr1", "cr2", "cr3"] {
         assert_eq!(sum_of(&root.join(format!("{node}.bin"))), want, "{node}");
     }
@@ -227,11 +232,7 @@ fn a_killed_copy_leaves_no_file() {
     }
     users();
     let c = Cluster::up("cn[0-3]", 200);
-    let src = source(&c, "cfalice", 300);
-    let root = dest_root(&c, "cfalice");
-    let spec = format!("#CLUSTER nodes=cn[0-3] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
-    let id = submit_as(&c, "cfalice", &spec);
-    let j = format!("jobs/{id}");
+    let CopyJob { id, j, root, .. } = copy_job(&c, "cn[0-3]", 300, "%n.bin", 1);
     await_under_way(&c, &j, "cn3", 300 * MIB);
     let (code, _, err) = sh_as("cfalice", &format!("echo kill > {}/ctl", c.path(&j).display()));
     assert_eq!(code, 0, "{err}");
@@ -250,11 +251,7 @@ fn a_source_changed_mid_copy_fails_its_checksum_and_leaves_no_file() {
     }
     users();
     let c = Cluster::up("cn[0-2]", 200);
-    let src = source(&c, "cfalice", 300);
-    let root = dest_root(&c, "cfalice");
-    let spec = format!("#CLUSTER nodes=cn[0-2] copy={} dest={}/%n.bin fanout=1\n", src.display(), root.display());
-    let id = submit_as(&c, "cfalice", &spec);
-    let j = format!("jobs/{id}");
+    let CopyJob { id, j, src, root } = copy_job(&c, "cn[0-2]", 300, "%n.bin", 1);
     await_under_way(&c, &j, "cn0", 200 * MIB);
     // The last MiB changes after its checksum was taken and before it is sent.
     let (code, _, err) =

@@ -127,9 +127,10 @@ impl Jobs {
         groups.iter().map(|(bytes, set)| format!("{} {bytes}/{size}\n", set.fold())).collect()
     }
 
-    /// Ends copy run `run` from the head (it never got or lost its feed), unless it ended.
+    /// Ends copy run `run` from the head (it never got or lost its feed), unless it ended. Not
+    /// waited for on the disk (this runs in a task): a head that stops first feeds it again.
     fn end_copy_run(&self, run: u64, state: State, reason: String) {
-        let _ = self.update(run, |j| {
+        let _ = self.update_later(run, |j| {
             if !j.state.ended() {
                 j.state = state;
                 j.reason = reason;
@@ -168,21 +169,18 @@ impl Jobs {
         let this = self.clone();
         tokio::spawn(async move {
             let read = src.clone();
-            let facts = match tokio::task::spawn_blocking(move || facts_of(&read)).await {
-                Ok(Ok(f)) => f,
-                other => {
-                    let why = match other {
-                        Ok(Err(e)) => e.to_string(),
-                        Err(e) => e.to_string(),
-                        Ok(Ok(_)) => unreachable!("handled above"),
-                    };
+            let facts = tokio::task::spawn_blocking(move || facts_of(&read)).await.map_err(std::io::Error::other);
+            let facts = match facts.and_then(|f| f) {
+                Ok(f) => f,
+                Err(why) => {
                     for (_, run) in runs {
                         this.end_copy_run(run, State::Failed, format!("cannot read {src}: {why}"));
                     }
                     return;
                 }
             };
-            let _ = this.update(id, |j| j.copy_size = Some(facts.size));
+            // Not waited for: a restarted head reads the file again.
+            let _ = this.update_later(id, |j| j.copy_size = Some(facts.size));
             // The nodes' agents accept their runs first (a relay connection names its run), and
             // are connected (after a head restart they come back within moments).
             let deadline = Instant::now() + CONFIRM_WAIT;

@@ -235,7 +235,7 @@ impl Jobs {
             jobs.insert(job.id, job);
         }
         // A task stored just before its array job's count: the count follows the tasks.
-        let tasks: Vec<TaskOf> = jobs.iter().filter_map(|j| j.task).collect();
+        let tasks: Vec<TaskOf> = jobs.iter().filter_map(|j| j.task.filter(|t| t.attempt.is_none())).collect();
         for t in tasks {
             if let Some(mut parent) = jobs.get_mut(&t.parent) {
                 parent.launched = parent.launched.max(t.pos + 1);

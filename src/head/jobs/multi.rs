@@ -69,16 +69,21 @@ impl Spread {
         latest.into_iter().enumerate().filter_map(|(h, run)| Some((h as u32, run?))).collect()
     }
 
-    /// The hosts of attempt `n` (0-based), or with `None` all of them; in host order.
-    pub fn names(&self, attempt: Option<usize>) -> Vec<String> {
+    /// The hosts (indexes) of attempt `n` (0-based), or with `None` all of them; in host order.
+    fn hosts_of(&self, attempt: Option<usize>) -> Vec<u32> {
         match attempt {
-            None => self.hosts.clone(),
+            None => (0..self.hosts.len() as u32).collect(),
             Some(n) => {
                 let mut hosts = self.attempts.get(n).map_or_else(Vec::new, |a| a.hosts.clone());
                 hosts.sort_unstable();
-                hosts.iter().filter_map(|&h| self.hosts.get(h as usize).cloned()).collect()
+                hosts
             }
         }
+    }
+
+    /// The names of `hosts_of(attempt)`.
+    pub fn names(&self, attempt: Option<usize>) -> Vec<String> {
+        self.hosts_of(attempt).iter().filter_map(|&h| self.hosts.get(h as usize).cloned()).collect()
     }
 
     pub fn host(&self, name: &str) -> Option<u32> {
@@ -207,13 +212,14 @@ impl Jobs {
     /// node of it has room; until then the room of its nodes is held for it, so smaller jobs
     /// behind it cannot starve it. Down and drained nodes fail at once, with why.
     pub(super) fn start_spread(self: &Arc<Self>, id: u64, free: &mut Free) {
-        let Some((spread, cpus, mem, after, afterany, count)) = self
+        let Some((spread, cpus, mem, after, afterany, count, copy)) = self
             .with(id, |j| {
                 let count = match j.spec.nodes {
                     Nodes::Count(n) => n,
                     Nodes::Set(_) => 0,
                 };
-                Some((j.spread.clone()?, j.spec.cpus, j.spec.mem, j.spec.after.clone(), j.spec.afterany.clone(), count))
+                let s = &j.spec;
+                Some((j.spread.clone()?, s.cpus, s.mem, s.after.clone(), s.afterany.clone(), count, s.copy.is_some()))
             })
             .flatten()
         else {
@@ -320,7 +326,6 @@ impl Jobs {
         }
         self.changed.notify_waiters();
         info!(job = id, nodes = %spread.folded, attempt = attempt + 1, away = away.len(), "multi-node job started");
-        let copy = self.with(id, |j| j.spec.copy.is_some()).unwrap_or(false);
         let mut started = Vec::new();
         for r in runs.into_iter().filter(|r| r.state == State::Running) {
             started.push((r.node.clone().unwrap_or_default(), r.id));
@@ -397,16 +402,11 @@ impl Jobs {
     /// those the attempt ran on.
     pub fn spread_runs(&self, spread: &Spread, attempt: Option<usize>) -> Vec<(String, Option<Job>)> {
         let runs: HashMap<u32, u64> = spread.runs(attempt).into_iter().collect();
-        let hosts: Vec<u32> = match attempt {
-            Some(n) => spread.attempts.get(n).map_or_else(Vec::new, |a| a.hosts.clone()),
-            None => (0..spread.hosts.len() as u32).collect(),
-        };
-        let mut out: Vec<(String, Option<Job>)> = hosts
+        spread
+            .hosts_of(attempt)
             .into_iter()
             .map(|h| (spread.hosts[h as usize].clone(), runs.get(&h).and_then(|&r| self.get(r))))
-            .collect();
-        out.sort_by_key(|(n, _)| spread.host(n));
-        out
+            .collect()
     }
 
     /// Node `name`'s run of multi-node job `job` in `attempt` (None: its latest); before the
@@ -464,11 +464,11 @@ impl Jobs {
                 format!("job {id} is {line}: retry-failed applies once it has ended"),
             ));
         }
-        let failed: Vec<u32> = self
-            .spread_runs(&spread, None)
-            .iter()
-            .filter(|(_, r)| r.as_ref().and_then(Outcome::of) != Some(Outcome::Pass))
-            .filter_map(|(n, _)| spread.host(n))
+        // Over all attempts, `spread_runs` has one entry per host, in host order.
+        let failed: Vec<u32> = (0u32..)
+            .zip(self.spread_runs(&spread, None))
+            .filter(|(_, (_, r))| r.as_ref().and_then(Outcome::of) != Some(Outcome::Pass))
+            .map(|(h, _)| h)
             .collect();
         if failed.is_empty() {
             return Err(FsError::invalid(format!("job {id}: every node passed, there is nothing to retry")));

@@ -17,6 +17,8 @@ use crate::sitrep::Report;
 pub const PROTOCOL: u32 = 1;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+/// The longest an agent waits between redials (plus up to a quarter of it as jitter).
+pub const REDIAL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

@@ -89,7 +89,7 @@ pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) 
         // Jitter spreads the redials of many identities after a head restart.
         let jitter = Duration::from_millis(rand::random_range(0..backoff.as_millis() as u64 / 4 + 1));
         tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(clusterfs::proto::REDIAL_MAX);
     }
 }
 

@@ -172,6 +172,14 @@ impl Cluster {
         }
     }
 
+    /// Whether node `name` has not reported since this head started, while its agent may
+    /// still be redialling (the longest redial wait with its jitter, then a report's limit):
+    /// a node the head has not heard from yet is not known to be down.
+    pub fn awaited(&self, name: &str) -> bool {
+        let grace = crate::proto::REDIAL_MAX * 5 / 4 + self.interval() * self.cfg.missed_intervals;
+        self.started.elapsed() < grace && self.nodes.get(name).is_some_and(|e| e.seen.is_none())
+    }
+
     pub fn exists(&self, name: &str) -> bool {
         self.nodes.contains_key(name)
     }

@@ -200,7 +200,10 @@ fn a_multi_node_job_survives_a_head_crash_and_runs_once_per_node() {
     assert!(eventually(Duration::from_secs(10), || c.read("nodes/cn9/jobs") == format!("{id}\n")));
     c.crash_head();
     c.start_head();
-    assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("jobs/{id}/state")));
+    let exit = wait(&c, id);
+    let states: Vec<String> =
+        (0..10).map(|n| format!("cn{n}: {}", c.read(&format!("jobs/{id}/nodes/cn{n}/state")).trim())).collect();
+    assert_eq!(exit, "0\n", "{}\n{}\n{}", c.read(&format!("jobs/{id}/state")), states.join("\n"), c.log());
     assert_eq!(c.read(&format!("jobs/{id}/summary")), "PASS: cn[0-9], SUM: 10\n");
     let mut ran: Vec<String> = std::fs::read_to_string(d.join("ran")).unwrap().lines().map(String::from).collect();
     ran.sort();
@@ -208,4 +211,34 @@ fn a_multi_node_job_survives_a_head_crash_and_runs_once_per_node() {
     want.sort();
     assert_eq!(ran, want, "each node ran it exactly once");
     assert_eq!(c.read(&format!("jobs/{id}/nodes/cn3/stdout")), "done\n");
+}
+
+#[test]
+fn after_a_head_restart_a_multi_node_job_waits_for_nodes_not_heard_from_yet() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let mut c = Cluster::up("cn[0-1]", 200);
+    let ext = c.agent("ext1");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0-1],ext1\n"));
+    c.kill_agent(ext);
+    c.crash_head();
+    c.start_head();
+    // ext1 has not reported since the head started: it may be redialling, so it is awaited.
+    let id = submit_as(&c, "cfalice", "#CLUSTER nodes=cn0,ext1\necho ok\n");
+    let waiting = "queued waiting for ext1 to report after the head started\n";
+    assert!(eventually(Duration::from_secs(5), || c.read(&format!("jobs/{id}/state")) == waiting));
+    let ext = c.agent("ext1");
+    assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("jobs/{id}/state")));
+    assert_eq!(c.read(&format!("jobs/{id}/summary")), "PASS: cn0,ext1, SUM: 2\n");
+
+    // A node that does not come back within the grace is down: the job runs without it.
+    c.kill_agent(ext);
+    c.crash_head();
+    c.start_head();
+    let id = submit_as(&c, "cfalice", "#CLUSTER nodes=cn0,ext1\necho ok\n");
+    assert_eq!(wait(&c, id), "255\n", "{}", c.read(&format!("jobs/{id}/state")));
+    assert_eq!(c.read(&format!("jobs/{id}/summary")), "PASS: cn0, SUM: 1\nDOWN: ext1, SUM: 1\n");
+    assert_eq!(c.read(&format!("jobs/{id}/nodes/ext1/state")), "lost ext1 is down: no report since the head started\n");
 }

@@ -248,6 +248,15 @@ impl Jobs {
         }
         let mut away: HashMap<u32, (State, String)> = HashMap::new();
         let mut up = Vec::new();
+        // Nodes not heard from since the head started may just be redialling: wait for them.
+        let mut awaited = NodeSet::new();
+        for name in hosts.iter().map(|&h| &spread.hosts[h as usize]).filter(|n| self.cluster.awaited(n)) {
+            let _ = awaited.insert(name);
+        }
+        if !awaited.is_empty() {
+            let reason = format!("waiting for {} to report after the head started", awaited.fold());
+            return self.set_reason(id, reason);
+        }
         for &h in &hosts {
             let name = &spread.hosts[h as usize];
             let why = |word: &str, r: String| {

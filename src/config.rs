@@ -1,5 +1,6 @@
 //! The TOML configuration file; every key is documented in README.md, unknown keys are errors.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,80 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub head: HeadConfig,
     pub jobs: JobsConfig,
+    pub images: ImagesConfig,
+}
+
+/// `[images]`: per-user raw disk images on shared volumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Volumes by name: directories the head and every node see at the same path.
+    pub volumes: BTreeMap<String, VolumeConfig>,
+    /// Size of an image made without `size=`.
+    pub default_size: Bytes,
+    /// Filesystem made in new images (only `ext4` is supported).
+    pub fs_type: String,
+    /// Where a node mounts an image: `<mount_root>/<user>`.
+    pub mount_root: PathBuf,
+    /// Directory of template images, `<name>.img`, that `template=<name>` starts from.
+    pub template_dir: Option<PathBuf>,
+    /// Teams for `bill`: team name -> its users.
+    pub teams: BTreeMap<String, Vec<String>>,
+    /// Formatted images of `default_size` kept ready on each volume, so `mkdir` is instant.
+    pub spares: u32,
+    /// Seconds between health scans of the nodes' loop devices and mounts (and spare refills).
+    pub health_interval_s: u64,
+}
+
+/// One volume of `[images.volumes]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub path: PathBuf,
+    /// Quota capacity: the most the images placed here may add up to.
+    pub capacity: Bytes,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> ImagesConfig {
+        ImagesConfig {
+            volumes: BTreeMap::new(),
+            default_size: Bytes(50 << 30),
+            fs_type: "ext4".into(),
+            mount_root: PathBuf::from("/mnt/clusterfs"),
+            template_dir: None,
+            teams: BTreeMap::new(),
+            spares: 1,
+            health_interval_s: 10,
+        }
+    }
+}
+
+/// A byte count written as `512M`, `50G`, `10T` or a plain number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bytes(pub u64);
+
+impl Serialize for Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Number(u64),
+            Text(String),
+        }
+        match Text::deserialize(d)? {
+            Text::Number(n) => Ok(Bytes(n)),
+            Text::Text(t) => crate::jobs::spec::parse_size(&t)
+                .map(Bytes)
+                .ok_or_else(|| serde::de::Error::custom(format!("{t:?} is not a size like 512M, 50G or 10T"))),
+        }
+    }
 }
 
 /// `[jobs]`: submission and the queue.
@@ -112,6 +187,28 @@ impl Config {
         if h.max_frame < 4096 {
             return Err("head.max_frame must be at least 4096".into());
         }
+        let i = &self.images;
+        if i.fs_type != "ext4" {
+            return Err(format!("images.fs_type {:?} is not supported: use ext4", i.fs_type));
+        }
+        if i.default_size.0 < crate::images::MIN_SIZE {
+            return Err("images.default_size must be at least 16M".into());
+        }
+        if !i.mount_root.is_absolute() {
+            return Err("images.mount_root must be an absolute path".into());
+        }
+        if i.health_interval_s == 0 {
+            return Err("images.health_interval_s must be at least 1".into());
+        }
+        for (name, v) in &i.volumes {
+            crate::names::check("volume", name).map_err(|e| format!("images.volumes: {e}"))?;
+            if !v.path.is_absolute() {
+                return Err(format!("images.volumes.{name}.path must be an absolute path"));
+            }
+            if v.capacity.0 == 0 {
+                return Err(format!("images.volumes.{name}.capacity must be above 0"));
+            }
+        }
         Ok(())
     }
 }
@@ -125,5 +222,21 @@ mod tests {
         assert!(toml::from_str::<Config>("[head]\nlisten = \"0.0.0.0:1\"\n").is_ok());
         assert!(toml::from_str::<Config>("[head]\nlisten_typo = 1\n").is_err());
         assert!(toml::from_str::<Config>("[nope]\n").is_err());
+    }
+
+    #[test]
+    fn images_take_sizes_as_text() {
+        let c = Config::from_toml(
+            "[images]\ndefault_size = \"10G\"\nmount_root = \"/home\"\n\
+             [images.volumes.vol01]\npath = \"/srv/vol01\"\ncapacity = \"2T\"\n\
+             [images.teams]\nphysics = [\"alice\", \"bob\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.images.default_size, Bytes(10 << 30));
+        assert_eq!(c.images.volumes["vol01"].capacity, Bytes(2 << 40));
+        assert_eq!(c.images.teams["physics"], ["alice", "bob"]);
+        assert!(Config::from_toml("[images]\ndefault_size = \"ten\"\n").unwrap_err().contains("not a size"));
+        assert!(Config::from_toml("[images]\nfs_type = \"xfs\"\n").unwrap_err().contains("not supported"));
+        assert!(Config::from_toml("[images.volumes.new]\npath = \"/a\"\ncapacity = 1\n").is_err());
     }
 }

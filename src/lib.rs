@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod images;
 pub mod jobs;
 pub mod names;
 pub mod nodeset;

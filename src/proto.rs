@@ -3,12 +3,15 @@
 //! A frame is a 4-byte big-endian length, then one kind byte (`J` JSON, `B` bulk, `C` a file
 //! chunk with its checksum), then the payload. A frame longer than the limit is an error that closes the connection.
 
+use std::path::PathBuf;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
+use crate::images::LoopInfo;
 use crate::jobs::copy::Plan;
 use crate::jobs::{Exit, Run, RunStatus};
 use crate::sitrep::Report;
@@ -50,6 +53,17 @@ pub enum Op {
     Signal { run: u64, signal: i32 },
     /// The head has everything of a run: drop its local files.
     Forget { run: u64 },
+    /// Loop-attach image `path`, fsck it if unclean, mount it at `mountpoint` (nosuid, nodev).
+    /// Already mounted there: nothing is done.
+    ImageMount { path: PathBuf, mountpoint: PathBuf },
+    /// Unmount `mountpoint` and detach every loop device backing `path`.
+    ImageUmount { path: PathBuf, mountpoint: PathBuf },
+    /// Grow image `path`, mounted at `mountpoint`, and its filesystem to `size` bytes, online.
+    ImageGrow { path: PathBuf, mountpoint: PathBuf, size: u64 },
+    /// The loop devices backing image files under `volumes`, mounted or not.
+    ImageScan { volumes: Vec<PathBuf> },
+    /// Detach loop device `dev` if it still backs `path` and is not mounted (a ghost).
+    ImageDetach { dev: String, path: PathBuf },
 }
 
 /// What an agent answers to an [`Op`].
@@ -64,6 +78,24 @@ pub enum Reply {
     Done,
     /// A signal for a run not started yet (its start request or its process is on the way): ask again.
     NotYet,
+    /// An image is mounted from loop device `dev`; `repaired` when fsck had to fix it first.
+    Mounted {
+        dev: String,
+        repaired: bool,
+    },
+    /// Not done now, and why (an image in use, an operation under way): try again later.
+    Busy {
+        reason: String,
+    },
+    /// Done in part; the rest happens later, for this reason (an image grown while mounted
+    /// where online resizing is not permitted: its filesystem grows at the next mount).
+    Later {
+        reason: String,
+    },
+    /// What [`Op::ImageScan`] found.
+    Loops {
+        loops: Vec<LoopInfo>,
+    },
 }
 
 /// Every JSON message, in both directions.

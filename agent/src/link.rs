@@ -12,6 +12,7 @@ use clusterfs::proto::{Conn, Frame, Message, Op, ProtoError, Reply};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::images::Images;
 use crate::probe::Shared;
 use crate::relay::Relay;
 use crate::runner::{Runner, Started};
@@ -31,6 +32,8 @@ pub struct LinkConfig {
     pub state: PathBuf,
     /// Takes file copies for every node name of this process.
     pub relay: Arc<Relay>,
+    /// Loop devices and mounts of images, for every node name of this process.
+    pub images: Arc<Images>,
 }
 
 /// Where the head's copy of a run's output stands, for this connection.
@@ -117,6 +120,8 @@ async fn session(
     conn.send(&Message::Runs { runs: runner.list() }).await?;
     conn.send(&Message::Relay { addr: cfg.relay.addr(toward_head) }).await?;
     let mut cursors: HashMap<u64, Cursor> = HashMap::new();
+    // Image operations (fsck, resize2fs) may take long: they answer from their own task.
+    let (answers, mut answered) = tokio::sync::mpsc::channel::<(u64, Result<Reply, String>)>(64);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sync = tokio::time::interval(SYNC_EVERY);
@@ -143,7 +148,20 @@ async fn session(
                     send_output(&mut conn, runner, *run, cursor).await?;
                 }
             }
+            Some((id, answer)) = answered.recv() => {
+                done.put(id, answer.clone());
+                conn.send(&Message::Response { id, result: answer }).await?;
+            }
             msg = conn.recv() => match msg? {
+                Message::Request { id, op } if is_image_op(&op) && done.get(id).is_none() => {
+                    let (images, answers) = (cfg.images.clone(), answers.clone());
+                    tokio::spawn(async move {
+                        let answer = tokio::task::spawn_blocking(move || image_op(&images, op))
+                            .await
+                            .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                        let _ = answers.send((id, answer)).await;
+                    });
+                }
                 Message::Request { id, op } => {
                     let answer = match done.get(id) {
                         Some(a) => a,
@@ -201,6 +219,29 @@ async fn send_output(
     Ok(())
 }
 
+fn is_image_op(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::ImageMount { .. }
+            | Op::ImageUmount { .. }
+            | Op::ImageGrow { .. }
+            | Op::ImageScan { .. }
+            | Op::ImageDetach { .. }
+    )
+}
+
+/// Runs an image operation (blocking: it runs system tools).
+fn image_op(images: &Images, op: Op) -> Result<Reply, String> {
+    match op {
+        Op::ImageMount { path, mountpoint } => images.mount(&path, &mountpoint),
+        Op::ImageUmount { path, mountpoint } => images.umount(&path, &mountpoint),
+        Op::ImageGrow { path, mountpoint, size } => images.grow(&path, &mountpoint, size),
+        Op::ImageScan { volumes } => Ok(Reply::Loops { loops: images.scan(&volumes) }),
+        Op::ImageDetach { dev, path } => images.detach(&dev, &path),
+        other => Err(format!("{other:?} is not an image operation")),
+    }
+}
+
 async fn execute(
     op: Op,
     runner: &Arc<Runner>,
@@ -237,6 +278,7 @@ async fn execute(
             cursors.remove(&run);
             Ok(Reply::Done)
         }
+        op => Err(format!("{op:?} is answered elsewhere")),
     }
 }
 

@@ -1,5 +1,6 @@
 //! clusterfs-agent: serves one or many node names of this machine to a clusterfs head.
 
+mod images;
 mod isolate;
 mod link;
 mod probe;
@@ -76,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             max_frame: args.max_frame,
             state: args.state,
             relay,
+            images: Arc::default(),
         });
         let probe = Arc::new(Mutex::new(probe::Shared::default()));
         for name in names {

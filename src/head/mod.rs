@@ -1,6 +1,7 @@
 //! The head daemon: the store, the cluster model, the agent listener and the mounted tree.
 
 pub mod cluster;
+pub mod images;
 pub mod jobs;
 pub mod listener;
 pub mod store;
@@ -18,6 +19,7 @@ use crate::auth::Secret;
 use crate::config::Config;
 use crate::view::View;
 use cluster::Cluster;
+use images::Images;
 use jobs::Jobs;
 use store::Store;
 
@@ -27,6 +29,7 @@ pub struct Head {
     pub addr: SocketAddr,
     pub cluster: Arc<Cluster>,
     pub jobs: Arc<Jobs>,
+    pub images: Arc<Images>,
     mountpoint: PathBuf,
     mount: Option<clusterfs_fs::Mount>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -69,6 +72,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     let store = Store::open(&state.join("store.redb"))?;
     let cluster = Arc::new(Cluster::load(cfg.clone(), store)?);
     let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), state.join("spool"), secret.clone())?);
+    let images = Arc::new(Images::load(config.images.clone(), cluster.clone())?);
 
     let listener =
         TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening for agents on {}", cfg.listen))?;
@@ -82,7 +86,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         fsname: "clusterfs".into(),
         ..clusterfs_fs::Config::default()
     };
-    let fs = clusterfs_fs::SynthFs::new(Arc::new(View::new(cluster.clone(), jobs.clone())), fs_cfg);
+    let fs = clusterfs_fs::SynthFs::new(Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone())), fs_cfg);
     let mount = clusterfs_fs::mount(fs, mountpoint, tokio::runtime::Handle::current())
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
     info!(mountpoint = %mountpoint.display(), "mounted");
@@ -90,9 +94,10 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     let tasks = vec![
         tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), listener, secret)),
         tokio::spawn(jobs.clone().scheduler()),
+        tokio::spawn(images.clone().keeper()),
     ];
     jobs.resume_copies();
-    Ok(Head { addr, cluster, jobs, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
+    Ok(Head { addr, cluster, jobs, images, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
 }
 
 /// A FUSE mount whose daemon died answers ENOTCONN; detach it so we can mount again.

@@ -1,6 +1,7 @@
 //! The tree `/cluster` shows: renders the cluster model as files for `clusterfs-fs`.
 
 mod groups;
+mod images;
 mod jobs;
 mod nodes;
 
@@ -11,6 +12,7 @@ use std::time::SystemTime;
 use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result, Tree, Write};
 
 use crate::head::cluster::Cluster;
+use crate::head::images::Images;
 use crate::head::jobs::Jobs;
 
 /// One file a directory always has: its name, kind, mode and what it holds.
@@ -47,6 +49,12 @@ const ROOT_FILES: &[FileSpec] = &[
         help: "named nodesets, usable as @name (see groups/README)",
     },
     FileSpec { name: "jobs", kind: Kind::Dir, perm: 0o1777, help: "submit and control jobs (see jobs/README)" },
+    FileSpec {
+        name: "images",
+        kind: Kind::Dir,
+        perm: 0o1777,
+        help: "per-user disk images: mkdir makes one, ctl mounts it (see images/README)",
+    },
 ];
 
 /// The README of a directory, generated from the tables the code uses.
@@ -102,6 +110,12 @@ pub fn command_text(data: &[u8], max: usize) -> Result<&str> {
     Ok(text)
 }
 
+/// `e` with the verbs `file` takes, so the `error` file says what would have worked.
+pub fn with_usage(e: FsError, file: &str, verbs: &[Verb]) -> FsError {
+    let verbs: Vec<String> = verbs.iter().map(|v| format!("{} {}", v.name, v.args).trim_end().to_string()).collect();
+    FsError::new(e.errno, format!("{}; {file} takes: {}", e.message, verbs.join(" | ")))
+}
+
 /// Runs store-touching work off the FUSE thread.
 pub fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Answer<T> {
     Answer::later(async move {
@@ -116,11 +130,12 @@ pub fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'stati
 pub struct View {
     cluster: Arc<Cluster>,
     jobs: jobs::JobsView,
+    images: images::ImagesView,
 }
 
 impl View {
-    pub fn new(cluster: Arc<Cluster>, jobs: Arc<Jobs>) -> View {
-        View { cluster, jobs: jobs::JobsView::new(jobs) }
+    pub fn new(cluster: Arc<Cluster>, jobs: Arc<Jobs>, images: Arc<Images>) -> View {
+        View { cluster, jobs: jobs::JobsView::new(jobs), images: images::ImagesView::new(images) }
     }
 }
 
@@ -132,6 +147,7 @@ impl Tree for View {
             ["nodes", rest @ ..] => nodes::node(&self.cluster, rest),
             ["groups", rest @ ..] => groups::node(&self.cluster, rest),
             ["jobs", rest @ ..] => self.jobs.node(rest),
+            ["images", rest @ ..] => self.images.node(rest),
             _ => Err(FsError::not_found(path.join("/"))),
         }?;
         // Objects with no time of their own date from the head's start.
@@ -144,6 +160,7 @@ impl Tree for View {
             ["nodes", rest @ ..] => nodes::list(&self.cluster, rest),
             ["groups", rest @ ..] => groups::list(&self.cluster, rest),
             ["jobs", rest @ ..] => self.jobs.list(rest),
+            ["images", rest @ ..] => self.images.list(rest),
             _ => Err(FsError::not_found(path.join("/"))),
         }
     }
@@ -158,13 +175,16 @@ impl Tree for View {
                  shows the reader's own last failure there as `ERRNO: sentence`.\n",
             ))),
             ["version"] => Answer::Now(Ok(format!("clusterfs {}\n", env!("CARGO_PKG_VERSION")).into_bytes())),
-            ["status"] => Answer::Now(Ok((self.cluster.status() + &self.jobs.status()).into_bytes())),
+            ["status"] => {
+                Answer::Now(Ok((self.cluster.status() + &self.jobs.status() + &self.images.status()).into_bytes()))
+            }
             ["nodes", name, "jobs"] if self.cluster.exists(name) => {
                 Answer::Now(Ok(self.jobs.on_node(name).into_bytes()))
             }
             ["nodes", rest @ ..] => nodes::render(&self.cluster, rest, caller),
             ["jobs", rest @ ..] => self.jobs.render(rest, caller, nonblock),
             ["groups", rest @ ..] => groups::render(&self.cluster, rest),
+            ["images", rest @ ..] => self.images.render(rest),
             _ => Answer::Now(Err(FsError::not_found(path.join("/")))),
         }
     }
@@ -174,6 +194,7 @@ impl Tree for View {
             ["nodes", rest @ ..] => nodes::write(&self.cluster, rest, caller, write.data),
             ["groups", rest @ ..] => groups::write(&self.cluster, rest, caller, write.data),
             ["jobs", rest @ ..] => self.jobs.write(rest, caller, write.handle, write.offset, write.data),
+            ["images", rest @ ..] => self.images.write(rest, caller, write.data),
             _ => Answer::Now(Err(FsError::denied("this file is read-only"))),
         }
     }
@@ -201,7 +222,15 @@ impl Tree for View {
     fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
         match path {
             ["jobs", rest @ ..] => self.jobs.rmdir(rest, caller),
+            ["images", rest @ ..] => self.images.rmdir(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "this directory cannot be removed"))),
+        }
+    }
+
+    fn mkdir(&self, path: &[&str], caller: &Caller, _mode: u32) -> Answer<()> {
+        match path {
+            ["images", rest @ ..] => self.images.mkdir(rest, caller),
+            _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "directories cannot be made here"))),
         }
     }
 

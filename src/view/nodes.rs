@@ -155,6 +155,5 @@ pub fn write(cluster: &Arc<Cluster>, path: &[&str], caller: &Caller, data: &[u8]
 }
 
 fn with_usage(e: FsError) -> FsError {
-    let verbs: Vec<String> = VERBS.iter().map(|v| format!("{} {}", v.name, v.args).trim_end().to_string()).collect();
-    FsError::new(e.errno, format!("{}; nodes/<node>/ctl takes: {}", e.message, verbs.join(" | ")))
+    super::with_usage(e, "nodes/<node>/ctl", VERBS)
 }

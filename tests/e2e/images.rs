@@ -124,7 +124,7 @@ fn placement_picks_the_emptier_volume_and_stays_balanced() {
     assert_eq!(placed.iter().filter(|p| *p == "vol01").count(), 7, "{placed:?}");
     let vol01 = c.read("images/volumes/vol01");
     assert_eq!(key(&vol01, "images"), "7");
-    assert_eq!(key(&vol01, "assigned"), (7u64 * 64 << 20).to_string());
+    assert_eq!(key(&vol01, "assigned"), ((7u64 * 64) << 20).to_string());
     assert_eq!(key(&vol01, "capacity"), (6400u64 << 20).to_string());
     // Each image is a real, sparse ext4 file owned by its user.
     let img = v.path("vol02/cfimg1.img");

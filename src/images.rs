@@ -45,6 +45,33 @@ pub fn parse_image_size(text: &str) -> Result<u64, String> {
     Ok(size)
 }
 
+/// What `images/new` or `mkdir` asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewImage {
+    pub user: String,
+    pub size: Option<u64>,
+    pub template: Option<String>,
+}
+
+/// Parses what `images/new` takes: `user=alice size=200G template=centos`, or one word, the user.
+pub fn parse_new(text: &str) -> Result<NewImage, String> {
+    let mut new = NewImage::default();
+    for word in text.split_whitespace() {
+        match word.split_once('=') {
+            None if new.user.is_empty() => new.user = word.to_string(),
+            None => return Err(format!("{word:?}: write key=value pairs (user= size= template=)")),
+            Some(("user", v)) => new.user = v.to_string(),
+            Some(("size", v)) => new.size = Some(parse_image_size(v).map_err(|e| format!("size: {e}"))?),
+            Some(("template", v)) => new.template = Some(v.to_string()),
+            Some((k, _)) => return Err(format!("unknown key {k:?}: images/new takes user= size= template=")),
+        }
+    }
+    if new.user.is_empty() {
+        return Err("images/new needs user=<name>".into());
+    }
+    Ok(new)
+}
+
 /// Runs a system tool (mkfs, e2fsck, losetup, ...): its exit code, stderr and stdout.
 pub fn command(tool: &str, args: &[&str]) -> Result<(i32, String, String), String> {
     let out = std::process::Command::new(tool).args(args).output().map_err(|e| format!("cannot run {tool}: {e}"))?;
@@ -60,6 +87,17 @@ pub fn check(out: (i32, String, String), what: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_image_specs_parse_or_say_why() {
+        let n = parse_new("user=alice size=10G template=base").unwrap();
+        assert_eq!((n.user.as_str(), n.size, n.template.as_deref()), ("alice", Some(10 << 30), Some("base")));
+        assert_eq!(parse_new("bob").unwrap().user, "bob");
+        assert!(parse_new("size=10G").unwrap_err().contains("user="));
+        assert!(parse_new("user=a size=ten").unwrap_err().contains("not a size"));
+        assert!(parse_new("user=a color=red").unwrap_err().contains("unknown key"));
+        assert!(parse_new("a b").unwrap_err().contains("key=value"));
+    }
 
     #[test]
     fn sizes_read_and_print() {

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::ImagesConfig;
 use crate::head::cluster::{Cluster, NodeState, Which};
-use crate::images::{LoopInfo, check, command, size_text};
+use crate::images::{LoopInfo, NewImage, check, command, size_text};
 use crate::proto::{Op, Reply};
 
 /// Events kept per image, newest last.
@@ -84,14 +84,6 @@ pub struct VolumeUse {
     pub used: u64,
     pub images: usize,
     pub spares: usize,
-}
-
-/// What `images/new` or `mkdir` asks for.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct NewImage {
-    pub user: String,
-    pub size: Option<u64>,
-    pub template: Option<String>,
 }
 
 /// Every image, with the operations under way.
@@ -837,43 +829,9 @@ fn disk_err(what: &str, e: std::io::Error) -> FsError {
     FsError::new(errno, format!("{what}: {e}"))
 }
 
-/// Parses what `images/new` takes: `user=alice size=200G template=centos`, or one word, the user.
-pub fn parse_new(text: &str) -> Result<NewImage, FsError> {
-    let mut new = NewImage::default();
-    for word in text.split_whitespace() {
-        match word.split_once('=') {
-            None if new.user.is_empty() => new.user = word.to_string(),
-            None => return Err(FsError::invalid(format!("{word:?}: write key=value pairs (user= size= template=)"))),
-            Some(("user", v)) => new.user = v.to_string(),
-            Some(("size", v)) => {
-                new.size = Some(crate::images::parse_image_size(v).map_err(|e| FsError::invalid(format!("size: {e}")))?)
-            }
-            Some(("template", v)) => new.template = Some(v.to_string()),
-            Some((k, _)) => {
-                return Err(FsError::invalid(format!("unknown key {k:?}: images/new takes user= size= template=")));
-            }
-        }
-    }
-    if new.user.is_empty() {
-        return Err(FsError::invalid("images/new needs user=<name>"));
-    }
-    Ok(new)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn new_image_specs_parse_or_say_why() {
-        let n = parse_new("user=alice size=10G template=base").unwrap();
-        assert_eq!((n.user.as_str(), n.size, n.template.as_deref()), ("alice", Some(10 << 30), Some("base")));
-        assert_eq!(parse_new("bob").unwrap().user, "bob");
-        assert!(parse_new("size=10G").unwrap_err().message.contains("user="));
-        assert!(parse_new("user=a size=ten").unwrap_err().message.contains("not a size"));
-        assert!(parse_new("user=a color=red").unwrap_err().message.contains("unknown key"));
-        assert!(parse_new("a b").unwrap_err().message.contains("key=value"));
-    }
 
     #[test]
     fn events_are_bounded_and_state_names_the_node() {

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result};
 
 use super::{FileSpec, Verb, blocking, command_text, readme, spec_node};
-use crate::head::images::{Image, Images, NewImage, Phase, parse_new};
-use crate::images::size_text;
+use crate::head::images::{Image, Images, Phase};
+use crate::images::{NewImage, parse_new, size_text};
 
 const DIR_FILES: &[FileSpec] = &[
     FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
@@ -200,7 +200,7 @@ impl ImagesView {
         match path {
             ["new"] => match parse_new(&text) {
                 Ok(new) => self.create(caller, new),
-                Err(e) => Answer::Now(Err(e)),
+                Err(e) => Answer::Now(Err(FsError::invalid(e))),
             },
             [user, "ctl"] => self.ctl(user, caller, &text),
             _ => Answer::Now(Err(FsError::denied("this file is read-only"))),

@@ -143,6 +143,40 @@ fn placement_picks_the_emptier_volume_and_stays_balanced() {
 }
 
 #[test]
+fn a_template_seeds_a_new_image() {
+    if !crate::can_mount() {
+        return;
+    }
+    image_users();
+    let v = Volumes::new();
+    let seed = v.path("seed");
+    std::fs::create_dir_all(seed.join("etc")).unwrap();
+    std::fs::write(seed.join("etc/motd"), "from the template\n").unwrap();
+    std::fs::create_dir(v.path("templates")).unwrap();
+    let base = v.path("templates/base.img");
+    let (code, _, err) =
+        sh(&format!("truncate -s 32M {0} && mkfs.ext4 -F -q -d {1} {0}", base.display(), seed.display()));
+    assert_eq!(code, 0, "{err}");
+    let extra = format!("spares = 0\ntemplate_dir = \"{}\"", v.path("templates").display());
+    let c = Cluster::up_with("cn0", 200, &v.config(&extra));
+    assert_eq!(c.write("images/new", b"user=cfalice template=base size=48M\n"), Ok(()), "{}", c.read("images/error"));
+    assert!(c.read("images/cfalice/state").contains("created on vol01, 48M (from a template)"));
+    assert_eq!(c.write("images/new", b"user=cfbob template=base size=16M\n"), Err(libc::EINVAL));
+    assert!(c.read("images/error").contains("smaller than the template"), "{}", c.read("images/error"));
+    assert_eq!(c.write("images/new", b"user=cfbob template=nope\n"), Err(libc::EINVAL));
+    assert!(c.read("images/error").contains("there is no template nope"));
+    assert_eq!(c.write("images/cfalice/ctl", b"mount\n"), Ok(()), "{}", c.read("images/cfalice/error"));
+    let at = v.path("mnt/cfalice");
+    assert_eq!(std::fs::read_to_string(at.join("etc/motd")).unwrap(), "from the template\n");
+    let (_, df, _) = sh(&format!("df -B1M --output=size {} | tail -1", at.display()));
+    assert!(df.trim().parse::<u64>().unwrap() > 32, "grown past the 32M template: df says {df}");
+    let (code, _, err) = sh_as("cfalice", &format!("touch {}/mine", at.display()));
+    assert_eq!(code, 0, "the root of a template image is the user's: {err}");
+    assert_eq!(c.write("images/cfalice/ctl", b"umount\n"), Ok(()));
+    assert!(v.loops().is_empty() && v.mounts().is_empty());
+}
+
+#[test]
 fn spares_mounts_leases_and_growth() {
     if !crate::can_mount() {
         return;

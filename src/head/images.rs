@@ -343,15 +343,20 @@ impl Images {
         Ok(if template.is_some() { "from a template" } else { "formatted now" })
     }
 
-    /// Removes image `user` (blocking); refused while it is mounted or leased.
-    pub fn remove(&self, caller: &Caller, user: &str) -> Result<(), FsError> {
-        let img = self.image(user)?;
-        Self::allowed(caller, user, img.uid)?;
-        let _claim = self.claim(user, "removal")?;
+    /// Claims image `user` for `what`, which only an unmounted image allows, if `caller` may.
+    fn claim_unmounted(&self, caller: &Caller, user: &str, what: &'static str) -> Result<(Claim<'_>, Image), FsError> {
+        Self::allowed(caller, user, self.image(user)?.uid)?;
+        let claim = self.claim(user, what)?;
         let img = self.image(user)?;
         if img.phase != Phase::Unmounted {
             return Err(FsError::new(Errno::Busy, format!("{user}'s image is {}: umount it first", img.state_line())));
         }
+        Ok((claim, img))
+    }
+
+    /// Removes image `user` (blocking); refused while it is mounted or leased.
+    pub fn remove(&self, caller: &Caller, user: &str) -> Result<(), FsError> {
+        let (_claim, img) = self.claim_unmounted(caller, user, "removal")?;
         match std::fs::remove_file(self.path(&img)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -560,13 +565,7 @@ impl Images {
 
     /// Checks and repairs an unmounted image (blocking).
     pub fn fsck(&self, caller: &Caller, user: &str) -> Result<(), FsError> {
-        let img = self.image(user)?;
-        Self::allowed(caller, user, img.uid)?;
-        let _claim = self.claim(user, "an fsck")?;
-        let img = self.image(user)?;
-        if img.phase != Phase::Unmounted {
-            return Err(FsError::new(Errno::Busy, format!("{user}'s image is {}: umount it first", img.state_line())));
-        }
+        let (_claim, img) = self.claim_unmounted(caller, user, "an fsck")?;
         let path = self.path(&img);
         let (code, err, out) =
             command("e2fsck", &["-f", "-y", &path.to_string_lossy()]).map_err(|e| io_err("fsck", e))?;

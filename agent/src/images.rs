@@ -37,10 +37,6 @@ impl Images {
         Ok(Claim { images: self, path: path.to_path_buf() })
     }
 
-    fn is_busy(&self, path: &Path) -> bool {
-        self.busy.lock().expect("busy set lock is never poisoned").contains(path)
-    }
-
     /// Attaches `path` to a loop device, repairs it if unclean and mounts it at `mountpoint`.
     pub fn mount(&self, path: &Path, mountpoint: &Path) -> Result<Reply, String> {
         let _claim = self.claim(path)?;
@@ -166,10 +162,9 @@ impl Images {
 
     /// Detaches `dev` if it still backs `path`, is not mounted and no operation here uses it.
     pub fn detach(&self, dev: &str, path: &Path) -> Result<Reply, String> {
-        if self.is_busy(strip_deleted(path)) {
+        let Ok(_claim) = self.claim(strip_deleted(path)) else {
             return Ok(Reply::Busy { reason: format!("{} is being mounted or unmounted", path.display()) });
-        }
-        let _claim = self.claim(strip_deleted(path))?;
+        };
         let still = loops().into_iter().any(|(d, f)| d == dev && f == path);
         if !still {
             return Ok(Reply::Done);

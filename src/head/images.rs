@@ -241,9 +241,6 @@ impl Images {
             .ok_or_else(|| FsError::invalid(format!("there is no user {user} on the head")))?;
         let (uid, gid) = (account.uid.as_raw(), account.gid.as_raw());
         Self::allowed(caller, user, uid)?;
-        if self.images.contains_key(user) {
-            return Err(FsError::new(Errno::Exist, format!("{user} has an image already")));
-        }
         let template = match &new.template {
             Some(t) => Some(self.template(t)?),
             None => None,
@@ -261,6 +258,9 @@ impl Images {
             (None, None) => self.cfg.default_size.0,
         };
         let _claim = self.claim(user, "create")?;
+        if self.images.contains_key(user) {
+            return Err(FsError::new(Errno::Exist, format!("{user} has an image already")));
+        }
         let volume = self.place(size)?;
         let dir = self.cfg.volumes[&volume].path.clone();
         let path = dir.join(format!("{user}.img"));
@@ -677,18 +677,21 @@ impl Images {
             scanned.insert(node, loops);
         }
         for user in self.users() {
-            let Some(img) = self.get(&user) else { continue };
-            let Some(node) = img.node.clone() else { continue };
+            let Some(node) = self.get(&user).and_then(|i| i.node) else { continue };
             let Some(loops) = scanned.get(&node) else { continue };
-            if self.busy.contains_key(&user) {
+            // Claimed only when there is something to repair, so a user's own mount or umount
+            // never meets an EBUSY from a scan that found all well.
+            if !self.get(&user).is_some_and(|i| self.needs_repair(&i, loops)) {
                 continue;
             }
-            let path = self.path(&img);
-            let mountpoint = self.mountpoint(&user);
-            let mounted = loops.iter().any(|l| l.file == path && l.mountpoint.as_deref() == Some(mountpoint.as_path()));
             let Ok(_claim) = self.claim(&user, "a health repair") else { continue };
+            // Read again under the claim: the user's own operation may have just ended.
+            let Some(img) = self.get(&user).filter(|i| i.node.as_ref() == Some(&node) && self.needs_repair(i, loops))
+            else {
+                continue;
+            };
             let done = match img.phase {
-                Phase::Mounted if !mounted => {
+                Phase::Mounted => {
                     self.note(&user, format!("missing mount on {node}: mounting it again"));
                     self.drive_mount(&img, &node).await
                 }
@@ -699,6 +702,17 @@ impl Images {
             if let Err(e) = done {
                 warn!(image = user, node, error = %e, "image repair failed");
             }
+        }
+    }
+
+    /// Whether image `img` is not where its lease says, by `loops` of its node: mounted there
+    /// but missing, or left mid-way by a mount or umount that got no answer.
+    fn needs_repair(&self, img: &Image, loops: &[LoopInfo]) -> bool {
+        let (path, at) = (self.path(img), self.mountpoint(&img.user));
+        match img.phase {
+            Phase::Mounted => !loops.iter().any(|l| l.file == path && l.mountpoint.as_deref() == Some(at.as_path())),
+            Phase::Mounting | Phase::Unmounting => true,
+            Phase::Unmounted => false,
         }
     }
 

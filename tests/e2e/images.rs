@@ -283,6 +283,14 @@ fn ghost_loops_and_missing_mounts_are_repaired() {
         c.read("images/cfbob/state")
     );
 
+    // An unclean image with damage is repaired by fsck before it is mounted.
+    let (code, _, err) =
+        sh(&format!("debugfs -w -R 'sif <2> links_count 7' {0} && debugfs -w -R 'ssv state 0' {0}", img.display()));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(c.write("images/cfbob/ctl", b"mount cn0\n"), Ok(()), "{}", c.read("images/cfbob/error"));
+    assert!(c.read("images/cfbob/state").contains("after fsck repaired it"), "{}", c.read("images/cfbob/state"));
+    assert_eq!(c.write("images/cfbob/ctl", b"umount\n"), Ok(()));
+
     // Mounted on a node whose agent is then killed and the mount lost (as after a reboot).
     let ext = c.agent("ext1");
     assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn0,ext1\n"));

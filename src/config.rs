@@ -12,6 +12,45 @@ pub struct Config {
     pub head: HeadConfig,
     pub jobs: JobsConfig,
     pub images: ImagesConfig,
+    pub hsm: HsmConfig,
+}
+
+/// `[hsm]`: the HSM coordinator. Keys keep coordinatool's names and meaning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HsmConfig {
+    /// `"<tag> <mover> [<mover>...]"`: archives whose data holds `<tag>` go to those movers.
+    pub archive_on_hosts: Vec<String>,
+    /// `"<tag> <hash_count> <mover>..."`: the value after `<tag>` picks one mover by consistent hashing.
+    pub archive_on_hosts_ch: Vec<String>,
+    /// `[<idle>, <max>]` seconds: a mover's batching slot keeps its archive tag until idle that
+    /// long, or at most `max` (0: no limit). Unset: no batching.
+    pub batch_archives_slices_sec: Option<Vec<u64>>,
+    /// Archive tags a mover takes at once when batching.
+    pub batch_archives_slots_per_client: u32,
+    /// `cr`: requests whose data holds `cr=<hint>` are reported in `hsm/<hint>`.
+    pub reporting_hint: Option<String>,
+    /// How often waiting and running requests report progress lines.
+    pub reporting_schedule_interval_ms: u64,
+    /// How long a disconnected mover keeps its requests before they are queued again.
+    pub client_grace_ms: u64,
+    /// Among queued requests of one action, serve the owner (uid) with the fewest running first.
+    pub fair_share: bool,
+}
+
+impl Default for HsmConfig {
+    fn default() -> HsmConfig {
+        HsmConfig {
+            archive_on_hosts: Vec::new(),
+            archive_on_hosts_ch: Vec::new(),
+            batch_archives_slices_sec: None,
+            batch_archives_slots_per_client: 1,
+            reporting_hint: None,
+            reporting_schedule_interval_ms: 60_000,
+            client_grace_ms: 600_000,
+            fair_share: false,
+        }
+    }
 }
 
 /// `[images]`: per-user raw disk images on shared volumes.
@@ -199,6 +238,15 @@ impl Config {
         }
         if i.health_interval_s == 0 {
             return Err("images.health_interval_s must be at least 1".into());
+        }
+        let m = &self.hsm;
+        if m.reporting_schedule_interval_ms < 10 {
+            return Err("hsm.reporting_schedule_interval_ms must be at least 10".into());
+        }
+        if let Some(hint) = &m.reporting_hint
+            && (hint.is_empty() || hint.contains(['=', ',', ' ']))
+        {
+            return Err(format!("hsm.reporting_hint {hint:?} must be a word like cr"));
         }
         for (name, v) in &i.volumes {
             crate::names::check("volume", name).map_err(|e| format!("images.volumes: {e}"))?;

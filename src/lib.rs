@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod hsm;
 pub mod images;
 pub mod jobs;
 pub mod names;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
+use crate::hsm::{Held, MoverInfo, Request};
 use crate::images::LoopInfo;
 use crate::jobs::copy::Plan;
 use crate::jobs::{Exit, Run, RunStatus};
@@ -64,6 +65,10 @@ pub enum Op {
     ImageScan { volumes: Vec<PathBuf> },
     /// Detach loop device `dev` if it still backs `path` and is not mounted (a ghost).
     ImageDetach { dev: String, path: PathBuf },
+    /// Run these HSM requests (a cookie the mover already holds is not started again).
+    Hsm { requests: Vec<Request> },
+    /// Stop HSM request `cookie`; it ends with status ECANCELED.
+    HsmCancel { cookie: u64 },
 }
 
 /// What an agent answers to an [`Op`].
@@ -130,6 +135,14 @@ pub enum Message {
     Progress { run: u64, bytes: u64 },
     /// Relay parent -> child, first on a relay connection: the file and the child's subtree.
     Copy { plan: Box<Plan> },
+    /// Agent -> head, after each welcome, from a mover: what it is and the requests it holds.
+    Mover { info: MoverInfo, held: Vec<Held> },
+    /// Agent -> head: bytes done of HSM request `cookie`.
+    HsmProgress { cookie: u64, bytes: u64, total: u64 },
+    /// Agent -> head: HSM request `cookie` ended with `status` (0 or a positive errno).
+    HsmDone { cookie: u64, status: i32 },
+    /// Head -> agent: the head has recorded the end of these requests; forget them.
+    HsmAck { cookies: Vec<u64> },
 }
 
 impl Message {
@@ -149,6 +162,10 @@ impl Message {
             Message::Relay { .. } => "relay",
             Message::Progress { .. } => "progress",
             Message::Copy { .. } => "copy",
+            Message::Mover { .. } => "mover",
+            Message::HsmProgress { .. } => "hsm_progress",
+            Message::HsmDone { .. } => "hsm_done",
+            Message::HsmAck { .. } => "hsm_ack",
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::images::Images;
+use crate::mover::{Mover, MoverConfig};
 use crate::probe::Shared;
 use crate::relay::Relay;
 use crate::runner::{Runner, Started};
@@ -34,6 +35,8 @@ pub struct LinkConfig {
     pub relay: Arc<Relay>,
     /// Loop devices and mounts of images, for every node name of this process.
     pub images: Arc<Images>,
+    /// The HSM mover role, when this agent has it.
+    pub mover: Option<MoverConfig>,
 }
 
 /// Where the head's copy of a run's output stands, for this connection.
@@ -78,12 +81,13 @@ pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) 
         Ok(r) => Arc::new(r),
         Err(e) => return warn!(node, error = %e, "cannot keep runs: this node will not serve"),
     };
+    let mover = cfg.mover.clone().map(|m| Arc::new(Mover::new(m, &node)));
     let mut backoff = Duration::from_millis(100);
     let mut done = Done::default();
     let mut next_head = 0usize;
     loop {
         let head = &cfg.heads[next_head % cfg.heads.len()];
-        match session(&node, head, &cfg, &probe, &runner, &mut done).await {
+        match session(&node, head, &cfg, &probe, &runner, mover.as_ref(), &mut done).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(ProtoError::Refused(reason)) => warn!(node, head, reason, "refused by the head"),
             Err(e) => debug!(node, head, error = %e, "link lost"),
@@ -103,6 +107,7 @@ async fn session(
     cfg: &LinkConfig,
     probe: &Arc<Mutex<Shared>>,
     runner: &Arc<Runner>,
+    mover: Option<&Arc<Mover>>,
     done: &mut Done,
 ) -> Result<(), ProtoError> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(head))
@@ -119,6 +124,9 @@ async fn session(
     // The head learns every run this node has; it answers with what it wants resent.
     conn.send(&Message::Runs { runs: runner.list() }).await?;
     conn.send(&Message::Relay { addr: cfg.relay.addr(toward_head) }).await?;
+    if let Some(m) = mover {
+        conn.send(&m.hello()).await?;
+    }
     let mut cursors: HashMap<u64, Cursor> = HashMap::new();
     // Image operations (fsck, resize2fs) may take long: they answer from their own task.
     let (answers, mut answered) = tokio::sync::mpsc::channel::<(u64, Result<Reply, String>)>(64);
@@ -140,6 +148,9 @@ async fn session(
                         cursor.copied = bytes;
                     }
                     send_output(&mut conn, runner, *run, cursor).await?;
+                }
+                for news in mover.map(|m| m.news()).unwrap_or_default() {
+                    conn.send(&news).await?;
                 }
             }
             // A run ended: its last output and exit go now, not at the next tick.
@@ -166,12 +177,17 @@ async fn session(
                     let answer = match done.get(id) {
                         Some(a) => a,
                         None => {
-                            let a = execute(op, runner, &cfg.relay, &mut cursors).await;
+                            let a = execute(op, runner, &cfg.relay, mover, &mut cursors).await;
                             done.put(id, a.clone());
                             a
                         }
                     };
                     conn.send(&Message::Response { id, result: answer }).await?;
+                }
+                Message::HsmAck { cookies } => {
+                    if let Some(m) = mover {
+                        m.ack(&cookies);
+                    }
                 }
                 Message::Resume { run, from } => {
                     cursors.insert(run, Cursor { sent: from, exited_sent: false, copied: 0 });
@@ -246,6 +262,7 @@ async fn execute(
     op: Op,
     runner: &Arc<Runner>,
     relay: &Arc<Relay>,
+    mover: Option<&Arc<Mover>>,
     cursors: &mut HashMap<u64, Cursor>,
 ) -> Result<Reply, String> {
     match op {
@@ -276,6 +293,19 @@ async fn execute(
             let r = runner.clone();
             let _ = tokio::task::spawn_blocking(move || r.forget(run)).await;
             cursors.remove(&run);
+            Ok(Reply::Done)
+        }
+        Op::Hsm { requests } => match mover {
+            Some(m) => {
+                m.start(requests);
+                Ok(Reply::Done)
+            }
+            None => Err("this agent is not an HSM mover (start it with --mover)".into()),
+        },
+        Op::HsmCancel { cookie } => {
+            if let Some(m) = mover {
+                m.cancel(cookie);
+            }
             Ok(Reply::Done)
         }
         op => Err(format!("{op:?} is answered elsewhere")),

@@ -3,6 +3,7 @@
 mod images;
 mod isolate;
 mod link;
+mod mover;
 mod probe;
 mod relay;
 mod runner;
@@ -44,6 +45,64 @@ struct Args {
     /// picks a free one. The head learns it when the agent connects.
     #[arg(long, default_value = "0.0.0.0:0")]
     relay_listen: String,
+    /// Serve as an HSM data mover for the head's coordinator.
+    #[arg(long)]
+    mover: bool,
+    /// Archive ids this mover serves (comma-separated); none: any.
+    #[arg(long, value_delimiter = ',', requires = "mover")]
+    archive_id: Vec<u32>,
+    /// The Lustre mount; files are opened as <lustre-root>/.lustre/fid/<fid>.
+    #[arg(long, requires = "mover")]
+    lustre_root: Option<PathBuf>,
+    /// Where the POSIX backend keeps archive copies, keyed by fid; %n is the node name.
+    #[arg(long, requires = "mover")]
+    archive_root: Option<PathBuf>,
+    /// Run each request with `sh -c CMD` (like lhsmtool_cmd) instead of the POSIX backend.
+    #[arg(long, requires = "mover")]
+    mover_command: Option<String>,
+    /// Archives run at once (-1: no limit).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    max_archive: i64,
+    /// Restores run at once (-1: no limit).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    max_restore: i64,
+    /// Removals run at once (-1: no limit).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    max_remove: i64,
+    /// Requests copied at the same time by this process's movers.
+    #[arg(long, default_value_t = 4)]
+    mover_threads: usize,
+}
+
+/// The mover settings of the command line, when --mover is given.
+fn mover_config(args: &Args) -> anyhow::Result<Option<mover::MoverConfig>> {
+    if !args.mover {
+        return Ok(None);
+    }
+    let slots = |n: i64, what: &str| match n {
+        -1 => Ok(None),
+        0.. => Ok(Some(u32::try_from(n)?)),
+        _ => anyhow::bail!("--{what} must be -1 (no limit) or at least 0"),
+    };
+    let lustre_root = args.lustre_root.clone().unwrap_or_else(|| PathBuf::from("/mnt/lustre"));
+    if args.mover_command.is_none() {
+        mover::check_root(&lustre_root).map_err(anyhow::Error::msg)?;
+        if args.archive_root.is_none() {
+            anyhow::bail!("--mover needs --archive-root (the POSIX backend) or --mover-command");
+        }
+    }
+    Ok(Some(mover::MoverConfig {
+        info: clusterfs::hsm::MoverInfo {
+            archive_ids: args.archive_id.clone(),
+            max_archive: slots(args.max_archive, "max-archive")?,
+            max_restore: slots(args.max_restore, "max-restore")?,
+            max_remove: slots(args.max_remove, "max-remove")?,
+        },
+        lustre_root,
+        archive_root: args.archive_root.clone().unwrap_or_default(),
+        command: args.mover_command.clone(),
+        threads: args.mover_threads,
+    }))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +125,7 @@ fn main() -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires --name or --nodes"),
     };
     let secret = Secret::load(&args.secret_file)?;
+    let mover = mover_config(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let relay = relay::Relay::start(&args.relay_listen, secret.clone(), args.max_frame)
@@ -78,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             state: args.state,
             relay,
             images: Arc::default(),
+            mover,
         });
         let probe = Arc::new(Mutex::new(probe::Shared::default()));
         for name in names {

@@ -10,6 +10,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::{Secret, head_handshake};
 use crate::head::cluster::{Cluster, Link};
+use crate::head::hsm::Hsm;
 use crate::head::jobs::Jobs;
 use crate::names;
 use crate::proto::{Conn, Frame, Message, ProtoError};
@@ -20,13 +21,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 /// Serves agents on `listener` until the task is dropped.
-pub async fn serve(cluster: Arc<Cluster>, jobs: Arc<Jobs>, listener: TcpListener, secret: Arc<Secret>) {
+pub async fn serve(cluster: Arc<Cluster>, jobs: Arc<Jobs>, hsm: Arc<Hsm>, listener: TcpListener, secret: Arc<Secret>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("agent", conn, %peer);
-                tokio::spawn(handle(cluster.clone(), jobs.clone(), stream, secret.clone(), conn).instrument(span));
+                tokio::spawn(
+                    handle(cluster.clone(), jobs.clone(), hsm.clone(), stream, secret.clone(), conn).instrument(span),
+                );
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -36,7 +39,14 @@ pub async fn serve(cluster: Arc<Cluster>, jobs: Arc<Jobs>, listener: TcpListener
     }
 }
 
-async fn handle(cluster: Arc<Cluster>, jobs: Arc<Jobs>, stream: TcpStream, secret: Arc<Secret>, conn_id: u64) {
+async fn handle(
+    cluster: Arc<Cluster>,
+    jobs: Arc<Jobs>,
+    hsm: Arc<Hsm>,
+    stream: TcpStream,
+    secret: Arc<Secret>,
+    conn_id: u64,
+) {
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::new(stream, cluster.cfg.max_frame);
     let peer =
@@ -81,6 +91,12 @@ async fn handle(cluster: Arc<Cluster>, jobs: Arc<Jobs>, stream: TcpStream, secre
                         jobs.progress(&node, run, bytes);
                         Vec::new()
                     }
+                    Ok(Frame::Message(Message::Mover { info, held })) => hsm.mover_hello(&node, conn_id, info, held),
+                    Ok(Frame::Message(Message::HsmProgress { cookie, bytes, total })) => {
+                        hsm.progress(&node, cookie, bytes, total);
+                        Vec::new()
+                    }
+                    Ok(Frame::Message(Message::HsmDone { cookie, status })) => hsm.done(&node, cookie, status),
                     Ok(Frame::Chunk { .. }) => break "protocol violation: a file chunk on the control link".to_string(),
                     Ok(Frame::Message(other)) => break format!("protocol violation: unexpected {}", other.name()),
                     Err(ProtoError::Closed) => break "agent disconnected".to_string(),
@@ -110,5 +126,6 @@ async fn handle(cluster: Arc<Cluster>, jobs: Arc<Jobs>, stream: TcpStream, secre
     } else {
         debug!(node, why, "agent connection closed");
     }
+    hsm.detach(&node, conn_id);
     cluster.detach(&node, conn_id, &why);
 }

@@ -1,6 +1,7 @@
 //! The head daemon: the store, the cluster model, the agent listener and the mounted tree.
 
 pub mod cluster;
+pub mod hsm;
 pub mod images;
 pub mod jobs;
 pub mod listener;
@@ -19,6 +20,7 @@ use crate::auth::Secret;
 use crate::config::Config;
 use crate::view::View;
 use cluster::Cluster;
+use hsm::Hsm;
 use images::Images;
 use jobs::Jobs;
 use store::Store;
@@ -30,6 +32,7 @@ pub struct Head {
     pub cluster: Arc<Cluster>,
     pub jobs: Arc<Jobs>,
     pub images: Arc<Images>,
+    pub hsm: Arc<Hsm>,
     mountpoint: PathBuf,
     mount: Option<clusterfs_fs::Mount>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -73,6 +76,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     let cluster = Arc::new(Cluster::load(cfg.clone(), store)?);
     let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), state.join("spool"), secret.clone())?);
     let images = Arc::new(Images::load(config.images.clone(), cluster.clone())?);
+    let hsm = Arc::new(Hsm::load(config.hsm.clone(), cluster.clone(), state.join("hsm-reports"))?);
 
     let listener =
         TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening for agents on {}", cfg.listen))?;
@@ -86,18 +90,22 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         fsname: "clusterfs".into(),
         ..clusterfs_fs::Config::default()
     };
-    let fs = clusterfs_fs::SynthFs::new(Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone())), fs_cfg);
+    let fs = clusterfs_fs::SynthFs::new(
+        Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone())),
+        fs_cfg,
+    );
     let mount = clusterfs_fs::mount(fs, mountpoint, tokio::runtime::Handle::current())
         .with_context(|| format!("mounting {}", mountpoint.display()))?;
     info!(mountpoint = %mountpoint.display(), "mounted");
 
     let tasks = vec![
-        tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), listener, secret)),
+        tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), hsm.clone(), listener, secret)),
         tokio::spawn(jobs.clone().scheduler()),
         tokio::spawn(images.clone().keeper()),
+        tokio::spawn(hsm.clone().keeper()),
     ];
     jobs.resume_copies();
-    Ok(Head { addr, cluster, jobs, images, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
+    Ok(Head { addr, cluster, jobs, images, hsm, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
 }
 
 /// A FUSE mount whose daemon died answers ENOTCONN; detach it so we can mount again.

@@ -1,6 +1,7 @@
 //! The tree `/cluster` shows: renders the cluster model as files for `clusterfs-fs`.
 
 mod groups;
+mod hsm;
 mod images;
 mod jobs;
 mod nodes;
@@ -12,6 +13,7 @@ use std::time::SystemTime;
 use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result, Tree, Write};
 
 use crate::head::cluster::Cluster;
+use crate::head::hsm::Hsm;
 use crate::head::images::Images;
 use crate::head::jobs::Jobs;
 
@@ -54,6 +56,12 @@ const ROOT_FILES: &[FileSpec] = &[
         kind: Kind::Dir,
         perm: 0o1777,
         help: "per-user disk images: mkdir makes one, ctl mounts it (see images/README)",
+    },
+    FileSpec {
+        name: "hsm",
+        kind: Kind::Dir,
+        perm: 0o755,
+        help: "the Lustre HSM coordinator: request queue, movers, report files (see hsm/README)",
     },
 ];
 
@@ -131,11 +139,17 @@ pub struct View {
     cluster: Arc<Cluster>,
     jobs: jobs::JobsView,
     images: images::ImagesView,
+    hsm: hsm::HsmView,
 }
 
 impl View {
-    pub fn new(cluster: Arc<Cluster>, jobs: Arc<Jobs>, images: Arc<Images>) -> View {
-        View { cluster, jobs: jobs::JobsView::new(jobs), images: images::ImagesView::new(images) }
+    pub fn new(cluster: Arc<Cluster>, jobs: Arc<Jobs>, images: Arc<Images>, hsm: Arc<Hsm>) -> View {
+        View {
+            cluster,
+            jobs: jobs::JobsView::new(jobs),
+            images: images::ImagesView::new(images),
+            hsm: hsm::HsmView::new(hsm),
+        }
     }
 }
 
@@ -148,6 +162,7 @@ impl Tree for View {
             ["groups", rest @ ..] => groups::node(&self.cluster, rest),
             ["jobs", rest @ ..] => self.jobs.node(rest),
             ["images", rest @ ..] => self.images.node(rest),
+            ["hsm", rest @ ..] => self.hsm.node(rest),
             _ => Err(FsError::not_found(path.join("/"))),
         }?;
         // Objects with no time of their own date from the head's start.
@@ -161,6 +176,7 @@ impl Tree for View {
             ["groups", rest @ ..] => groups::list(&self.cluster, rest),
             ["jobs", rest @ ..] => self.jobs.list(rest),
             ["images", rest @ ..] => self.images.list(rest),
+            ["hsm", rest @ ..] => self.hsm.list(rest),
             _ => Err(FsError::not_found(path.join("/"))),
         }
     }
@@ -175,9 +191,11 @@ impl Tree for View {
                  shows the reader's own last failure there as `ERRNO: sentence`.\n",
             ))),
             ["version"] => Answer::Now(Ok(format!("clusterfs {}\n", env!("CARGO_PKG_VERSION")).into_bytes())),
-            ["status"] => {
-                Answer::Now(Ok((self.cluster.status() + &self.jobs.status() + &self.images.status()).into_bytes()))
-            }
+            ["status"] => Answer::Now(Ok((self.cluster.status()
+                + &self.jobs.status()
+                + &self.images.status()
+                + &self.hsm.status())
+                .into_bytes())),
             ["nodes", name, "jobs"] if self.cluster.exists(name) => {
                 Answer::Now(Ok(self.jobs.on_node(name).into_bytes()))
             }
@@ -185,6 +203,7 @@ impl Tree for View {
             ["jobs", rest @ ..] => self.jobs.render(rest, caller, nonblock),
             ["groups", rest @ ..] => groups::render(&self.cluster, rest),
             ["images", rest @ ..] => self.images.render(rest),
+            ["hsm", rest @ ..] => self.hsm.render(rest),
             _ => Answer::Now(Err(FsError::not_found(path.join("/")))),
         }
     }
@@ -195,6 +214,7 @@ impl Tree for View {
             ["groups", rest @ ..] => groups::write(&self.cluster, rest, caller, write.data),
             ["jobs", rest @ ..] => self.jobs.write(rest, caller, write.handle, write.offset, write.data),
             ["images", rest @ ..] => self.images.write(rest, caller, write.data),
+            ["hsm", rest @ ..] => self.hsm.write(rest, caller, write.handle, write.offset, write.data),
             _ => Answer::Now(Err(FsError::denied("this file is read-only"))),
         }
     }
@@ -202,6 +222,7 @@ impl Tree for View {
     fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
         match path {
             ["jobs", rest @ ..] => self.jobs.read_log(rest, caller, offset, size),
+            ["hsm", rest @ ..] => self.hsm.read_log(rest, offset, size),
             _ => Err(FsError::invalid("not a log file")),
         }
     }
@@ -209,13 +230,16 @@ impl Tree for View {
     fn flush(&self, path: &[&str], _caller: &Caller, handle: u64) -> Answer<()> {
         match path {
             ["jobs", rest @ ..] => self.jobs.flush(rest, handle),
+            ["hsm", rest @ ..] => self.hsm.flush(rest, handle),
             _ => Answer::Now(Ok(())),
         }
     }
 
     fn release(&self, path: &[&str], _caller: &Caller, handle: u64) {
-        if let ["jobs", rest @ ..] = path {
-            self.jobs.release(rest, handle);
+        match path {
+            ["jobs", rest @ ..] => self.jobs.release(rest, handle),
+            ["hsm", rest @ ..] => self.hsm.release(rest, handle),
+            _ => {}
         }
     }
 

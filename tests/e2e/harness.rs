@@ -184,8 +184,15 @@ impl Cluster {
 
     /// Starts an extra agent process for `name`; it is stopped when the cluster drops.
     pub fn agent(&mut self, name: &str) -> usize {
+        self.agent_with(&["--name", name])
+    }
+
+    /// Starts an extra agent process with these arguments (its name and role); it is stopped
+    /// when the cluster drops.
+    pub fn agent_with(&mut self, args: &[&str]) -> usize {
         let child = Command::new(bin("clusterfs-agent"))
-            .args(["--head", &self.addr(), "--name", name, "--secret-file"])
+            .args(args)
+            .args(["--head", &self.addr(), "--secret-file"])
             .arg(self.secret_file())
             .arg("--state")
             .arg(self.dir.path().join("agents"))

@@ -7,6 +7,7 @@ mod copy;
 mod fsrules;
 mod groups;
 mod harness;
+mod hsm;
 mod images;
 mod jobs;
 mod multinode;

@@ -1,0 +1,302 @@
+//! hsm/: requests queued as Lustre prints them, moved by real mover agents, reported per hint.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::can_mount;
+use crate::harness::{Cluster, eventually, sh_as};
+
+const HEADER: &str = "mdt.lustre0-MDT0000.hsm.active_requests=\n";
+
+fn fid(oid: u32) -> String {
+    format!("[0x200000401:{oid:#x}:0x0]")
+}
+
+/// One `active_requests` line, exactly as Lustre prints it.
+fn line(oid: u32, cookie: u64, action: &str, data: &str) -> String {
+    let f = fid(oid);
+    let hex: String = data.bytes().map(|b| format!("{b:02X}")).collect();
+    format!(
+        "fid={f} dfid={f} compound/cookie=0x0/{cookie:#x} action={action} archive#=1 flags=0x0 extent=0x0-0xffffffffffffffff gid=0x0 data=[{hex}] canceled=0 uuid=0e12f0a4-1b2c-4d5e-8f90-a1b2c3d4e5f6 done=0\n"
+    )
+}
+
+/// A Lustre-like tree (`.lustre/fid/<fid>` files) and an archive root, under the test dir.
+struct Tree {
+    lustre: PathBuf,
+    archive: PathBuf,
+}
+
+impl Tree {
+    fn new(c: &Cluster) -> Tree {
+        let root = c.path("").parent().expect("the mountpoint is in the test dir").join("hsm");
+        let lustre = root.join("lustre");
+        fs::create_dir_all(lustre.join(".lustre/fid")).unwrap();
+        let archive = root.join("archive");
+        fs::create_dir_all(&archive).unwrap();
+        Tree { lustre, archive }
+    }
+
+    fn file(&self, oid: u32) -> PathBuf {
+        self.lustre.join(".lustre/fid").join(fid(oid))
+    }
+
+    fn archived(&self, mover: &str, oid: u32) -> PathBuf {
+        self.archive.join(mover).join("0x200000401").join(format!("0x200000401:{oid:#x}:0x0"))
+    }
+
+    fn mover_args<'a>(&'a self, name: &'a str, extra: &[&'a str]) -> Vec<String> {
+        let mut v = vec![
+            "--name".to_string(),
+            name.to_string(),
+            "--mover".into(),
+            "--lustre-root".into(),
+            self.lustre.display().to_string(),
+            "--archive-root".into(),
+            self.archive.join("%n").display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+}
+
+fn start_mover(c: &mut Cluster, args: &[String]) {
+    let name = args[1].clone();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.agent_with(&args);
+    let up = eventually(Duration::from_secs(20), || {
+        c.try_read(&format!("hsm/movers/{name}/state")).is_some_and(|s| s == "up\n")
+    });
+    assert!(up, "mover {name} never came up; head log:\n{}", c.log());
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn wait_for(c: &Cluster, rel: &str, what: &str, timeout_s: u64) -> String {
+    let mut last = String::new();
+    let ok = eventually(Duration::from_secs(timeout_s), || {
+        last = c.try_read(rel).unwrap_or_default();
+        last.contains(what)
+    });
+    assert!(
+        ok,
+        "{rel} never held {what:?}; it holds {last:?}; status:\n{}",
+        c.try_read("hsm/status").unwrap_or_default()
+    );
+    last
+}
+
+fn quiet(c: &Cluster) -> bool {
+    c.try_read("hsm/status").is_some_and(|s| {
+        ["restore", "remove", "archive"].iter().all(|a| s.contains(&format!("{a} queued 0 running 0 ")))
+    })
+}
+
+#[test]
+fn archive_restore_and_remove_move_real_bytes_and_report_exact_lines() {
+    if !can_mount() {
+        return;
+    }
+    let mut c =
+        Cluster::up_with("cn1", 200, "[hsm]\nreporting_hint = \"cr\"\nreporting_schedule_interval_ms = 30000\n");
+    let t = Tree::new(&c);
+    let data = pseudo_random(3 << 20, 7);
+    fs::write(t.file(1), &data).unwrap();
+    start_mover(&mut c, &t.mover_args("m1", &["--max-archive", "2"]));
+
+    let f = fid(1);
+    let queue = format!("{HEADER}{}", line(1, 0x5f1e2d3c, "ARCHIVE", "tag=x,cr=camp1"));
+    assert_eq!(c.write("hsm/queue", queue.as_bytes()), Ok(()), "{}", c.read("hsm/error"));
+    wait_for(&c, "hsm/camp1", &format!("done {f} 0\n"), 30);
+    assert_eq!(fs::read(t.archived("m1", 1)).unwrap(), data, "the archive copy differs from the file");
+
+    // The file's data is released, then restored from the archive.
+    fs::write(t.file(1), b"").unwrap();
+    c.write("hsm/queue", line(1, 0x5f1e2d3d, "RESTORE", "cr=camp1").as_bytes()).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || fs::read(t.file(1)).is_ok_and(|d| d == data)),
+        "restore did not bring the data back"
+    );
+
+    c.write("hsm/queue", line(1, 0x5f1e2d3e, "REMOVE", "cr=camp1").as_bytes()).unwrap();
+    assert!(eventually(Duration::from_secs(30), || !t.archived("m1", 1).exists()), "remove left the archive copy");
+    let one = |_: &str| format!("new {f}\nassign {f} m1\nsent {f} m1\ndone {f} 0\n");
+    let want = one("archive") + &one("restore") + &one("remove");
+    let ok = eventually(Duration::from_secs(10), || c.try_read("hsm/camp1").is_some_and(|r| r == want));
+    assert!(ok, "hsm/camp1 holds {:?}, not {want:?}", c.try_read("hsm/camp1"));
+    // True size, for tail -f and NFS readers.
+    assert_eq!(fs::metadata(c.path("hsm/camp1")).unwrap().len() as usize, want.len());
+    let status = c.read("hsm/status");
+    assert!(status.contains("archive queued 0 running 0 done 1 failed 0"), "{status}");
+    assert!(status.contains("mover m1 up restore 0/- remove 0/- archive 0/2 running 0"), "{status}");
+    assert_eq!(c.read("hsm/movers/m1/archive_ids"), "any\n");
+}
+
+#[test]
+fn bad_lines_are_refused_one_by_one_while_good_ones_queue_and_reports_follow_the_queue() {
+    if !can_mount() {
+        return;
+    }
+    let mut c = Cluster::up_with("cn1", 200, "[hsm]\nreporting_hint = \"cr\"\nreporting_schedule_interval_ms = 300\n");
+    let t = Tree::new(&c);
+    c.write("hsm/ctl", b"lock\n").unwrap();
+    let good: String = (1..=5).map(|i| line(i, 100 + u64::from(i), "ARCHIVE", "cr=held")).collect();
+    let broken = [
+        line(9, 9, "ARCHIVE", "").replace("fid=[0x200000401:0x9:0x0] ", "fid=[0x2zz:0x9:0x0] "),
+        line(9, 9, "ARCHIVE", "").replace("compound/cookie=0x0/0x9", "compound/cookie=0x9"),
+        line(9, 9, "ARCHIVAL", ""),
+        line(9, 9, "ARCHIVE", "").replace("archive#=1", "archive#=x"),
+        line(9, 9, "ARCHIVE", "").replace("extent=0x0-0xffffffffffffffff", "extent=7"),
+        line(9, 9, "ARCHIVE", "").replace("data=[]", "data=[4"),
+        line(9, 9, "ARCHIVE", "")[..80].to_string() + "\n",
+    ];
+    let mut text = String::from(HEADER);
+    let mut lines = good.lines();
+    for b in &broken {
+        text += lines.next().map(|l| format!("{l}\n")).unwrap_or_default().as_str();
+        text += b;
+    }
+    // One write: the good lines of it queue, each bad line is named.
+    let e = c.write("hsm/queue", text.as_bytes());
+    assert_eq!(e, Err(libc::EINVAL));
+    let err = c.read("hsm/error");
+    assert!(err.contains("line 3: fid") && err.contains("line 5: compound/cookie"), "{err}");
+    assert!(err.contains("and 2 more"), "{err}");
+    let status = c.read("hsm/status");
+    assert!(status.contains("state locked"), "{status}");
+    assert!(status.contains("archive queued 5 running 0"), "{status}");
+    // A 1 MiB line spans many writes: refused when it ends, the lines around it queued.
+    let huge = line(6, 106, "ARCHIVE", "cr=big") + &"x".repeat(1 << 20) + "\n" + &line(7, 107, "ARCHIVE", "cr=big");
+    assert_eq!(c.write("hsm/queue", huge.as_bytes()), Err(libc::EINVAL));
+    assert!(c.read("hsm/error").contains("line 2: a line is at most 65536 bytes"), "{}", c.read("hsm/error"));
+    assert!(eventually(Duration::from_secs(5), || c.read("hsm/status").contains("archive queued 7 running 0")));
+    c.write("hsm/ctl", b"cancel 106\n").unwrap();
+    c.write("hsm/ctl", b"cancel 0x6b\n").unwrap();
+    // Requeueing the same lines queues nothing twice.
+    let again = t.archive.join("again");
+    fs::write(&again, &good).unwrap();
+    let q = c.path("hsm/queue");
+    let (code, out, _) = sh_as("root", &format!("exec 3<>{}; cat {} >&3; cat <&3", q.display(), again.display()));
+    assert_eq!(code, 0);
+    assert_eq!(out, "queued 0 duplicate 5 canceled 0\n");
+    // Only root acts on the coordinator.
+    crate::jobs::users();
+    let (code, _, _) = sh_as("cfalice", &format!("echo unlock > {}", c.path("hsm/ctl").display()));
+    assert_ne!(code, 0);
+    assert_eq!(c.write("hsm/ctl", b"frobnicate\n"), Err(libc::EINVAL));
+    assert!(c.read("hsm/error").contains("lock | unlock | drain <mover>"));
+
+    // While locked the requests wait, and say where they are in the queue.
+    let f1 = fid(1);
+    wait_for(&c, "hsm/held", &format!("progress {f1} global_queue 1/5\n"), 10);
+    // Cancel one queued request.
+    c.write("hsm/ctl", b"cancel 0x65\n").unwrap();
+    wait_for(&c, "hsm/held", &format!("done {f1} 125\n"), 5);
+    assert_eq!(c.write("hsm/ctl", b"cancel 0x65\n"), Err(libc::ENOENT));
+
+    for i in 2..=5 {
+        fs::write(t.file(i), pseudo_random(1000 * i as usize, u64::from(i))).unwrap();
+    }
+    start_mover(&mut c, &t.mover_args("m1", &[]));
+    c.write("hsm/ctl", b"unlock\n").unwrap();
+    let report = wait_for(&c, "hsm/held", &format!("done {} 0\n", fid(5)), 30);
+    for i in 2..=5 {
+        let f = fid(i);
+        let at = |l: &str| report.find(l).unwrap_or_else(|| panic!("no {l:?} in {report}"));
+        assert!(at(&format!("new {f}\n")) < at(&format!("assign {f} m1\n")));
+        assert!(at(&format!("assign {f} m1\n")) < at(&format!("sent {f} m1\n")));
+        assert!(at(&format!("sent {f} m1\n")) < at(&format!("done {f} 0\n")));
+        assert_eq!(fs::read(t.archived("m1", i)).unwrap(), fs::read(t.file(i)).unwrap());
+    }
+    assert!(report.ends_with('\n'));
+    // One interval after its last request the report file goes.
+    assert!(eventually(Duration::from_secs(5), || !c.path("hsm/held").exists()), "the report file stayed");
+}
+
+#[test]
+fn archive_on_hosts_pins_a_tag_and_drain_moves_work_away() {
+    if !can_mount() {
+        return;
+    }
+    let mut c = Cluster::up_with("cn1", 200, "[hsm]\narchive_on_hosts = [\"tag=gold m2\"]\n");
+    let t = Tree::new(&c);
+    for i in 1..=12 {
+        fs::write(t.file(i), format!("file {i}\n")).unwrap();
+    }
+    start_mover(&mut c, &t.mover_args("m1", &[]));
+    start_mover(&mut c, &t.mover_args("m2", &[]));
+    let gold: String = (1..=6).map(|i| line(i, u64::from(i), "ARCHIVE", "tag=gold")).collect();
+    c.write("hsm/queue", gold.as_bytes()).unwrap();
+    assert!(eventually(Duration::from_secs(30), || quiet(&c) && (1..=6).all(|i| t.archived("m2", i).exists())));
+    assert!((1..=6).all(|i| !t.archived("m1", i).exists()), "a pinned tag went to m1");
+
+    c.write("hsm/ctl", b"drain m1\n").unwrap();
+    assert_eq!(c.read("hsm/movers/m1/state"), "drained\n");
+    let plain: String = (7..=12).map(|i| line(i, u64::from(i), "ARCHIVE", "")).collect();
+    c.write("hsm/queue", plain.as_bytes()).unwrap();
+    assert!(eventually(Duration::from_secs(30), || quiet(&c) && (7..=12).all(|i| t.archived("m2", i).exists())));
+    assert!((7..=12).all(|i| !t.archived("m1", i).exists()), "a drained mover got work");
+    assert_eq!(c.write("hsm/ctl", b"drain nosuch\n"), Err(libc::ENOENT));
+}
+
+#[test]
+fn a_head_crash_with_a_thousand_queued_requests_ends_each_exactly_once() {
+    if !can_mount() {
+        return;
+    }
+    let mut c = Cluster::up_with("cn1", 200, "[hsm]\nclient_grace_ms = 60000\n");
+    let t = Tree::new(&c);
+    let log = t.archive.join("ran.log");
+    // An external mover command (lhsmtool_cmd style) that records each request it runs.
+    let cmd = format!("echo $CLUSTER_HSM_COOKIE >> {}; sleep 0.005", log.display());
+    for m in ["m1", "m2"] {
+        let args = vec![
+            "--name".to_string(),
+            m.into(),
+            "--mover".into(),
+            "--mover-command".into(),
+            cmd.clone(),
+            "--max-archive".into(),
+            "8".into(),
+        ];
+        start_mover(&mut c, &args);
+    }
+    let json: String = (1..=1000u32)
+        .map(|i| format!("{{\"fid\":\"0x200000401:{i:#x}:0x0\",\"cookie\":{i},\"action\":\"archive\"}}\n"))
+        .collect();
+    c.write("hsm/queue", json.as_bytes()).unwrap();
+    assert!(eventually(Duration::from_secs(30), || fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 100)));
+    c.crash_head();
+    c.start_head();
+    let ok = eventually(Duration::from_secs(120), || {
+        quiet(&c) && fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 1000)
+    });
+    let ran = fs::read_to_string(&log).unwrap();
+    assert!(
+        ok,
+        "not all requests ended: {} ran; status:\n{}",
+        ran.lines().count(),
+        c.try_read("hsm/status").unwrap_or_default()
+    );
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for l in ran.lines() {
+        *times.entry(l).or_default() += 1;
+    }
+    assert_eq!(times.len(), 1000, "some requests never ran");
+    let twice: Vec<_> = times.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "requests ran twice: {twice:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 1000, "a request ran again late");
+}

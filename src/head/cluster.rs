@@ -357,6 +357,15 @@ impl Cluster {
         }
     }
 
+    /// Sends `msg` to `name`'s agent if it is connected, without waiting for an answer.
+    pub async fn tell(&self, name: &str, msg: Message) -> bool {
+        let tx = self.nodes.get(name).and_then(|e| e.link.as_ref().map(|l| l.tx.clone()));
+        match tx {
+            Some(tx) => tx.send(msg).await.is_ok(),
+            None => false,
+        }
+    }
+
     /// Delivers an agent's answer to whoever waits for it.
     pub fn answered(&self, id: u64, result: Result<Reply, String>) {
         if let Some((_, tx)) = self.pending.remove(&id) {

@@ -98,6 +98,10 @@ pub struct Hsm {
     /// Request data whose report hint was not a valid name.
     pub bad_hints: AtomicU64,
     started: Instant,
+    /// Changes were queued for the store that nobody waits for.
+    dirty: std::sync::atomic::AtomicBool,
+    /// Ends to confirm to movers after the next commit, by mover.
+    acks: Mutex<HashMap<String, Vec<u64>>>,
 }
 
 /// One line of `hsm/status` per mover, and what `movers/<mover>/` shows.
@@ -166,6 +170,8 @@ impl Hsm {
             wake: Notify::new(),
             bad_hints: AtomicU64::new(0),
             started: Instant::now(),
+            dirty: std::sync::atomic::AtomicBool::new(false),
+            acks: Mutex::default(),
         })
     }
 
@@ -228,6 +234,14 @@ impl Hsm {
         drop(core);
         self.wake.notify_one();
         (queued, ticket)
+    }
+
+    /// Queues changes for the store; the keeper commits them within a round.
+    fn later(&self, changes: Vec<Change>) {
+        if !changes.is_empty() {
+            self.store().write_later(changes);
+            self.dirty.store(true, Ordering::Release);
+        }
     }
 
     /// Waits until the changes of `ticket` are durable (blocking).
@@ -296,7 +310,7 @@ impl Hsm {
         if let Some(h) = &rec.hint {
             self.reports.end(h);
         }
-        self.store().write_later(vec![(format!("hsm/{}", key(cookie)), None)]);
+        self.later(vec![(format!("hsm/{}", key(cookie)), None)]);
         self.wake.notify_one();
     }
 
@@ -355,9 +369,7 @@ impl Hsm {
                 }
             }
         }
-        if !changes.is_empty() {
-            self.store().write_later(changes);
-        }
+        self.later(changes);
         info!(mover = node, held = held.len(), stopping = stop.len(), "mover connected");
         for cookie in stop {
             let (hsm, node) = (self.clone(), node.to_string());
@@ -368,7 +380,18 @@ impl Hsm {
             });
         }
         self.wake.notify_one();
-        if acks.is_empty() { Vec::new() } else { vec![Message::HsmAck { cookies: acks }] }
+        self.ack_later(node, acks);
+        Vec::new()
+    }
+
+    /// The mover may forget these requests once their end is durable: told after the next commit.
+    fn ack_later(&self, node: &str, cookies: Vec<u64>) {
+        if cookies.is_empty() {
+            return;
+        }
+        self.acks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(node.to_string()).or_default().extend(cookies);
+        self.dirty.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 
     /// Bytes done of a running request.
@@ -386,7 +409,9 @@ impl Hsm {
         if core.requests.get(&cookie).is_some_and(|e| e.rec.mover.as_deref() == Some(node)) {
             self.finish(&mut core, cookie, status);
         }
-        vec![Message::HsmAck { cookies: vec![cookie] }]
+        drop(core);
+        self.ack_later(node, vec![cookie]);
+        Vec::new()
     }
 
     /// The connection `conn` of mover `node` ended: its requests wait `client_grace_ms` for it.
@@ -421,6 +446,16 @@ impl Hsm {
                 self.report_progress();
             }
             self.reports.sweep();
+            if self.dirty.swap(false, Ordering::AcqRel) {
+                let hsm = self.clone();
+                let ticket = self.store().write_later(Vec::new());
+                let acks = std::mem::take(&mut *self.acks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                if let Ok(Ok(())) = tokio::task::spawn_blocking(move || hsm.durable(ticket)).await {
+                    for (node, cookies) in acks {
+                        self.cluster.tell(&node, Message::HsmAck { cookies }).await;
+                    }
+                }
+            }
             // Coalesces wakes: many completions make one dispatch round.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -444,9 +479,7 @@ impl Hsm {
                 changes.extend(self.requeue(&mut core, c));
             }
         }
-        if !changes.is_empty() {
-            self.store().write_later(changes);
-        }
+        self.later(changes);
     }
 
     /// Whether mover `m` counts for placement: it takes work now or may come back soon.
@@ -596,7 +629,7 @@ impl Hsm {
         let mut core = self.lock();
         let changes: Vec<Change> = requests.iter().filter_map(|r| self.requeue(&mut core, r.cookie)).collect();
         drop(core);
-        self.store().write_later(changes);
+        self.later(changes);
         self.wake.notify_one();
     }
 

@@ -300,3 +300,69 @@ fn a_head_crash_with_a_thousand_queued_requests_ends_each_exactly_once() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 1000, "a request ran again late");
 }
+
+#[test]
+fn running_requests_cancel_move_after_the_grace_and_owners_share_fairly() {
+    if !can_mount() {
+        return;
+    }
+    let mut c = Cluster::up_with(
+        "cn1",
+        200,
+        "[hsm]\nreporting_hint = \"cr\"\nclient_grace_ms = 1500\nfair_share = true\nreporting_schedule_interval_ms = 60000\n",
+    );
+    let t = Tree::new(&c);
+    let log = t.archive.join("ran.log");
+    // m1 takes a request and never finishes it; m2 records what it runs, one at a time.
+    let slow = vec!["--name".to_string(), "m1".into(), "--mover".into(), "--mover-command".into(), "sleep 300".into()];
+    let m1 = {
+        let args: Vec<&str> = slow.iter().map(String::as_str).collect();
+        let i = c.agent_with(&args);
+        assert!(eventually(Duration::from_secs(20), || c.try_read("hsm/movers/m1/state").is_some_and(|s| s == "up\n")));
+        i
+    };
+    let json = |cookie: u32, uid: u32, hint: &str| {
+        format!(
+            "{{\"fid\":\"0x200000401:{cookie:#x}:0x0\",\"cookie\":{cookie},\"action\":\"archive\",\"data\":\"cr={hint}\",\"uid\":{uid}}}\n"
+        )
+    };
+    // A running request is canceled by its mover: it ends with ECANCELED at once.
+    c.write("hsm/queue", json(1, 0, "stop").as_bytes()).unwrap();
+    wait_for(&c, "hsm/stop", &format!("sent {} m1\n", fid(1)), 10);
+    c.write("hsm/ctl", b"cancel 1\n").unwrap();
+    wait_for(&c, "hsm/stop", &format!("done {} 125\n", fid(1)), 10);
+
+    // A request held by a mover that goes away is queued again after client_grace_ms.
+    c.write("hsm/queue", json(2, 0, "moved").as_bytes()).unwrap();
+    wait_for(&c, "hsm/moved", &format!("sent {} m1\n", fid(2)), 10);
+    c.kill_agent(m1);
+    let cmd = format!("echo $CLUSTER_HSM_COOKIE >> {}", log.display());
+    let m2 = vec![
+        "--name".to_string(),
+        "m2".into(),
+        "--mover".into(),
+        "--mover-command".into(),
+        cmd,
+        "--max-archive".into(),
+        "1".into(),
+    ];
+    c.write("hsm/ctl", b"lock\n").unwrap();
+    start_mover(&mut c, &m2);
+    c.write("hsm/ctl", b"unlock\n").unwrap();
+    wait_for(&c, "hsm/moved", &format!("sent {} m2\ndone {} 0\n", fid(2), fid(2)), 20);
+
+    // Fair share: uid 1000 queued four before uid 2000's two; one slot alternates between them.
+    c.write("hsm/ctl", b"lock\n").unwrap();
+    let mut q = String::new();
+    for i in 10..14 {
+        q += &json(i, 1000, "fair");
+    }
+    for i in 20..22 {
+        q += &json(i, 2000, "fair");
+    }
+    c.write("hsm/queue", q.as_bytes()).unwrap();
+    c.write("hsm/ctl", b"unlock\n").unwrap();
+    assert!(eventually(Duration::from_secs(20), || quiet(&c)));
+    let ran: Vec<String> = fs::read_to_string(&log).unwrap().lines().map(str::to_string).collect();
+    assert_eq!(ran, ["0x2", "0xa", "0x14", "0xb", "0x15", "0xc", "0xd"], "not served in fair turns");
+}

@@ -77,6 +77,8 @@ struct Core {
     next_seq: u64,
     locked: bool,
     ended: BTreeMap<Action, Counts>,
+    /// With fair share: requests sent per uid since that uid last had none queued.
+    served: HashMap<u32, u64>,
 }
 
 /// Admin switches kept across restarts.
@@ -389,7 +391,12 @@ impl Hsm {
         if cookies.is_empty() {
             return;
         }
-        self.acks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(node.to_string()).or_default().extend(cookies);
+        self.acks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(node.to_string())
+            .or_default()
+            .extend(cookies);
         self.dirty.store(true, Ordering::Release);
         self.wake.notify_one();
     }
@@ -504,6 +511,9 @@ impl Hsm {
         let is_present = |n: &str| present.contains(n);
         let mut uid_running: HashMap<u32, u64> = HashMap::new();
         if self.cfg.fair_share {
+            let waiting: BTreeSet<u32> =
+                core.queue.values().filter_map(|c| core.requests.get(c).and_then(|e| e.rec.req.uid)).collect();
+            core.served.retain(|uid, _| waiting.contains(uid));
             for m in core.movers.values() {
                 for c in &m.sent {
                     if let Some(uid) = core.requests.get(c).and_then(|e| e.rec.req.uid) {
@@ -556,6 +566,7 @@ impl Hsm {
                 self.report(&entry.rec, || format!("sent {} {mover}", req.fid));
                 if let Some(uid) = req.uid {
                     *uid_running.entry(uid).or_default() += 1;
+                    *core.served.entry(uid).or_default() += 1;
                 }
                 core.queue.remove(&(action, seq));
                 let m = core.movers.get_mut(&mover).expect("chosen among the movers");
@@ -578,7 +589,8 @@ impl Hsm {
     }
 
     /// The queued requests of `action` in the order they are offered to movers: FIFO, or
-    /// with fair share the owner with the fewest running first.
+    /// with fair share the owner with the fewest running first, then the fewest served
+    /// since it last had nothing queued, then the oldest.
     fn order(&self, core: &Core, action: Action, uid_running: &HashMap<u32, u64>) -> Vec<u64> {
         let fifo = core.queue.range((action, 0)..=(action, u64::MAX)).map(|(_, c)| *c);
         if !self.cfg.fair_share {
@@ -591,11 +603,10 @@ impl Hsm {
         }
         let mut given: HashMap<u32, u64> = uid_running.clone();
         let mut out = Vec::new();
-        while let Some((&uid, _)) = by_uid
-            .iter()
-            .filter(|(_, q)| !q.is_empty())
-            .min_by_key(|(uid, q)| (given.get(uid).copied().unwrap_or(0), core.requests.get(&q[0]).map(|e| e.rec.seq)))
-        {
+        while let Some((&uid, _)) = by_uid.iter().filter(|(_, q)| !q.is_empty()).min_by_key(|(uid, q)| {
+            let served = core.served.get(uid).copied().unwrap_or(0);
+            (given.get(uid).copied().unwrap_or(0), served, core.requests.get(&q[0]).map(|e| e.rec.seq))
+        }) {
             let q = by_uid.get_mut(&uid).expect("picked above");
             out.extend(q.pop_front());
             *given.entry(uid).or_default() += 1;

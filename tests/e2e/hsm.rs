@@ -314,10 +314,8 @@ fn running_requests_cancel_move_after_the_grace_and_owners_share_fairly() {
     let t = Tree::new(&c);
     let log = t.archive.join("ran.log");
     // m1 takes a request and never finishes it; m2 records what it runs, one at a time.
-    let slow = vec!["--name".to_string(), "m1".into(), "--mover".into(), "--mover-command".into(), "sleep 300".into()];
     let m1 = {
-        let args: Vec<&str> = slow.iter().map(String::as_str).collect();
-        let i = c.agent_with(&args);
+        let i = c.agent_with(&["--name", "m1", "--mover", "--mover-command", "sleep 300"]);
         assert!(eventually(Duration::from_secs(20), || c.try_read("hsm/movers/m1/state").is_some_and(|s| s == "up\n")));
         i
     };

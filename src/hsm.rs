@@ -329,9 +329,12 @@ pub fn tag<'a>(data: &'a str, key: &str) -> Option<&'a str> {
     data.split(',').find_map(|part| part.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
 }
 
-/// A report hint: 1-64 characters of `[A-Za-z0-9_-]`.
+/// A report hint: 1-64 characters of `[A-Za-z0-9_-]`, and not a name the tree uses itself
+/// (`hsm/status` is never a report file).
 pub fn valid_hint(hint: &str) -> bool {
-    (1..=64).contains(&hint.len()) && hint.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=64).contains(&hint.len())
+        && hint.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && !crate::names::RESERVED.contains(&hint)
 }
 
 /// What a mover tells the head it is, after each connection.
@@ -450,5 +453,6 @@ mod tests {
         assert_eq!(tag("xcr=foo", "cr"), None);
         assert!(valid_hint("campaign_42-a"));
         assert!(!valid_hint("a/b") && !valid_hint("") && !valid_hint(&"a".repeat(65)));
+        assert!(!valid_hint("status") && !valid_hint("queue") && !valid_hint("README"));
     }
 }

@@ -50,13 +50,15 @@ pub struct Mover {
     archive_root: PathBuf,
     items: Mutex<HashMap<u64, Item>>,
     limit: Arc<Semaphore>,
+    /// Cancels that came before their request (both travel separately): bounded.
+    early_cancels: Mutex<std::collections::VecDeque<u64>>,
 }
 
 impl Mover {
     pub fn new(cfg: MoverConfig, node: &str) -> Mover {
         let archive_root = PathBuf::from(cfg.archive_root.to_string_lossy().replace("%n", node));
         let limit = Arc::new(Semaphore::new(cfg.threads.max(1)));
-        Mover { cfg, archive_root, items: Mutex::default(), limit }
+        Mover { cfg, archive_root, items: Mutex::default(), limit, early_cancels: Mutex::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Item>> {
@@ -110,7 +112,16 @@ impl Mover {
                 cancel: item.cancel.clone(),
                 pgid: item.pgid.clone(),
             };
+            let early = {
+                let mut early = self.early_cancels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let at = early.iter().position(|c| *c == job.req.cookie);
+                at.and_then(|i| early.remove(i)).is_some()
+            };
             items.insert(job.req.cookie, item);
+            if early {
+                items.entry(job.req.cookie).and_modify(|i| i.status = Some(libc::ECANCELED));
+                continue;
+            }
             let me = self.clone();
             tokio::spawn(async move {
                 let cookie = job.req.cookie;
@@ -126,12 +137,19 @@ impl Mover {
 
     /// Stops a request; it ends with ECANCELED.
     pub fn cancel(&self, cookie: u64) {
-        if let Some(i) = self.lock().get(&cookie) {
-            i.cancel.store(true, Ordering::Relaxed);
-            let pgid = i.pgid.load(Ordering::Relaxed);
-            if pgid > 0 {
-                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGTERM);
+        let items = self.lock();
+        let Some(i) = items.get(&cookie) else {
+            let mut early = self.early_cancels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            early.push_back(cookie);
+            if early.len() > 4096 {
+                early.pop_front();
             }
+            return;
+        };
+        i.cancel.store(true, Ordering::Relaxed);
+        let pgid = i.pgid.load(Ordering::Relaxed);
+        if pgid > 0 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGTERM);
         }
     }
 

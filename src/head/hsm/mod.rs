@@ -791,3 +791,58 @@ impl Intake for Hsm {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HeadConfig;
+    use crate::hsm::Fid;
+
+    fn request(cookie: u64, action: Action) -> Request {
+        let fid = Fid { seq: 0x200000401, oid: cookie as u32, ver: 0 };
+        Request {
+            cookie,
+            fid,
+            dfid: fid,
+            action,
+            archive_id: 1,
+            flags: 0,
+            extent: (0, u64::MAX),
+            gid: 0,
+            data: String::new(),
+            uid: None,
+        }
+    }
+
+    fn hsm(dir: &std::path::Path) -> Arc<Hsm> {
+        let store = Store::open(&dir.join("store.redb")).unwrap();
+        let cluster = Arc::new(Cluster::load(HeadConfig::default(), store).unwrap());
+        Arc::new(Hsm::load(HsmConfig::default(), cluster, dir.join("reports")).unwrap())
+    }
+
+    #[test]
+    fn restores_go_before_removals_before_archives_within_each_movers_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = hsm(dir.path());
+        let (n, _) = h.enqueue_later(vec![
+            request(1, Action::Archive),
+            request(2, Action::Remove),
+            request(3, Action::Restore),
+            request(4, Action::Archive),
+            request(5, Action::Restore),
+        ]);
+        assert_eq!(n, 5);
+        let (again, _) = h.enqueue_later(vec![request(1, Action::Archive)]);
+        assert_eq!(again, 0, "a known cookie is not queued twice");
+        let info = MoverInfo { archive_ids: vec![], max_archive: Some(1), max_restore: Some(1), max_remove: None };
+        h.mover_hello("m1", 7, info, vec![]);
+        let sent: Vec<(u64, Action)> =
+            h.dispatch(0).into_iter().flat_map(|(_, reqs, _)| reqs).map(|r| (r.cookie, r.action)).collect();
+        assert_eq!(sent, [(3, Action::Restore), (2, Action::Remove), (1, Action::Archive)]);
+        // A slot frees when its request ends; the next of that action goes.
+        let _ = h.done("m1", 3, 0);
+        let next: Vec<u64> = h.dispatch(0).into_iter().flat_map(|(_, reqs, _)| reqs).map(|r| r.cookie).collect();
+        assert_eq!(next, [5]);
+        assert!(h.status().contains("restore queued 0 running 1 done 1"), "{}", h.status());
+    }
+}

@@ -13,6 +13,41 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub images: ImagesConfig,
     pub hsm: HsmConfig,
+    pub vms: VmsConfig,
+}
+
+/// `[vms]`: VMs run by the agents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmsConfig {
+    /// The template `mkdir vms/<name>` clones.
+    pub default_template: String,
+    /// qemu's accelerator: `kvm`, or `tcg` where KVM is absent.
+    pub accel: String,
+    /// The qemu binary on the nodes.
+    pub qemu: String,
+    /// Seconds an ACPI shutdown may take before the VM is destroyed.
+    pub shutdown_timeout_s: u64,
+    /// The VM network, e.g. `10.77.0.0/24` (first address: the bridge); unset: no network.
+    pub subnet: Option<String>,
+    /// The bridge each node makes for its VMs.
+    pub bridge: String,
+    /// An interface each node adds to the bridge, so VMs of several nodes share one segment.
+    pub uplink: Option<String>,
+}
+
+impl Default for VmsConfig {
+    fn default() -> VmsConfig {
+        VmsConfig {
+            default_template: "default".into(),
+            accel: "kvm".into(),
+            qemu: "qemu-system-x86_64".into(),
+            shutdown_timeout_s: 60,
+            subnet: None,
+            bridge: "cfbr0".into(),
+            uplink: None,
+        }
+    }
 }
 
 /// `[hsm]`: the HSM coordinator. Keys keep coordinatool's names and meaning.
@@ -238,6 +273,16 @@ impl Config {
         }
         if i.health_interval_s == 0 {
             return Err("images.health_interval_s must be at least 1".into());
+        }
+        let v = &self.vms;
+        if !matches!(v.accel.as_str(), "kvm" | "tcg") {
+            return Err(format!("vms.accel {:?} is not kvm or tcg", v.accel));
+        }
+        if let Some(s) = &v.subnet {
+            crate::vms::parse_subnet(s).map_err(|e| format!("vms.subnet: {e}"))?;
+        }
+        if v.bridge.is_empty() || v.bridge.len() > 15 {
+            return Err("vms.bridge must be an interface name of 1-15 bytes".into());
         }
         let m = &self.hsm;
         if m.reporting_schedule_interval_ms < 10 {

@@ -9,6 +9,7 @@ pub mod names;
 pub mod nodeset;
 pub mod proto;
 pub mod sitrep;
+pub mod vms;
 
 #[cfg(feature = "head")]
 pub mod head;

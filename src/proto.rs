@@ -16,6 +16,7 @@ use crate::images::LoopInfo;
 use crate::jobs::copy::Plan;
 use crate::jobs::{Exit, Run, RunStatus};
 use crate::sitrep::Report;
+use crate::vms::{Launch, VmStatus};
 
 /// The protocol version both sides must speak.
 pub const PROTOCOL: u32 = 1;
@@ -69,6 +70,14 @@ pub enum Op {
     Hsm { requests: Vec<Request> },
     /// Stop HSM request `cookie`; it ends with status ECANCELED.
     HsmCancel { cookie: u64 },
+    /// Make a VM's clone (overlay, data disk); made before: nothing.
+    VmCreate { launch: Box<Launch> },
+    /// Start a VM (made first if its node lost it); running: nothing.
+    VmStart { launch: Box<Launch> },
+    /// `powerdown`, `quit` or `reset` through QMP.
+    VmCommand { name: String, verb: String },
+    /// Stop a VM and remove every file of it.
+    VmRemove { name: String },
 }
 
 /// What an agent answers to an [`Op`].
@@ -143,6 +152,10 @@ pub enum Message {
     HsmDone { cookie: u64, status: i32 },
     /// Head -> agent: the head has recorded the end of these requests; forget them.
     HsmAck { cookies: Vec<u64> },
+    /// Agent -> head, every interval: its VMs.
+    Vms { vms: Vec<VmStatus> },
+    /// Head -> agent: send VM `id`'s console from this offset on.
+    VmConsoleFrom { id: u64, from: u64 },
 }
 
 impl Message {
@@ -166,6 +179,8 @@ impl Message {
             Message::HsmProgress { .. } => "hsm_progress",
             Message::HsmDone { .. } => "hsm_done",
             Message::HsmAck { .. } => "hsm_ack",
+            Message::Vms { .. } => "vms",
+            Message::VmConsoleFrom { .. } => "vm_console_from",
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::mover::{Mover, MoverConfig};
 use crate::probe::Shared;
 use crate::relay::Relay;
 use crate::runner::{Runner, Started};
+use crate::vms::{Verb, Vms};
 
 /// How often output of running jobs is sent on.
 const SYNC_EVERY: Duration = Duration::from_millis(50);
@@ -75,6 +76,14 @@ impl Done {
     }
 }
 
+/// What one node name does: its runs, its HSM mover (when it has the role), its VMs.
+#[derive(Debug, Clone)]
+struct Roles {
+    runner: Arc<Runner>,
+    mover: Option<Arc<Mover>>,
+    vms: Arc<Vms>,
+}
+
 /// Runs `node`'s link forever, redialling with exponential backoff (100 ms to 5 s, jittered).
 pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) {
     let runner = match Runner::new(cfg.state.join(&node).join("runs")) {
@@ -82,12 +91,18 @@ pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) 
         Err(e) => return warn!(node, error = %e, "cannot keep runs: this node will not serve"),
     };
     let mover = cfg.mover.clone().map(|m| Arc::new(Mover::new(m, &node)));
+    let vms = Arc::new(Vms::new(cfg.state.join(&node).join("vms")));
+    {
+        let vms = vms.clone();
+        let _ = tokio::task::spawn_blocking(move || vms.adopt()).await;
+    }
     let mut backoff = Duration::from_millis(100);
     let mut done = Done::default();
     let mut next_head = 0usize;
     loop {
         let head = &cfg.heads[next_head % cfg.heads.len()];
-        match session(&node, head, &cfg, &probe, &runner, mover.as_ref(), &mut done).await {
+        let roles = Roles { runner: runner.clone(), mover: mover.clone(), vms: vms.clone() };
+        match session(&node, head, &cfg, &probe, &roles, &mut done).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(ProtoError::Refused(reason)) => warn!(node, head, reason, "refused by the head"),
             Err(e) => debug!(node, head, error = %e, "link lost"),
@@ -106,10 +121,10 @@ async fn session(
     head: &str,
     cfg: &LinkConfig,
     probe: &Arc<Mutex<Shared>>,
-    runner: &Arc<Runner>,
-    mover: Option<&Arc<Mover>>,
+    roles: &Roles,
     done: &mut Done,
 ) -> Result<(), ProtoError> {
+    let (runner, mover, vms) = (&roles.runner, roles.mover.as_ref(), &roles.vms);
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(head))
         .await
         .map_err(|_| ProtoError::Timeout("the connection"))??;
@@ -128,6 +143,8 @@ async fn session(
         conn.send(&m.hello()).await?;
     }
     let mut cursors: HashMap<u64, Cursor> = HashMap::new();
+    // VM consoles: how far the head has each, by VM id.
+    let mut consoles: HashMap<u64, u64> = HashMap::new();
     // Image operations (fsck, resize2fs) may take long: they answer from their own task.
     let (answers, mut answered) = tokio::sync::mpsc::channel::<(u64, Result<Reply, String>)>(64);
     let mut tick = tokio::time::interval(interval);
@@ -140,6 +157,11 @@ async fn session(
                 let mut report = probe.lock().expect("probe lock is never poisoned: sampling does not panic").report(interval / 2);
                 report.jobs = runner.running();
                 conn.send(&Message::Sitrep { report }).await?;
+                let v = vms.clone();
+                let list = tokio::task::spawn_blocking(move || v.status()).await.unwrap_or_default();
+                if !list.is_empty() {
+                    conn.send(&Message::Vms { vms: list }).await?;
+                }
             }
             _ = sync.tick() => {
                 for (run, cursor) in cursors.iter_mut() {
@@ -148,6 +170,14 @@ async fn session(
                         cursor.copied = bytes;
                     }
                     send_output(&mut conn, runner, *run, cursor).await?;
+                }
+                for (id, sent) in consoles.iter_mut() {
+                    while let Some((_, data)) = vms.console(*id, *sent, CHUNK).filter(|(_, d)| !d.is_empty()) {
+                        let n = data.len() as u64;
+                        let stream = clusterfs::vms::CONSOLE_STREAM | *id;
+                        conn.send_frame(&Frame::Bulk { stream, offset: *sent, data: Bytes::from(data) }).await?;
+                        *sent += n;
+                    }
                 }
                 for news in mover.map(|m| m.news()).unwrap_or_default() {
                     conn.send(&news).await?;
@@ -164,10 +194,10 @@ async fn session(
                 conn.send(&Message::Response { id, result: answer }).await?;
             }
             msg = conn.recv() => match msg? {
-                Message::Request { id, op } if is_image_op(&op) && done.get(id).is_none() => {
-                    let (images, answers) = (cfg.images.clone(), answers.clone());
+                Message::Request { id, op } if is_blocking_op(&op) && done.get(id).is_none() => {
+                    let (images, vms, answers) = (cfg.images.clone(), vms.clone(), answers.clone());
                     tokio::spawn(async move {
-                        let answer = tokio::task::spawn_blocking(move || image_op(&images, op))
+                        let answer = tokio::task::spawn_blocking(move || blocking_op(&images, &vms, op))
                             .await
                             .unwrap_or_else(|e| Err(format!("internal error: {e}")));
                         let _ = answers.send((id, answer)).await;
@@ -183,6 +213,9 @@ async fn session(
                         }
                     };
                     conn.send(&Message::Response { id, result: answer }).await?;
+                }
+                Message::VmConsoleFrom { id, from } => {
+                    consoles.insert(id, from);
                 }
                 Message::HsmAck { cookies } => {
                     if let Some(m) = mover {
@@ -235,7 +268,8 @@ async fn send_output(
     Ok(())
 }
 
-fn is_image_op(op: &Op) -> bool {
+/// Image and VM operations run system tools and may take long: they answer from a task.
+fn is_blocking_op(op: &Op) -> bool {
     matches!(
         op,
         Op::ImageMount { .. }
@@ -243,12 +277,29 @@ fn is_image_op(op: &Op) -> bool {
             | Op::ImageGrow { .. }
             | Op::ImageScan { .. }
             | Op::ImageDetach { .. }
+            | Op::VmCreate { .. }
+            | Op::VmStart { .. }
+            | Op::VmCommand { .. }
+            | Op::VmRemove { .. }
     )
 }
 
-/// Runs an image operation (blocking: it runs system tools).
-fn image_op(images: &Images, op: Op) -> Result<Reply, String> {
+/// Runs an image or VM operation (blocking).
+fn blocking_op(images: &Images, vms: &Vms, op: Op) -> Result<Reply, String> {
+    let done = |r: Result<(), String>| r.map(|()| Reply::Done);
     match op {
+        Op::VmCreate { launch } => done(crate::vms::check_qemu(&launch.qemu).and_then(|()| vms.create(&launch))),
+        Op::VmStart { launch } => done(vms.create(&launch).and_then(|()| vms.start(&launch.name))),
+        Op::VmCommand { name, verb } => {
+            let verb = match verb.as_str() {
+                "powerdown" => Verb::Powerdown,
+                "quit" => Verb::Quit,
+                "reset" => Verb::Reset,
+                other => return Err(format!("unknown VM verb {other:?}")),
+            };
+            done(vms.command(&name, verb))
+        }
+        Op::VmRemove { name } => done(vms.remove(&name)),
         Op::ImageMount { path, mountpoint } => images.mount(&path, &mountpoint),
         Op::ImageUmount { path, mountpoint } => images.umount(&path, &mountpoint),
         Op::ImageGrow { path, mountpoint, size } => images.grow(&path, &mountpoint, size),

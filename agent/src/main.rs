@@ -8,6 +8,7 @@ mod probe;
 mod relay;
 mod runner;
 mod shim;
+mod vms;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

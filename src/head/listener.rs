@@ -12,6 +12,7 @@ use crate::auth::{Secret, head_handshake};
 use crate::head::cluster::{Cluster, Link};
 use crate::head::hsm::Hsm;
 use crate::head::jobs::Jobs;
+use crate::head::vms::Vms;
 use crate::names;
 use crate::proto::{Conn, Frame, Message, ProtoError};
 
@@ -21,14 +22,22 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
 /// Serves agents on `listener` until the task is dropped.
-pub async fn serve(cluster: Arc<Cluster>, jobs: Arc<Jobs>, hsm: Arc<Hsm>, listener: TcpListener, secret: Arc<Secret>) {
+pub async fn serve(
+    cluster: Arc<Cluster>,
+    jobs: Arc<Jobs>,
+    hsm: Arc<Hsm>,
+    vms: Arc<Vms>,
+    listener: TcpListener,
+    secret: Arc<Secret>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("agent", conn, %peer);
                 tokio::spawn(
-                    handle(cluster.clone(), jobs.clone(), hsm.clone(), stream, secret.clone(), conn).instrument(span),
+                    handle(cluster.clone(), jobs.clone(), hsm.clone(), vms.clone(), stream, secret.clone(), conn)
+                        .instrument(span),
                 );
             }
             Err(e) => {
@@ -43,6 +52,7 @@ async fn handle(
     cluster: Arc<Cluster>,
     jobs: Arc<Jobs>,
     hsm: Arc<Hsm>,
+    vms: Arc<Vms>,
     stream: TcpStream,
     secret: Arc<Secret>,
     conn_id: u64,
@@ -82,6 +92,11 @@ async fn handle(
                     }
                     Ok(Frame::Message(Message::Runs { runs })) => jobs.reconcile(&node, runs),
                     Ok(Frame::Message(Message::Exited { run, exit, len })) => jobs.exited(&node, run, exit, len).into_iter().collect(),
+                    Ok(Frame::Message(Message::Vms { vms: list })) => vms.report(&node, list),
+                    Ok(Frame::Bulk { stream, offset, data }) if stream & crate::vms::CONSOLE_STREAM != 0 => {
+                        vms.console(&node, stream & !crate::vms::CONSOLE_STREAM, offset, &data);
+                        Vec::new()
+                    }
                     Ok(Frame::Bulk { stream, offset, data }) => jobs.output(&node, stream, offset, &data).into_iter().collect(),
                     Ok(Frame::Message(Message::Relay { addr })) => {
                         cluster.set_relay(&node, conn_id, addr);

@@ -6,6 +6,7 @@ pub mod images;
 pub mod jobs;
 pub mod listener;
 pub mod store;
+pub mod vms;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -24,6 +25,7 @@ use hsm::Hsm;
 use images::Images;
 use jobs::Jobs;
 use store::Store;
+use vms::Vms;
 
 /// A running head: dropping it unmounts and stops serving agents.
 #[derive(Debug)]
@@ -33,6 +35,7 @@ pub struct Head {
     pub jobs: Arc<Jobs>,
     pub images: Arc<Images>,
     pub hsm: Arc<Hsm>,
+    pub vms: Arc<Vms>,
     mountpoint: PathBuf,
     mount: Option<clusterfs_fs::Mount>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -77,6 +80,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), state.join("spool"), secret.clone())?);
     let images = Arc::new(Images::load(config.images.clone(), cluster.clone())?);
     let hsm = Arc::new(Hsm::load(config.hsm.clone(), cluster.clone(), state.join("hsm-reports"))?);
+    let vms = Arc::new(Vms::load(config.vms.clone(), cluster.clone(), state.join("vm-consoles"))?);
 
     let listener =
         TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening for agents on {}", cfg.listen))?;
@@ -91,7 +95,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         ..clusterfs_fs::Config::default()
     };
     let fs = clusterfs_fs::SynthFs::new(
-        Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone())),
+        Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone(), vms.clone())),
         fs_cfg,
     );
     let mount = clusterfs_fs::mount(fs, mountpoint, tokio::runtime::Handle::current())
@@ -99,13 +103,14 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     info!(mountpoint = %mountpoint.display(), "mounted");
 
     let tasks = vec![
-        tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), hsm.clone(), listener, secret)),
+        tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), hsm.clone(), vms.clone(), listener, secret)),
         tokio::spawn(jobs.clone().scheduler()),
         tokio::spawn(images.clone().keeper()),
         tokio::spawn(hsm.clone().keeper()),
+        tokio::spawn(vms.clone().keeper()),
     ];
     jobs.resume_copies();
-    Ok(Head { addr, cluster, jobs, images, hsm, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
+    Ok(Head { addr, cluster, jobs, images, hsm, vms, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
 }
 
 /// A FUSE mount whose daemon died answers ENOTCONN; detach it so we can mount again.

@@ -5,6 +5,7 @@ mod hsm;
 mod images;
 mod jobs;
 mod nodes;
+mod vms;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::head::cluster::Cluster;
 use crate::head::hsm::Hsm;
 use crate::head::images::Images;
 use crate::head::jobs::Jobs;
+use crate::head::vms::Vms;
 
 /// One file a directory always has: its name, kind, mode and what it holds.
 #[derive(Debug)]
@@ -62,6 +64,12 @@ const ROOT_FILES: &[FileSpec] = &[
         kind: Kind::Dir,
         perm: 0o755,
         help: "the Lustre HSM coordinator: request queue, movers, report files (see hsm/README)",
+    },
+    FileSpec {
+        name: "vms",
+        kind: Kind::Dir,
+        perm: 0o1777,
+        help: "VMs: mkdir clones a template and starts it, rmdir destroys (see vms/README)",
     },
 ];
 
@@ -140,15 +148,17 @@ pub struct View {
     jobs: jobs::JobsView,
     images: images::ImagesView,
     hsm: hsm::HsmView,
+    vms: vms::VmsView,
 }
 
 impl View {
-    pub fn new(cluster: Arc<Cluster>, jobs: Arc<Jobs>, images: Arc<Images>, hsm: Arc<Hsm>) -> View {
+    pub fn new(cluster: Arc<Cluster>, jobs: Arc<Jobs>, images: Arc<Images>, hsm: Arc<Hsm>, vms: Arc<Vms>) -> View {
         View {
             cluster,
             jobs: jobs::JobsView::new(jobs),
             images: images::ImagesView::new(images),
             hsm: hsm::HsmView::new(hsm),
+            vms: vms::VmsView::new(vms),
         }
     }
 }
@@ -163,6 +173,7 @@ impl Tree for View {
             ["jobs", rest @ ..] => self.jobs.node(rest),
             ["images", rest @ ..] => self.images.node(rest),
             ["hsm", rest @ ..] => self.hsm.node(rest),
+            ["vms", rest @ ..] => self.vms.node(rest),
             _ => Err(FsError::not_found(path.join("/"))),
         }?;
         // Objects with no time of their own date from the head's start.
@@ -177,6 +188,7 @@ impl Tree for View {
             ["jobs", rest @ ..] => self.jobs.list(rest),
             ["images", rest @ ..] => self.images.list(rest),
             ["hsm", rest @ ..] => self.hsm.list(rest),
+            ["vms", rest @ ..] => self.vms.list(rest),
             _ => Err(FsError::not_found(path.join("/"))),
         }
     }
@@ -194,7 +206,8 @@ impl Tree for View {
             ["status"] => Answer::Now(Ok((self.cluster.status()
                 + &self.jobs.status()
                 + &self.images.status()
-                + &self.hsm.status())
+                + &self.hsm.status()
+                + &self.vms.status())
                 .into_bytes())),
             ["nodes", name, "jobs"] if self.cluster.exists(name) => {
                 Answer::Now(Ok(self.jobs.on_node(name).into_bytes()))
@@ -204,6 +217,7 @@ impl Tree for View {
             ["groups", rest @ ..] => groups::render(&self.cluster, rest),
             ["images", rest @ ..] => self.images.render(rest),
             ["hsm", rest @ ..] => self.hsm.render(rest),
+            ["vms", rest @ ..] => self.vms.render(rest),
             _ => Answer::Now(Err(FsError::not_found(path.join("/")))),
         }
     }
@@ -215,6 +229,7 @@ impl Tree for View {
             ["jobs", rest @ ..] => self.jobs.write(rest, caller, write.handle, write.offset, write.data),
             ["images", rest @ ..] => self.images.write(rest, caller, write.data),
             ["hsm", rest @ ..] => self.hsm.write(rest, caller, write.handle, write.offset, write.data),
+            ["vms", rest @ ..] => self.vms.write(rest, caller, write.data),
             _ => Answer::Now(Err(FsError::denied("this file is read-only"))),
         }
     }
@@ -223,6 +238,7 @@ impl Tree for View {
         match path {
             ["jobs", rest @ ..] => self.jobs.read_log(rest, caller, offset, size),
             ["hsm", rest @ ..] => self.hsm.read_log(rest, offset, size),
+            ["vms", rest @ ..] => self.vms.read_log(rest, caller, offset, size),
             _ => Err(FsError::invalid("not a log file")),
         }
     }
@@ -247,6 +263,7 @@ impl Tree for View {
         match path {
             ["jobs", rest @ ..] => self.jobs.rmdir(rest, caller),
             ["images", rest @ ..] => self.images.rmdir(rest, caller),
+            ["vms", rest @ ..] => self.vms.rmdir(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "this directory cannot be removed"))),
         }
     }
@@ -254,6 +271,7 @@ impl Tree for View {
     fn mkdir(&self, path: &[&str], caller: &Caller, _mode: u32) -> Answer<()> {
         match path {
             ["images", rest @ ..] => self.images.mkdir(rest, caller),
+            ["vms", rest @ ..] => self.vms.mkdir(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "directories cannot be made here"))),
         }
     }
@@ -261,6 +279,7 @@ impl Tree for View {
     fn create(&self, path: &[&str], caller: &Caller, _mode: u32) -> Answer<()> {
         match path {
             ["groups", name] => groups::create(&self.cluster, name, caller),
+            ["vms", rest @ ..] => self.vms.create_file(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "files cannot be made here"))),
         }
     }
@@ -268,6 +287,7 @@ impl Tree for View {
     fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
         match path {
             ["groups", name] => groups::remove(&self.cluster, name, caller),
+            ["vms", rest @ ..] => self.vms.unlink(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "this file cannot be removed"))),
         }
     }

@@ -16,6 +16,7 @@ mod nodes;
 mod nodeset;
 mod protocol;
 mod queueing;
+mod vms;
 
 /// Whether mount tests can run here; panics under CI when they cannot.
 pub fn can_mount() -> bool {

@@ -1,0 +1,419 @@
+//! The qemu backend: linked-clone overlays, qemu processes that outlive the agent, QMP, consoles, the VM bridge.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use clusterfs::vms::{Launch, Net, VmStatus};
+use tracing::{info, warn};
+
+/// One node name's VMs, each in `<root>/<name>/`.
+#[derive(Debug)]
+pub struct Vms {
+    root: PathBuf,
+    /// Serializes bridge and dnsmasq setup between VMs.
+    net: Mutex<()>,
+}
+
+/// What a VM is asked to do through QMP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Powerdown,
+    Quit,
+    Reset,
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed: {}", cmd.get_program().to_string_lossy(), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+/// A QMP session on a VM's socket.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(sock: &Path) -> std::io::Result<Qmp> {
+        let s = UnixStream::connect(sock)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut q = Qmp { reader: BufReader::new(s.try_clone()?), writer: s };
+        q.line()?; // the greeting
+        q.execute("qmp_capabilities")?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> std::io::Result<serde_json::Value> {
+        let mut l = String::new();
+        if self.reader.read_line(&mut l)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QMP closed"));
+        }
+        serde_json::from_str(&l).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    /// Runs a command; events that come first are skipped.
+    fn execute(&mut self, cmd: &str) -> std::io::Result<serde_json::Value> {
+        writeln!(self.writer, "{}", serde_json::json!({ "execute": cmd }))?;
+        loop {
+            let v = self.line()?;
+            if let Some(r) = v.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(std::io::Error::other(format!("QMP {cmd}: {e}")));
+            }
+        }
+    }
+}
+
+impl Vms {
+    pub fn new(root: PathBuf) -> Vms {
+        Vms { root, net: Mutex::new(()) }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn launch(&self, name: &str) -> Result<Launch, String> {
+        let text = std::fs::read(self.dir(name).join("launch.json")).map_err(|e| format!("VM {name}: {e}"))?;
+        serde_json::from_slice(&text).map_err(|e| format!("VM {name}: launch.json: {e}"))
+    }
+
+    /// The qemu process of `name`, when it runs.
+    fn pid(&self, name: &str) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.dir(name).join("pid")).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let want = format!("guest={name},");
+        cmdline.split(|b| *b == 0).any(|a| a.starts_with(want.as_bytes())).then_some(pid)
+    }
+
+    /// Makes the clone: a qcow2 overlay on the template and, when asked, a data disk. Nothing
+    /// is left behind when a step fails; a clone made before is kept.
+    pub fn create(&self, launch: &Launch) -> Result<(), String> {
+        let dir = self.dir(&launch.name);
+        if dir.join("launch.json").exists() {
+            return Ok(());
+        }
+        let t = &launch.template;
+        if !t.disk.exists() {
+            return Err(format!("the template disk {} does not exist on this node", t.disk.display()));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let made = (|| {
+            run(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", &t.format, "-b"])
+                .arg(&t.disk)
+                .arg(dir.join("disk.qcow2")))?;
+            if let Some(size) = launch.data_disk {
+                run(Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(dir.join("data.qcow2"))
+                    .arg(size.to_string()))?;
+            }
+            let json = serde_json::to_vec_pretty(launch).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join("launch.json"), json).map_err(|e| format!("launch.json: {e}"))
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        made
+    }
+
+    /// Starts the VM's qemu (daemonized: it outlives the agent). Running already: nothing.
+    pub fn start(&self, name: &str) -> Result<(), String> {
+        if self.pid(name).is_some() {
+            return Ok(());
+        }
+        let l = self.launch(name)?;
+        if l.accel == "kvm" && !Path::new("/dev/kvm").exists() {
+            return Err("KVM is not available on this node (no /dev/kvm): set vms.accel = \"tcg\"".into());
+        }
+        let dir = self.dir(name);
+        let tap = match &l.net {
+            Some(net) => Some(self.network(&l, net)?),
+            None => None,
+        };
+        let _ = std::fs::remove_file(dir.join("stopped"));
+        let _ = std::fs::remove_file(dir.join("qmp.sock"));
+        let mut cmd = Command::new(&l.qemu);
+        cmd.arg("-name")
+            .arg(format!("guest={name},debug-threads=on"))
+            .args(["-accel", &l.accel, "-m", &format!("{}M", l.mem >> 20), "-smp", &l.cpus.to_string()])
+            .args(["-display", "none", "-nodefaults", "-no-user-config"])
+            .arg("-chardev")
+            .arg(format!("file,id=console,path={},append=on", dir.join("console").display()))
+            .args(["-serial", "chardev:console"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", dir.join("qmp.sock").display()))
+            .arg("-pidfile")
+            .arg(dir.join("pid"))
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=qcow2", dir.join("disk.qcow2").display()));
+        if l.data_disk.is_some() {
+            cmd.arg("-drive").arg(format!("file={},if=virtio,format=qcow2", dir.join("data.qcow2").display()));
+        }
+        if let Some(k) = &l.template.kernel {
+            cmd.arg("-kernel").arg(k);
+            if let Some(i) = &l.template.initrd {
+                cmd.arg("-initrd").arg(i);
+            }
+            let append = [l.template.append.as_deref(), l.append.as_deref()].into_iter().flatten().collect::<Vec<_>>();
+            cmd.arg("-append").arg(append.join(" "));
+        }
+        match &tap {
+            Some(tap) => cmd
+                .arg("-netdev")
+                .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=net0,mac={}", l.mac)),
+            None => cmd.args(["-nic", "none"]),
+        };
+        cmd.arg("-daemonize");
+        std::fs::write(dir.join("started"), b"").map_err(|e| e.to_string())?;
+        run(&mut cmd).map_err(|e| format!("starting qemu: {e}"))?;
+        info!(vm = name, accel = l.accel, "vm started");
+        Ok(())
+    }
+
+    /// Sends `verb` through QMP. Powerdown and quit mark the stop as asked for (not a crash).
+    pub fn command(&self, name: &str, verb: Verb) -> Result<(), String> {
+        let dir = self.dir(name);
+        if verb != Verb::Reset {
+            std::fs::write(dir.join("stopped"), b"").map_err(|e| format!("VM {name}: {e}"))?;
+        }
+        if self.pid(name).is_none() {
+            return Ok(());
+        }
+        let mut q = Qmp::connect(&dir.join("qmp.sock")).map_err(|e| format!("VM {name}: QMP: {e}"))?;
+        let cmd = match verb {
+            Verb::Powerdown => "system_powerdown",
+            Verb::Quit => "quit",
+            Verb::Reset => "system_reset",
+        };
+        match q.execute(cmd) {
+            Ok(_) => Ok(()),
+            // quit may close the socket before it answers.
+            Err(_) if verb == Verb::Quit => Ok(()),
+            Err(e) => Err(format!("VM {name}: {e}")),
+        }
+    }
+
+    /// Stops the VM if it runs and removes every file of it and its tap device.
+    pub fn remove(&self, name: &str) -> Result<(), String> {
+        if self.pid(name).is_some() {
+            let _ = self.command(name, Verb::Quit);
+            for _ in 0..50 {
+                if self.pid(name).is_none() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Some(pid) = self.pid(name) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let net = self.launch(name).ok().and_then(|l| l.net);
+        if net.is_some() {
+            let _ = run(Command::new("ip").args(["link", "del", &tap_name(name)]));
+        }
+        match std::fs::remove_dir_all(self.dir(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("VM {name}: {e}")),
+            _ => {}
+        }
+        if let Some(net) = net {
+            self.teardown(&net);
+        }
+        Ok(())
+    }
+
+    /// Every VM of this node as it stands; a running VM found here (after an agent restart)
+    /// is adopted through its QMP socket.
+    pub fn status(&self) -> Vec<VmStatus> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let Some(name) = e.file_name().to_str().map(str::to_string) else { continue };
+            let Ok(l) = self.launch(&name) else { continue };
+            let dir = e.path();
+            let running = self.pid(&name).is_some();
+            let crashed = !running && dir.join("started").exists() && !dir.join("stopped").exists();
+            let console_len = std::fs::metadata(dir.join("console")).map_or(0, |m| m.len());
+            out.push(VmStatus { id: l.id, name, running, crashed, console_len });
+        }
+        out
+    }
+
+    /// Checks every running VM answers on its QMP socket (after an agent restart).
+    pub fn adopt(&self) {
+        for s in self.status().into_iter().filter(|s| s.running) {
+            match Qmp::connect(&self.dir(&s.name).join("qmp.sock")).and_then(|mut q| q.execute("query-status")) {
+                Ok(st) => info!(vm = s.name, status = %st, "adopted a running VM"),
+                Err(e) => warn!(vm = s.name, error = %e, "a running VM does not answer on its QMP socket"),
+            }
+        }
+    }
+
+    /// Up to `max` bytes of a VM's console from `offset`.
+    pub fn console(&self, id: u64, offset: u64, max: usize) -> Option<(String, Vec<u8>)> {
+        let s = self.status().into_iter().find(|s| s.id == id)?;
+        let data = clusterfs::jobs::read_at(&self.dir(&s.name).join("console"), offset, max).ok()?;
+        Some((s.name, data))
+    }
+
+    /// The bridge (with the gateway address, DHCP from dnsmasq and NAT) and the VM's tap.
+    fn network(&self, l: &Launch, net: &Net) -> Result<String, String> {
+        let _guard = self.net.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let br = &net.bridge;
+        if !Path::new("/sys/class/net").join(br).exists() {
+            run(Command::new("ip").args(["link", "add", br, "type", "bridge"]))?;
+            run(Command::new("ip").args(["addr", "add", &format!("{}/{}", net.gateway, net.prefix), "dev", br]))?;
+            run(Command::new("ip").args(["link", "set", br, "up"]))?;
+            if let Some(up) = &net.uplink {
+                run(Command::new("ip").args(["link", "set", up, "master", br]))?;
+            }
+            let subnet = format!("{}/{}", net.gateway, net.prefix);
+            // NAT to the outside, when iptables is there.
+            let _ = run(Command::new("iptables").args([
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                &subnet,
+                "!",
+                "-d",
+                &subnet,
+                "-j",
+                "MASQUERADE",
+            ]));
+            let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+        }
+        self.dhcp(br, net)?;
+        let hosts = run_dir().join(format!("dnsmasq-{br}.hosts"));
+        let line = format!("{},{},{}\n", l.mac, net.ip, l.name);
+        let mut all = std::fs::read_to_string(&hosts).unwrap_or_default();
+        if !all.contains(&line) {
+            all.push_str(&line);
+            std::fs::write(&hosts, all).map_err(|e| e.to_string())?;
+            if let Ok(pid) = std::fs::read_to_string(run_dir().join(format!("dnsmasq-{br}.pid")))
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP);
+            }
+        }
+        let tap = tap_name(&l.name);
+        if !Path::new("/sys/class/net").join(&tap).exists() {
+            run(Command::new("ip").args(["tuntap", "add", "dev", &tap, "mode", "tap"]))?;
+        }
+        run(Command::new("ip").args(["link", "set", &tap, "master", br]))?;
+        run(Command::new("ip").args(["link", "set", &tap, "up"]))?;
+        Ok(tap)
+    }
+
+    /// dnsmasq serving DHCP on the bridge, each VM its fixed address: one per bridge on the
+    /// machine, shared by every agent process there.
+    fn dhcp(&self, br: &str, net: &Net) -> Result<(), String> {
+        let dir = run_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let pidfile = dir.join(format!("dnsmasq-{br}.pid"));
+        let alive = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if alive {
+            return Ok(());
+        }
+        let hosts = dir.join(format!("dnsmasq-{br}.hosts"));
+        if !hosts.exists() {
+            std::fs::write(&hosts, b"").map_err(|e| e.to_string())?;
+        }
+        run(Command::new("dnsmasq")
+            // It rereads the hosts file in the agent's state directory on SIGHUP: stay root.
+            .args(["--port=0", "--bind-interfaces", "--except-interface=lo", "--conf-file=/dev/null", "--user=root"])
+            .arg(format!("--interface={br}"))
+            .arg(format!("--dhcp-range={},static,{}", net.gateway, net.prefix_mask()))
+            .arg(format!("--dhcp-hostsfile={}", hosts.display()))
+            .arg(format!("--pid-file={}", pidfile.display()))
+            .arg(format!("--dhcp-leasefile={}", dir.join(format!("dnsmasq-{br}.leases")).display())))
+    }
+
+    /// Once no VM of the machine hangs on the bridge: dnsmasq, NAT and the bridge go.
+    fn teardown(&self, net: &Net) {
+        let _guard = self.net.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let br = &net.bridge;
+        let ports: Vec<String> = std::fs::read_dir(Path::new("/sys/class/net").join(br).join("brif"))
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        if ports.iter().any(|p| Some(p) != net.uplink.as_ref()) {
+            return;
+        }
+        let dir = run_dir();
+        if let Ok(pid) = std::fs::read_to_string(dir.join(format!("dnsmasq-{br}.pid")))
+            && let Ok(pid) = pid.trim().parse::<i32>()
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        for f in ["pid", "hosts", "leases"] {
+            let _ = std::fs::remove_file(dir.join(format!("dnsmasq-{br}.{f}")));
+        }
+        let subnet = format!("{}/{}", net.gateway, net.prefix);
+        let _ = run(Command::new("iptables").args([
+            "-t",
+            "nat",
+            "-D",
+            "POSTROUTING",
+            "-s",
+            &subnet,
+            "!",
+            "-d",
+            &subnet,
+            "-j",
+            "MASQUERADE",
+        ]));
+        let _ = run(Command::new("ip").args(["link", "del", br]));
+        info!(bridge = br, "the VM bridge is torn down: no VM uses it");
+    }
+}
+
+trait Mask {
+    fn prefix_mask(&self) -> String;
+}
+
+impl Mask for Net {
+    fn prefix_mask(&self) -> String {
+        std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix))).to_string()
+    }
+}
+
+/// Where the machine-wide VM network state lives (dnsmasq's pid, hosts and leases per bridge).
+fn run_dir() -> PathBuf {
+    PathBuf::from("/run/clusterfs")
+}
+
+/// The tap device of a VM: `cfv` and a hash of its name (interface names are at most 15 bytes).
+fn tap_name(name: &str) -> String {
+    format!("cfv{}", &clusterfs::vms::mac(name).replace(':', "")[6..])
+}
+
+/// The qemu binary must be on this node before a VM is made for it.
+pub fn check_qemu(qemu: &str) -> Result<(), String> {
+    let found = if qemu.contains('/') {
+        Path::new(qemu).exists()
+    } else {
+        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(qemu).exists()))
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!("{qemu} is not installed on this node (Debian: apt install qemu-system-x86)"))
+    }
+}

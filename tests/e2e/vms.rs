@@ -1,0 +1,284 @@
+//! vms/: real qemu guests (TCG) cloned from a template, on a real bridge, driven through files.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::can_mount;
+use crate::harness::{Cluster, eventually, sh_as};
+
+const BRIDGE: &str = "cftbr0";
+const SUBNET: &str = "10.77.0.0/24";
+
+/// Kills what the test's VMs left running, even when the test fails.
+struct Guard {
+    dir: PathBuf,
+}
+
+/// Runs a cleanup command quietly: what it removes may be gone already.
+fn quiet(args: &[&str]) {
+    let _ = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let dir = self.dir.display().to_string();
+        quiet(&["pkill", "-9", "-f", &format!("qemu-system.*{dir}")]);
+        quiet(&["pkill", "-f", &format!("dnsmasq.*{BRIDGE}")]);
+        quiet(&["ip", "link", "del", BRIDGE]);
+        let out = Command::new("ip").args(["-o", "link"]).output().map(|o| o.stdout).unwrap_or_default();
+        for l in String::from_utf8_lossy(&out).lines() {
+            if let Some(tap) = l.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n))
+                && tap.starts_with("cfv")
+            {
+                quiet(&["ip", "link", "del", tap]);
+            }
+        }
+        let nat = "10.77.0.1/24";
+        quiet(&["iptables", "-t", "nat", "-D", "POSTROUTING", "-s", nat, "!", "-d", nat, "-j", "MASQUERADE"]);
+    }
+}
+
+/// A guest template: the installed Debian kernel and a busybox initramfs whose init prints a
+/// marker, takes its address by DHCP, pings `peer=` from its command line, and waits.
+fn template(dir: &Path) -> String {
+    let kernel = fs::read_dir("/boot")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .expect("a kernel in /boot (linux-image-amd64)");
+    let version = kernel.file_name().unwrap().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+    let root = dir.join("initramfs");
+    for d in ["bin", "proc", "sys", "dev", "etc", "lib/modules"] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    let modules = [
+        "virtio_ring",
+        "virtio",
+        "virtio_pci_modern_dev",
+        "virtio_pci_legacy_dev",
+        "virtio_pci",
+        "failover",
+        "net_failover",
+        "virtio_net",
+        "virtio_blk",
+    ];
+    for m in modules {
+        let out = Command::new("find")
+            .arg(format!("/lib/modules/{version}"))
+            .args(["-name", &format!("{m}.ko")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string);
+        if let Some(p) = path {
+            fs::copy(p, root.join("lib/modules").join(format!("{m}.ko"))).unwrap();
+        }
+    }
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+         for m in {}; do insmod /lib/modules/$m.ko 2>/dev/null; done\n\
+         echo \"CLUSTERFS-GUEST-UP disks: $(ls /dev/vd* | tr '\\n' ' ')\"\n\
+         ip link set eth0 up\n\
+         udhcpc -i eth0 -s /etc/udhcpc.sh -q -n -t 60 -T 1 >/dev/null 2>&1 && echo \"CLUSTERFS-DHCP $(ip -4 -o addr show eth0 | awk '{{print $4}}')\"\n\
+         peer=$(sed -n 's/.*peer=\\([0-9.]*\\).*/\\1/p' /proc/cmdline)\n\
+         if [ -n \"$peer\" ]; then for i in $(seq 1 120); do ping -c 1 -W 1 $peer >/dev/null 2>&1 && {{ echo \"CLUSTERFS-PEER-OK $peer\"; break; }}; sleep 1; done; fi\n\
+         while :; do sleep 1; done\n",
+        modules.join(" ")
+    );
+    fs::write(root.join("init"), init).unwrap();
+    fs::write(
+        root.join("etc/udhcpc.sh"),
+        "#!/bin/sh\ncase \"$1\" in bound|renew) ip addr flush dev $interface; ip addr add $ip/$mask dev $interface ;; esac\n",
+    )
+    .unwrap();
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chmod +x {r}/init {r}/etc/udhcpc.sh && cd {r} && find . | cpio -o -H newc 2>/dev/null | gzip > {d}/initrd.gz && qemu-img create -q -f qcow2 {d}/base.qcow2 64M",
+            r = root.display(),
+            d = dir.display()
+        ))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "building the guest failed");
+    format!(
+        "{{\"disk\":\"{d}/base.qcow2\",\"kernel\":\"{k}\",\"initrd\":\"{d}/initrd.gz\",\"append\":\"console=ttyS0 quiet\",\"mem\":\"256M\",\"cpus\":1}}\n",
+        d = dir.display(),
+        k = kernel.display()
+    )
+}
+
+fn wait_console(c: &Cluster, vm: &str, what: &str, timeout_s: u64) {
+    let ok = eventually(Duration::from_secs(timeout_s), || {
+        c.try_read(&format!("vms/{vm}/console")).is_some_and(|s| s.contains(what))
+    });
+    assert!(
+        ok,
+        "{vm}'s console never showed {what:?}; console: {:?}; state: {:?}",
+        c.try_read(&format!("vms/{vm}/console")),
+        c.try_read(&format!("vms/{vm}/state"))
+    );
+}
+
+fn wait_state(c: &Cluster, vm: &str, want: &str, timeout_s: u64) {
+    let ok = eventually(Duration::from_secs(timeout_s), || {
+        c.try_read(&format!("vms/{vm}/state")).is_some_and(|s| s.starts_with(want))
+    });
+    assert!(ok, "{vm} never became {want:?}: {:?}", c.try_read(&format!("vms/{vm}/state")));
+}
+
+fn qemu_pid(vm_dir: &Path) -> Option<i32> {
+    let pid: i32 = fs::read_to_string(vm_dir.join("pid")).ok()?.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+#[test]
+fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let extra = format!(
+        "[vms]\naccel = \"tcg\"\ndefault_template = \"tiny\"\nshutdown_timeout_s = 3\nsubnet = \"{SUBNET}\"\nbridge = \"{BRIDGE}\"\n"
+    );
+    let mut c = Cluster::up_with("cn1", 300, &extra);
+    let work = c.path("").parent().unwrap().to_path_buf();
+    let _guard = Guard { dir: work.clone() };
+    let tdir = work.join("template");
+    fs::create_dir_all(&tdir).unwrap();
+    let t = template(&tdir);
+    // Only root writes templates.
+    let (code, _, _) = sh_as("cfbob", &format!("echo '{}' > {}", t.trim(), c.path("vms/templates/nope").display()));
+    assert_ne!(code, 0);
+    assert_eq!(c.write("vms/templates/tiny", t.as_bytes()), Ok(()), "{}", c.read("vms/error"));
+    assert!(c.read("vms/templates/tiny").contains("base.qcow2"));
+
+    // Bad specs: a clear error each, nothing made.
+    for (spec, errno, says) in [
+        (r#"{"name":"v1","template":"nosuch"}"#, libc::ENOENT, "no template nosuch"),
+        (r#"{"name":"v1","mem":"lots"}"#, libc::EINVAL, "not a size"),
+        (r#"{"name":"v1","cpus":0}"#, libc::EINVAL, "cpus"),
+        (r#"{"name":"a/b"}"#, libc::EINVAL, "name"),
+        (r#"{"name":"v1","colour":"red"}"#, libc::EINVAL, "colour"),
+    ] {
+        assert_eq!(c.write("vms/new", spec.as_bytes()), Err(errno), "{spec}");
+        let err = c.read("vms/error");
+        assert!(err.contains(says), "{spec}: {err}");
+    }
+    assert!(!c.read("vms/README").is_empty());
+    let listing: Vec<String> =
+        fs::read_dir(c.path("vms")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
+    assert!(!listing.iter().any(|n| n == "v1"), "{listing:?}");
+
+    // The VMs run on a node of their own agent, which is killed and restarted below.
+    let agent = c.agent_with(&["--name", "vmnode"]);
+    assert!(eventually(Duration::from_secs(20), || c.read("nodes/up").contains("vmnode")));
+    let (net, prefix) = clusterfs::vms::parse_subnet(SUBNET).unwrap();
+    let ip_a = clusterfs::vms::ip("vma", net, prefix);
+    let a = r#"{"name":"vma","node":"vmnode","data_disk":"32M"}"#;
+    let b = format!(r#"{{"name":"vmb","node":"vmnode","data_disk":"64M","append":"peer={ip_a}"}}"#);
+    assert_eq!(c.write("vms/new", a.as_bytes()), Ok(()), "{}", c.read("vms/error"));
+    assert_eq!(c.write("vms/new", b.as_bytes()), Ok(()), "{}", c.read("vms/error"));
+    assert_eq!(c.write("vms/new", a.as_bytes()), Err(libc::EEXIST));
+    let vms_dir = work.join("agents/vmnode/vms");
+    for (vm, size) in [("vma", 32u64 << 20), ("vmb", 64 << 20)] {
+        let d = vms_dir.join(vm);
+        let info = Command::new("qemu-img").args(["info", "--output=json"]).arg(d.join("disk.qcow2")).output().unwrap();
+        let info = String::from_utf8_lossy(&info.stdout).to_string();
+        assert!(
+            info.contains(&format!("{}/base.qcow2", tdir.display())),
+            "{vm}'s disk is not an overlay on the template: {info}"
+        );
+        let data = Command::new("qemu-img").args(["info", "--output=json"]).arg(d.join("data.qcow2")).output().unwrap();
+        assert!(String::from_utf8_lossy(&data.stdout).contains(&format!("\"virtual-size\": {size}")));
+    }
+    assert_eq!(c.read("vms/vma/ip"), format!("{ip_a}\n"));
+    assert_eq!(c.read("vms/vma/node"), "vmnode\n");
+
+    // Both boot (the marker shows in console), take their address and reach each other.
+    wait_console(&c, "vma", "CLUSTERFS-GUEST-UP disks: /dev/vda /dev/vdb", 120);
+    wait_console(&c, "vmb", "CLUSTERFS-GUEST-UP", 120);
+    wait_console(&c, "vma", &format!("CLUSTERFS-DHCP {ip_a}/24"), 120);
+    wait_console(&c, "vmb", &format!("CLUSTERFS-PEER-OK {ip_a}"), 180);
+    wait_state(&c, "vma", "running on vmnode", 10);
+    let console_len = fs::metadata(c.path("vms/vma/console")).unwrap().len();
+    assert_eq!(console_len as usize, c.read("vms/vma/console").len(), "console's size is not its length");
+    let template_before = fs::read(tdir.join("base.qcow2")).unwrap();
+
+    // Another user may not act on them.
+    crate::jobs::users();
+    let (code, _, _) = sh_as("cfbob", &format!("echo destroy > {}", c.path("vms/vma/ctl").display()));
+    assert_ne!(code, 0);
+
+    // The agent dies and comes back: the VMs kept running and are adopted.
+    let pid_a = qemu_pid(&vms_dir.join("vma")).expect("vma's qemu runs");
+    c.kill_agent(agent);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(qemu_pid(&vms_dir.join("vma")), Some(pid_a), "the VM died with its agent");
+    c.agent_with(&["--name", "vmnode"]);
+    assert!(eventually(Duration::from_secs(20), || c.read("nodes/up").contains("vmnode")));
+    wait_state(&c, "vma", "running on vmnode", 20);
+    assert_eq!(qemu_pid(&vms_dir.join("vma")), Some(pid_a), "the VM was started again, not adopted");
+
+    // shutdown: ACPI (this guest ignores it), then destroyed after the timeout.
+    c.write("vms/vmb/ctl", b"shutdown\n").unwrap();
+    wait_state(&c, "vmb", "off on vmnode", 30);
+    assert!(qemu_pid(&vms_dir.join("vmb")).is_none());
+    // A VM that dies on its own is crashed, and stays down (restart=never) until started.
+    let _ = Command::new("kill").args(["-9", &pid_a.to_string()]).status();
+    wait_state(&c, "vma", "crashed on vmnode", 20);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(c.read("vms/vma/state").starts_with("crashed"), "a crashed VM was restarted");
+    c.write("vms/vma/ctl", b"start\n").unwrap();
+    wait_state(&c, "vma", "running on vmnode", 30);
+    assert!(qemu_pid(&vms_dir.join("vma")).is_some_and(|p| p != pid_a));
+    // Desired state through `state`.
+    c.write("vms/vma/state", b"off\n").unwrap();
+    wait_state(&c, "vma", "off on vmnode", 30);
+    assert_eq!(c.write("vms/vma/state", b"paused\n"), Err(libc::EINVAL));
+    assert_eq!(c.write("vms/vma/ctl", b"explode\n"), Err(libc::EINVAL));
+
+    // mkdir clones the default template on the best node and starts it.
+    fs::create_dir(c.path("vms/vmc")).unwrap();
+    assert!(c.read("vms/vmc/state").starts_with("starting on ") || c.read("vms/vmc/state").starts_with("running on "));
+
+    // rmdir removes every file of each VM.
+    for vm in ["vma", "vmb", "vmc"] {
+        fs::remove_dir(c.path(&format!("vms/{vm}"))).unwrap_or_else(|e| panic!("rmdir {vm}: {e}"));
+        assert!(!c.path(&format!("vms/{vm}")).exists());
+    }
+    assert!(!vms_dir.join("vma").exists() && !vms_dir.join("vmb").exists());
+    assert!(!work.join("state/agent/cn1/vms/vmc").exists());
+    // The last VM gone, its node tears the network down.
+    assert!(
+        eventually(Duration::from_secs(10), || !Path::new("/sys/class/net").join(BRIDGE).exists()),
+        "the bridge stayed"
+    );
+    assert_eq!(fs::read(tdir.join("base.qcow2")).unwrap(), template_before, "a clone wrote into its template");
+}
+
+#[test]
+fn a_missing_qemu_is_a_clear_error_and_nothing_is_made() {
+    if !can_mount() {
+        return;
+    }
+    let c = Cluster::up_with("cn1", 300, "[vms]\nqemu = \"/nonexistent/qemu-system-x86_64\"\n");
+    let work = c.path("").parent().unwrap().to_path_buf();
+    fs::create_dir_all(work.join("t")).unwrap();
+    fs::write(work.join("t/base.qcow2"), b"").unwrap();
+    let t = format!("{{\"disk\":\"{}/t/base.qcow2\",\"format\":\"raw\"}}\n", work.display());
+    assert_eq!(c.write("vms/templates/default", t.as_bytes()), Ok(()));
+    let e = fs::create_dir(c.path("vms/v1")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    assert!(
+        c.read("vms/error").contains("/nonexistent/qemu-system-x86_64 is not installed"),
+        "{}",
+        c.read("vms/error")
+    );
+    assert!(!c.path("vms/v1").exists());
+    assert!(!work.join("state/agent/cn1/vms/v1").exists());
+}

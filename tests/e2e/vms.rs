@@ -187,13 +187,15 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     let vms_dir = work.join("agents/vmnode/vms");
     for (vm, size) in [("vma", 32u64 << 20), ("vmb", 64 << 20)] {
         let d = vms_dir.join(vm);
-        let info = Command::new("qemu-img").args(["info", "--output=json"]).arg(d.join("disk.qcow2")).output().unwrap();
+        let info =
+            Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(d.join("disk.qcow2")).output().unwrap();
         let info = String::from_utf8_lossy(&info.stdout).to_string();
         assert!(
             info.contains(&format!("{}/base.qcow2", tdir.display())),
             "{vm}'s disk is not an overlay on the template: {info}"
         );
-        let data = Command::new("qemu-img").args(["info", "--output=json"]).arg(d.join("data.qcow2")).output().unwrap();
+        let data =
+            Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(d.join("data.qcow2")).output().unwrap();
         assert!(String::from_utf8_lossy(&data.stdout).contains(&format!("\"virtual-size\": {size}")));
     }
     assert_eq!(c.read("vms/vma/ip"), format!("{ip_a}\n"));

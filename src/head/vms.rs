@@ -210,12 +210,27 @@ impl Vms {
                 s => Err(FsError::new(Errno::HostDown, format!("node {n} is {}", s.line()))),
             };
         }
+        // VMs placed on a node count in its load and memory from the start, before their
+        // guests use what they were given.
+        let mut placed: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for vm in self.lock().values().filter(|v| v.rec.desired == Desired::Running) {
+            let e = placed.entry(vm.rec.node.clone()).or_default();
+            e.0 += vm.rec.launch.mem;
+            e.1 += u64::from(vm.rec.launch.cpus);
+        }
+        let load = |v: &crate::head::cluster::NodeView| {
+            let cpus = placed.get(&v.name).map_or(0, |p| p.1);
+            v.report.load_index() + 100.0 * cpus as f64 / v.report.perf_score()
+        };
         self.cluster
             .names()
             .into_iter()
             .filter_map(|n| self.cluster.view(&n))
-            .filter(|v| v.state == NodeState::Up && v.report.mem_avail >= mem)
-            .min_by(|a, b| a.report.load_index().total_cmp(&b.report.load_index()))
+            .filter(|v| {
+                let given = placed.get(&v.name).map_or(0, |p| p.0);
+                v.state == NodeState::Up && v.report.mem_avail >= mem && v.report.mem_total.saturating_sub(given) >= mem
+            })
+            .min_by(|a, b| load(a).total_cmp(&load(b)))
             .map(|v| v.name)
             .ok_or_else(|| {
                 FsError::new(Errno::NoSpc, format!("no up, undrained node has {} MiB of memory free", mem >> 20))

@@ -37,6 +37,13 @@ pub struct Template {
     pub mem: u64,
     #[serde(default = "one")]
     pub cpus: u32,
+    /// `qemu` (the agent runs qemu itself) or `libvirt` (through virsh on the node).
+    #[serde(default = "qemu")]
+    pub backend: String,
+}
+
+fn qemu() -> String {
+    "qemu".into()
 }
 
 fn qcow2() -> String {
@@ -140,6 +147,9 @@ pub fn parse_template(text: &str) -> Result<Template, String> {
     }
     if !matches!(t.format.as_str(), "qcow2" | "raw") {
         return Err(format!("format {:?} is not qcow2 or raw", t.format));
+    }
+    if !matches!(t.backend.as_str(), "qemu" | "libvirt") {
+        return Err(format!("backend {:?} is not qemu or libvirt", t.backend));
     }
     if t.initrd.is_some() && t.kernel.is_none() {
         return Err("an initrd needs a kernel".into());

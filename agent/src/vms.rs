@@ -90,10 +90,16 @@ impl Vms {
 
     /// The qemu process of `name`, when it runs.
     fn pid(&self, name: &str) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.dir(name).join("pid")).ok()?.trim().parse().ok()?;
+        let mine = self.dir(name).join("pid");
+        let file = if mine.exists() { mine } else { PathBuf::from(format!("/run/libvirt/qemu/{}.pid", domain(name))) };
+        let pid: i32 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let want = format!("guest={name},");
-        cmdline.split(|b| *b == 0).any(|a| a.starts_with(want.as_bytes())).then_some(pid)
+        let wants = [format!("guest={name},"), format!("guest={},", domain(name))];
+        cmdline.split(|b| *b == 0).any(|a| wants.iter().any(|w| a.starts_with(w.as_bytes()))).then_some(pid)
+    }
+
+    fn libvirt(&self, name: &str) -> bool {
+        self.launch(name).is_ok_and(|l| l.template.backend == "libvirt")
     }
 
     /// Makes the clone: a qcow2 overlay on the template and, when asked, a data disk. Nothing
@@ -138,11 +144,16 @@ impl Vms {
             return Err("KVM is not available on this node (no /dev/kvm): set vms.accel = \"tcg\"".into());
         }
         let dir = self.dir(name);
+        if l.template.backend == "libvirt" {
+            return self.start_libvirt(&l);
+        }
         let tap = match &l.net {
-            Some(net) => Some(self.network(&l, net)?),
+            Some(net) => {
+                self.bridge(&l, net)?;
+                Some(self.tap(&l.name, &net.bridge)?)
+            }
             None => None,
         };
-        let _ = std::fs::remove_file(dir.join("stopped"));
         let _ = std::fs::remove_file(dir.join("qmp.sock"));
         let mut cmd = Command::new(&l.qemu);
         cmd.arg("-name")
@@ -178,8 +189,9 @@ impl Vms {
             None => cmd.args(["-nic", "none"]),
         };
         cmd.arg("-daemonize");
-        std::fs::write(dir.join("started"), b"").map_err(|e| e.to_string())?;
         run(&mut cmd).map_err(|e| format!("starting qemu: {e}"))?;
+        let _ = std::fs::remove_file(dir.join("stopped"));
+        std::fs::write(dir.join("started"), b"").map_err(|e| e.to_string())?;
         info!(vm = name, accel = l.accel, "vm started");
         Ok(())
     }
@@ -192,6 +204,14 @@ impl Vms {
         }
         if self.pid(name).is_none() {
             return Ok(());
+        }
+        if self.libvirt(name) {
+            let verb = match verb {
+                Verb::Powerdown => "shutdown",
+                Verb::Quit => "destroy",
+                Verb::Reset => "reset",
+            };
+            return virsh(&[verb, &domain(name)]);
         }
         let mut q = Qmp::connect(&dir.join("qmp.sock")).map_err(|e| format!("VM {name}: QMP: {e}"))?;
         let cmd = match verb {
@@ -220,6 +240,10 @@ impl Vms {
             if let Some(pid) = self.pid(name) {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
+        }
+        if self.libvirt(name) {
+            let _ = virsh(&["destroy", &domain(name)]);
+            let _ = virsh(&["undefine", &domain(name)]);
         }
         let net = self.launch(name).ok().and_then(|l| l.net);
         if net.is_some() {
@@ -269,8 +293,9 @@ impl Vms {
         Some((s.name, data))
     }
 
-    /// The bridge (with the gateway address, DHCP from dnsmasq and NAT) and the VM's tap.
-    fn network(&self, l: &Launch, net: &Net) -> Result<String, String> {
+    /// The bridge (with the gateway address, DHCP from dnsmasq and NAT), and the VM's fixed
+    /// address in dnsmasq's hosts.
+    fn bridge(&self, l: &Launch, net: &Net) -> Result<(), String> {
         let _guard = self.net.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let br = &net.bridge;
         if !Path::new("/sys/class/net").join(br).exists() {
@@ -310,13 +335,37 @@ impl Vms {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP);
             }
         }
-        let tap = tap_name(&l.name);
+        Ok(())
+    }
+
+    /// The VM's tap on the bridge (the qemu backend; libvirt makes its own).
+    fn tap(&self, name: &str, br: &str) -> Result<String, String> {
+        let tap = tap_name(name);
         if !Path::new("/sys/class/net").join(&tap).exists() {
             run(Command::new("ip").args(["tuntap", "add", "dev", &tap, "mode", "tap"]))?;
         }
         run(Command::new("ip").args(["link", "set", &tap, "master", br]))?;
         run(Command::new("ip").args(["link", "set", &tap, "up"]))?;
         Ok(tap)
+    }
+
+    /// The libvirt backend: the domain is defined from the clone's files and started by
+    /// libvirtd, which keeps it across agent restarts.
+    fn start_libvirt(&self, l: &Launch) -> Result<(), String> {
+        if let Some(net) = &l.net {
+            self.bridge(l, net)?;
+        }
+        let dir = self.dir(&l.name);
+        let xml = dir.join("domain.xml");
+        std::fs::write(&xml, domain_xml(l, &dir)).map_err(|e| format!("domain.xml: {e}"))?;
+        // Defined anew each start (it is not running): the definition follows the clone.
+        let _ = virsh(&["undefine", &domain(&l.name)]);
+        virsh(&["define", &xml.to_string_lossy()])?;
+        virsh(&["start", &domain(&l.name)]).map_err(|e| format!("starting through libvirt: {e}"))?;
+        let _ = std::fs::remove_file(dir.join("stopped"));
+        std::fs::write(dir.join("started"), b"").map_err(|e| e.to_string())?;
+        info!(vm = l.name, "vm started through libvirt");
+        Ok(())
     }
 
     /// dnsmasq serving DHCP on the bridge, each VM its fixed address: one per bridge on the
@@ -416,4 +465,62 @@ pub fn check_qemu(qemu: &str) -> Result<(), String> {
     } else {
         Err(format!("{qemu} is not installed on this node (Debian: apt install qemu-system-x86)"))
     }
+}
+
+/// qemu runs as root, like the qemu backend's: the clone's files stay in the agent's state
+/// directory, which libvirt's own qemu user cannot reach.
+const RUN_AS_ROOT: &str = "<seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>";
+
+/// The libvirt domain of a VM.
+fn domain(name: &str) -> String {
+    format!("clusterfs-{name}")
+}
+
+fn virsh(args: &[&str]) -> Result<(), String> {
+    run(Command::new("virsh").args(["-q", "-c", "qemu:///system"]).args(args))
+}
+
+/// Text for an XML attribute or element.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+}
+
+/// The domain of a clone: its overlay and data disk, the console appended to a file, the NIC
+/// on the VM bridge with its fixed MAC.
+fn domain_xml(l: &Launch, dir: &Path) -> String {
+    let p = |f: &str| esc(&dir.join(f).to_string_lossy());
+    let kind = if l.accel == "kvm" { "kvm" } else { "qemu" };
+    let mut os = String::from("<type arch='x86_64'>hvm</type>");
+    if let Some(k) = &l.template.kernel {
+        os += &format!("<kernel>{}</kernel>", esc(&k.to_string_lossy()));
+        if let Some(i) = &l.template.initrd {
+            os += &format!("<initrd>{}</initrd>", esc(&i.to_string_lossy()));
+        }
+        let append = [l.template.append.as_deref(), l.append.as_deref()].into_iter().flatten().collect::<Vec<_>>();
+        os += &format!("<cmdline>{}</cmdline>", esc(&append.join(" ")));
+    }
+    let mut devices = format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+        p("disk.qcow2")
+    );
+    if l.data_disk.is_some() {
+        devices += &format!(
+            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/><target dev='vdb' bus='virtio'/></disk>",
+            p("data.qcow2")
+        );
+    }
+    devices += &format!("<serial type='file'><source path='{}' append='on'/><target port='0'/></serial>", p("console"));
+    if let Some(net) = &l.net {
+        devices += &format!(
+            "<interface type='bridge'><source bridge='{}'/><mac address='{}'/><model type='virtio'/></interface>",
+            esc(&net.bridge),
+            esc(&l.mac)
+        );
+    }
+    format!(
+        "<domain type='{kind}'><name>{}</name><memory unit='MiB'>{}</memory><vcpu>{}</vcpu><os>{os}</os><features><acpi/></features><devices>{devices}</devices>{RUN_AS_ROOT}</domain>\n",
+        esc(&domain(&l.name)),
+        l.mem >> 20,
+        l.cpus
+    )
 }

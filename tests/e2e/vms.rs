@@ -14,6 +14,10 @@ const SUBNET: &str = "10.77.0.0/24";
 /// Kills what the test's VMs left running, even when the test fails.
 struct Guard {
     dir: PathBuf,
+    bridge: &'static str,
+    nat: &'static str,
+    /// libvirt domains to destroy and undefine.
+    domains: &'static [&'static str],
 }
 
 /// Runs a cleanup command quietly: what it removes may be gone already.
@@ -24,9 +28,13 @@ fn quiet(args: &[&str]) {
 impl Drop for Guard {
     fn drop(&mut self) {
         let dir = self.dir.display().to_string();
+        for d in self.domains {
+            quiet(&["virsh", "-c", "qemu:///system", "destroy", d]);
+            quiet(&["virsh", "-c", "qemu:///system", "undefine", d]);
+        }
         quiet(&["pkill", "-9", "-f", &format!("qemu-system.*{dir}")]);
-        quiet(&["pkill", "-f", &format!("dnsmasq.*{BRIDGE}")]);
-        quiet(&["ip", "link", "del", BRIDGE]);
+        quiet(&["pkill", "-f", &format!("dnsmasq.*{}", self.bridge)]);
+        quiet(&["ip", "link", "del", self.bridge]);
         let out = Command::new("ip").args(["-o", "link"]).output().map(|o| o.stdout).unwrap_or_default();
         for l in String::from_utf8_lossy(&out).lines() {
             if let Some(tap) = l.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n))
@@ -35,7 +43,7 @@ impl Drop for Guard {
                 quiet(&["ip", "link", "del", tap]);
             }
         }
-        let nat = "10.77.0.1/24";
+        let nat = self.nat;
         quiet(&["iptables", "-t", "nat", "-D", "POSTROUTING", "-s", nat, "!", "-d", nat, "-j", "MASQUERADE"]);
     }
 }
@@ -147,7 +155,7 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     );
     let mut c = Cluster::up_with("cn1", 300, &extra);
     let work = c.path("").parent().unwrap().to_path_buf();
-    let _guard = Guard { dir: work.clone() };
+    let _guard = Guard { dir: work.clone(), bridge: BRIDGE, nat: "10.77.0.1/24", domains: &[] };
     let tdir = work.join("template");
     fs::create_dir_all(&tdir).unwrap();
     let t = template(&tdir);
@@ -283,4 +291,85 @@ fn a_missing_qemu_is_a_clear_error_and_nothing_is_made() {
     );
     assert!(!c.path("vms/v1").exists());
     assert!(!work.join("state/agent/cn1/vms/v1").exists());
+}
+
+/// libvirtd and virtlogd for the libvirt backend: started here when not running, stopped
+/// again after the test. None when they cannot run here (outside CI: the test is skipped).
+struct Libvirtd {
+    started: bool,
+}
+
+impl Libvirtd {
+    fn up() -> Option<Libvirtd> {
+        let answers = || {
+            Command::new("virsh")
+                .args(["-c", "qemu:///system", "version"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if answers() {
+            return Some(Libvirtd { started: false });
+        }
+        let _ = Command::new("virtlogd").arg("-d").status();
+        let _ = Command::new("libvirtd").arg("-d").status();
+        if eventually(Duration::from_secs(15), answers) {
+            return Some(Libvirtd { started: true });
+        }
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but libvirtd cannot be started (scripts/install-deps installs libvirt-daemon-system)");
+        }
+        eprintln!("skipping: libvirtd cannot be started here");
+        None
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        if self.started {
+            quiet(&["pkill", "-x", "libvirtd"]);
+            quiet(&["pkill", "-x", "virtlogd"]);
+        }
+    }
+}
+
+fn domstate(domain: &str) -> String {
+    let out = Command::new("virsh").args(["-c", "qemu:///system", "domstate", domain]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_libvirt_template_runs_its_clones_through_virsh() {
+    if !can_mount() {
+        return;
+    }
+    let Some(_libvirtd) = Libvirtd::up() else { return };
+    let extra = "[vms]\naccel = \"tcg\"\nshutdown_timeout_s = 3\nsubnet = \"10.78.0.0/24\"\nbridge = \"cftbr1\"\n";
+    let c = Cluster::up_with("cn1", 300, extra);
+    let work = c.path("").parent().unwrap().to_path_buf();
+    let _guard = Guard { dir: work.clone(), bridge: "cftbr1", nat: "10.78.0.1/24", domains: &["clusterfs-lva"] };
+    let tdir = work.join("template");
+    fs::create_dir_all(&tdir).unwrap();
+    let t = template(&tdir).replace("\"cpus\":1}", "\"cpus\":1,\"backend\":\"libvirt\"}");
+    assert_eq!(c.write("vms/templates/lv", t.as_bytes()), Ok(()), "{}", c.read("vms/error"));
+    let spec = r#"{"name":"lva","template":"lv","data_disk":"16M"}"#;
+    assert_eq!(c.write("vms/new", spec.as_bytes()), Ok(()), "{}", c.read("vms/error"));
+    let (net, prefix) = clusterfs::vms::parse_subnet("10.78.0.0/24").unwrap();
+    let ip = clusterfs::vms::ip("lva", net, prefix);
+    wait_console(&c, "lva", "CLUSTERFS-GUEST-UP disks: /dev/vda /dev/vdb", 120);
+    wait_console(&c, "lva", &format!("CLUSTERFS-DHCP {ip}/24"), 120);
+    wait_state(&c, "lva", "running on cn1", 10);
+    assert_eq!(domstate("clusterfs-lva"), "running");
+    // shutdown through libvirt (ACPI; this guest ignores it), then destroyed after the timeout.
+    c.write("vms/lva/ctl", b"shutdown\n").unwrap();
+    wait_state(&c, "lva", "off on cn1", 30);
+    assert!(eventually(Duration::from_secs(10), || domstate("clusterfs-lva") == "shut off"));
+    c.write("vms/lva/ctl", b"start\n").unwrap();
+    wait_state(&c, "lva", "running on cn1", 30);
+    fs::remove_dir(c.path("vms/lva")).unwrap();
+    let gone = Command::new("virsh").args(["-c", "qemu:///system", "dominfo", "clusterfs-lva"]).output().unwrap();
+    assert!(!gone.status.success(), "the domain is still defined");
+    assert!(!work.join("state/agent/cn1/vms/lva").exists());
+    assert!(eventually(Duration::from_secs(10), || !Path::new("/sys/class/net/cftbr1").exists()), "the bridge stayed");
 }

@@ -188,7 +188,7 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     let (net, prefix) = clusterfs::vms::parse_subnet(SUBNET).unwrap();
     let ip_a = clusterfs::vms::ip("vma", net, prefix);
     let a = r#"{"name":"vma","node":"vmnode","data_disk":"32M"}"#;
-    let b = format!(r#"{{"name":"vmb","node":"vmnode","data_disk":"64M","append":"peer={ip_a}"}}"#);
+    let b = format!(r#"{{"name":"vmb","node":"vmnode","data_disk":"64M","append":"peer={ip_a}","restart":"always"}}"#);
     assert_eq!(c.write("vms/new", a.as_bytes()), Ok(()), "{}", c.read("vms/error"));
     assert_eq!(c.write("vms/new", b.as_bytes()), Ok(()), "{}", c.read("vms/error"));
     assert_eq!(c.write("vms/new", a.as_bytes()), Err(libc::EEXIST));
@@ -234,6 +234,12 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     wait_state(&c, "vma", "running on vmnode", 20);
     assert_eq!(qemu_pid(&vms_dir.join("vma")), Some(pid_a), "the VM was started again, not adopted");
 
+    // vmb has restart=always: killed, it is started again.
+    let pid_b = qemu_pid(&vms_dir.join("vmb")).expect("vmb's qemu runs");
+    let _ = Command::new("kill").args(["-9", &pid_b.to_string()]).status();
+    let restarted = eventually(Duration::from_secs(30), || qemu_pid(&vms_dir.join("vmb")).is_some_and(|p| p != pid_b));
+    assert!(restarted, "vmb was not restarted: {}", c.read("vms/vmb/state"));
+    wait_state(&c, "vmb", "running on vmnode", 20);
     // shutdown: ACPI (this guest ignores it), then destroyed after the timeout.
     c.write("vms/vmb/ctl", b"shutdown\n").unwrap();
     wait_state(&c, "vmb", "off on vmnode", 30);
@@ -246,6 +252,11 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     c.write("vms/vma/ctl", b"start\n").unwrap();
     wait_state(&c, "vma", "running on vmnode", 30);
     assert!(qemu_pid(&vms_dir.join("vma")).is_some_and(|p| p != pid_a));
+    // reboot resets the guest: it boots again, its console goes on.
+    let boots = |c: &Cluster| c.try_read("vms/vma/console").unwrap_or_default().matches("CLUSTERFS-GUEST-UP").count();
+    assert!(eventually(Duration::from_secs(120), || boots(&c) == 2), "vma did not boot after its start");
+    c.write("vms/vma/ctl", b"reboot\n").unwrap();
+    assert!(eventually(Duration::from_secs(120), || boots(&c) == 3), "vma did not boot again after reboot");
     // Desired state through `state`.
     c.write("vms/vma/state", b"off\n").unwrap();
     wait_state(&c, "vma", "off on vmnode", 30);

@@ -209,6 +209,11 @@ pub fn mac(name: &str) -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", d[0], d[1], d[2])
 }
 
+/// The tap device of a VM on its node: `cfv` and a hash of its name (at most 15 bytes).
+pub fn tap_name(name: &str) -> String {
+    format!("cfv{}", &mac(name).replace(':', "")[6..])
+}
+
 /// A stable address in `subnet/prefix` from the VM name, avoiding the network, the gateway
 /// (first address) and broadcast.
 pub fn ip(name: &str, subnet: Ipv4Addr, prefix: u8) -> Ipv4Addr {

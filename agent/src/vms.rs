@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use clusterfs::vms::{Launch, Net, VmStatus};
+use clusterfs::vms::{Launch, Net, VmStatus, tap_name};
 use tracing::{info, warn};
 
 /// One node name's VMs, each in `<root>/<name>/`.
@@ -374,10 +374,14 @@ impl Vms {
         let dir = run_dir();
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let pidfile = dir.join(format!("dnsmasq-{br}.pid"));
-        let alive = std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        let alive =
+            std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()).is_some_and(|p| {
+                // A live dnsmasq, not a pid taken by something else or a zombie.
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+                cmd.starts_with(b"dnsmasq") && state.is_some_and(|s| s != "Z")
+            });
         if alive {
             return Ok(());
         }
@@ -446,11 +450,6 @@ impl Mask for Net {
 /// Where the machine-wide VM network state lives (dnsmasq's pid, hosts and leases per bridge).
 fn run_dir() -> PathBuf {
     PathBuf::from("/run/clusterfs")
-}
-
-/// The tap device of a VM: `cfv` and a hash of its name (interface names are at most 15 bytes).
-fn tap_name(name: &str) -> String {
-    format!("cfv{}", &clusterfs::vms::mac(name).replace(':', "")[6..])
 }
 
 /// The qemu binary must be on this node before a VM is made for it.

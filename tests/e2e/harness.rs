@@ -93,6 +93,11 @@ impl Cluster {
 
     /// Like `up`, with `extra` appended to the head's config file (e.g. a `[jobs]` table).
     pub fn up_with(nodes: &str, interval_ms: u64, extra: &str) -> Cluster {
+        Cluster::up_on(nodes, interval_ms, extra, "127.0.0.1:0")
+    }
+
+    /// Like `up_with`, with the head taking agents on `listen` (e.g. `0.0.0.0:0` for guests).
+    pub fn up_on(nodes: &str, interval_ms: u64, extra: &str, listen: &str) -> Cluster {
         let dir = tempfile::Builder::new().prefix("clusterfs-test").tempdir().expect("tempdir");
         // Unprivileged test users must be able to reach the mountpoint.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -109,7 +114,7 @@ impl Cluster {
             mnt,
             state,
             nodes: nodes.to_string(),
-            listen: "127.0.0.1:0".into(),
+            listen: listen.into(),
             head: None,
             agents: Vec::new(),
             _watchdog: watchdog,

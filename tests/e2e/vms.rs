@@ -18,6 +18,8 @@ struct Guard {
     nat: &'static str,
     /// libvirt domains to destroy and undefine.
     domains: &'static [&'static str],
+    /// The VMs whose taps go.
+    vms: &'static [&'static str],
 }
 
 /// Runs a cleanup command quietly: what it removes may be gone already.
@@ -35,13 +37,12 @@ impl Drop for Guard {
         quiet(&["pkill", "-9", "-f", &format!("qemu-system.*{dir}")]);
         quiet(&["pkill", "-f", &format!("dnsmasq.*{}", self.bridge)]);
         quiet(&["ip", "link", "del", self.bridge]);
-        let out = Command::new("ip").args(["-o", "link"]).output().map(|o| o.stdout).unwrap_or_default();
-        for l in String::from_utf8_lossy(&out).lines() {
-            if let Some(tap) = l.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n))
-                && tap.starts_with("cfv")
-            {
-                quiet(&["ip", "link", "del", tap]);
-            }
+        for f in ["pid", "hosts", "leases"] {
+            let _ = fs::remove_file(format!("/run/clusterfs/dnsmasq-{}.{f}", self.bridge));
+        }
+        // Only this test's taps: other tests run VMs at the same time.
+        for vm in self.vms {
+            quiet(&["ip", "link", "del", &clusterfs::vms::tap_name(vm)]);
         }
         let nat = self.nat;
         quiet(&["iptables", "-t", "nat", "-D", "POSTROUTING", "-s", nat, "!", "-d", nat, "-j", "MASQUERADE"]);
@@ -51,6 +52,27 @@ impl Drop for Guard {
 /// A guest template: the installed Debian kernel and a busybox initramfs whose init prints a
 /// marker, takes its address by DHCP, pings `peer=` from its command line, and waits.
 fn template(dir: &Path) -> String {
+    template_with(dir, None)
+}
+
+/// Copies `bin` into the initramfs `root` at the same path, with the libraries it links.
+fn copy_with_libs(bin: &Path, to: &Path, root: &Path) {
+    let ok = Command::new("strip").arg("-o").arg(root.join(to.strip_prefix("/").unwrap())).arg(bin).status().unwrap();
+    assert!(ok.success(), "strip {}", bin.display());
+    let out = Command::new("ldd").arg(bin).output().unwrap();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = l.split_whitespace().find(|w| w.starts_with('/')).map(PathBuf::from);
+        if let Some(p) = path {
+            let at = root.join(p.strip_prefix("/").unwrap());
+            fs::create_dir_all(at.parent().unwrap()).unwrap();
+            fs::copy(&p, &at).unwrap();
+        }
+    }
+}
+
+/// Like `template`; with `agent` (the cluster secret) the guest also runs clusterfs-agent
+/// against `agent=<head>` from its command line, as node `vmname=<name>`.
+fn template_with(dir: &Path, agent: Option<&Path>) -> String {
     let kernel = fs::read_dir("/boot")
         .unwrap()
         .flatten()
@@ -97,6 +119,22 @@ fn template(dir: &Path) -> String {
          while :; do sleep 1; done\n",
         modules.join(" ")
     );
+    let init = match agent {
+        None => init,
+        Some(secret) => {
+            fs::create_dir_all(root.join("etc/clusterfs")).unwrap();
+            fs::copy(secret, root.join("etc/clusterfs/secret")).unwrap();
+            fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+            fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+            copy_with_libs(&crate::harness::bin("clusterfs-agent"), Path::new("/bin/clusterfs-agent"), &root);
+            let start = "head=$(sed -n 's/.*agent=\\([0-9.:]*\\).*/\\1/p' /proc/cmdline)\n\
+                 name=$(sed -n 's/.*vmname=\\([A-Za-z0-9-]*\\).*/\\1/p' /proc/cmdline)\n\
+                 mkdir -p /root /tmp /var/agent; hostname $name\n\
+                 CLUSTERFS_LOG=warn /bin/clusterfs-agent --head $head --name $name --secret-file /etc/clusterfs/secret --state /var/agent >/dev/console 2>&1 &\n\
+                 echo CLUSTERFS-AGENT-STARTED\n";
+            init.replace("while :; do sleep 1; done\n", &format!("{start}while :; do sleep 1; done\n"))
+        }
+    };
     fs::write(root.join("init"), init).unwrap();
     fs::write(
         root.join("etc/udhcpc.sh"),
@@ -155,7 +193,8 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     );
     let mut c = Cluster::up_with("cn1", 300, &extra);
     let work = c.path("").parent().unwrap().to_path_buf();
-    let _guard = Guard { dir: work.clone(), bridge: BRIDGE, nat: "10.77.0.1/24", domains: &[] };
+    let _guard =
+        Guard { dir: work.clone(), bridge: BRIDGE, nat: "10.77.0.1/24", domains: &[], vms: &["vma", "vmb", "vmc"] };
     let tdir = work.join("template");
     fs::create_dir_all(&tdir).unwrap();
     let t = template(&tdir);
@@ -359,7 +398,8 @@ fn a_libvirt_template_runs_its_clones_through_virsh() {
     let extra = "[vms]\naccel = \"tcg\"\nshutdown_timeout_s = 3\nsubnet = \"10.78.0.0/24\"\nbridge = \"cftbr1\"\n";
     let c = Cluster::up_with("cn1", 300, extra);
     let work = c.path("").parent().unwrap().to_path_buf();
-    let _guard = Guard { dir: work.clone(), bridge: "cftbr1", nat: "10.78.0.1/24", domains: &["clusterfs-lva"] };
+    let _guard =
+        Guard { dir: work.clone(), bridge: "cftbr1", nat: "10.78.0.1/24", domains: &["clusterfs-lva"], vms: &[] };
     let tdir = work.join("template");
     fs::create_dir_all(&tdir).unwrap();
     let t = template(&tdir).replace("\"cpus\":1}", "\"cpus\":1,\"backend\":\"libvirt\"}");
@@ -383,4 +423,46 @@ fn a_libvirt_template_runs_its_clones_through_virsh() {
     assert!(!gone.status.success(), "the domain is still defined");
     assert!(!work.join("state/agent/cn1/vms/lva").exists());
     assert!(eventually(Duration::from_secs(10), || !Path::new("/sys/class/net/cftbr1").exists()), "the bridge stayed");
+}
+
+#[test]
+fn a_vm_running_the_agent_joins_as_a_node_and_runs_jobs() {
+    if !can_mount() {
+        return;
+    }
+    let extra = "[vms]\naccel = \"tcg\"\nsubnet = \"10.79.0.0/24\"\nbridge = \"cftbr2\"\n";
+    let c = Cluster::up_on("cn1", 300, extra, "0.0.0.0:0");
+    let work = c.path("").parent().unwrap().to_path_buf();
+    let _guard = Guard { dir: work.clone(), bridge: "cftbr2", nat: "10.79.0.1/24", domains: &[], vms: &["vmp"] };
+    let tdir = work.join("template");
+    fs::create_dir_all(&tdir).unwrap();
+    let t = template_with(&tdir, Some(&c.secret_file())).replace("\"mem\":\"256M\"", "\"mem\":\"512M\"");
+    assert_eq!(c.write("vms/templates/default", t.as_bytes()), Ok(()), "{}", c.read("vms/error"));
+    let port = c.addr().rsplit(':').next().unwrap().to_string();
+    let spec = format!(r#"{{"name":"vmp","append":"agent=10.79.0.1:{port} vmname=vmp"}}"#);
+    assert_eq!(c.write("vms/new", spec.as_bytes()), Ok(()), "{}", c.read("vms/error"));
+    wait_console(&c, "vmp", "CLUSTERFS-AGENT-STARTED", 120);
+    let joined = eventually(Duration::from_secs(120), || c.read("nodes/up").contains("vmp"));
+    assert!(
+        joined,
+        "the VM never joined; nodes/up {:?}; console {:?}",
+        c.read("nodes/up"),
+        c.try_read("vms/vmp/console")
+    );
+    // A multi-node job reaches it like any node.
+    let (code, out, err) = sh_as(
+        "root",
+        &format!(
+            "exec 3<>{new}; printf '#CLUSTER nodes=cn1,vmp\\nhostname; uname -r\\n' >&3; read id <&3; cat {jobs}/$id/wait >/dev/null; cat {jobs}/$id/nodes/vmp/stdout",
+            new = c.path("jobs/new").display(),
+            jobs = c.path("jobs").display()
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    let kernel = fs::read_dir("/boot")
+        .unwrap()
+        .flatten()
+        .find_map(|e| e.file_name().to_string_lossy().strip_prefix("vmlinuz-").map(str::to_string));
+    assert_eq!(out, format!("vmp\n{}\n", kernel.unwrap()), "the job's output on the VM");
+    fs::remove_dir(c.path("vms/vmp")).unwrap();
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::jobs::spec::parse_size;
+use crate::config::Bytes;
 
 /// Smallest and largest memory a VM may have.
 pub const MIN_MEM: u64 = 16 << 20;
@@ -33,8 +33,8 @@ pub struct Template {
     #[serde(default)]
     pub append: Option<String>,
     /// Defaults for its clones.
-    #[serde(default = "default_mem", deserialize_with = "size")]
-    pub mem: u64,
+    #[serde(default = "default_mem")]
+    pub mem: Bytes,
     #[serde(default = "one")]
     pub cpus: u32,
     /// `qemu` (the agent runs qemu itself) or `libvirt` (through virsh on the node).
@@ -50,32 +50,12 @@ fn qcow2() -> String {
     "qcow2".into()
 }
 
-fn default_mem() -> u64 {
-    512 << 20
+fn default_mem() -> Bytes {
+    Bytes(512 << 20)
 }
 
 fn one() -> u32 {
     1
-}
-
-/// A size as a number of bytes or text like `2G`.
-fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Text {
-        Number(u64),
-        Text(String),
-    }
-    match Text::deserialize(d)? {
-        Text::Number(n) => Ok(n),
-        Text::Text(t) => {
-            parse_size(&t).ok_or_else(|| serde::de::Error::custom(format!("{t:?} is not a size like 512M or 2G")))
-        }
-    }
-}
-
-fn opt_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    size(d).map(Some)
 }
 
 /// Whether a VM is started again when it dies.
@@ -94,13 +74,13 @@ pub struct VmSpec {
     pub name: String,
     #[serde(default)]
     pub template: Option<String>,
-    #[serde(default, deserialize_with = "opt_size")]
-    pub mem: Option<u64>,
+    #[serde(default)]
+    pub mem: Option<Bytes>,
     #[serde(default)]
     pub cpus: Option<u32>,
     /// A data disk of its own, of this size.
-    #[serde(default, deserialize_with = "opt_size")]
-    pub data_disk: Option<u64>,
+    #[serde(default)]
+    pub data_disk: Option<Bytes>,
     /// Run it on this node.
     #[serde(default)]
     pub node: Option<String>,
@@ -120,7 +100,7 @@ pub fn parse_spec(text: &str) -> Result<VmSpec, String> {
 
 pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
     crate::names::check("VM", &spec.name)?;
-    if let Some(m) = spec.mem
+    if let Some(Bytes(m)) = spec.mem
         && !(MIN_MEM..=MAX_MEM).contains(&m)
     {
         return Err(format!("mem must be between 16M and 1T (got {m} bytes)"));
@@ -130,7 +110,7 @@ pub fn check_spec(spec: &VmSpec) -> Result<(), String> {
     {
         return Err(format!("cpus must be between 1 and {MAX_CPUS} (got {c})"));
     }
-    if spec.data_disk.is_some_and(|d| !(1 << 20..=1 << 50).contains(&d)) {
+    if spec.data_disk.is_some_and(|Bytes(d)| !(1 << 20..=1 << 50).contains(&d)) {
         return Err("data_disk must be between 1M and 1P".into());
     }
     if spec.append.as_ref().is_some_and(|a| a.len() > 1024 || a.contains(['\n', '\0'])) {
@@ -154,7 +134,7 @@ pub fn parse_template(text: &str) -> Result<Template, String> {
     if t.initrd.is_some() && t.kernel.is_none() {
         return Err("an initrd needs a kernel".into());
     }
-    if !(MIN_MEM..=MAX_MEM).contains(&t.mem) || !(1..=MAX_CPUS).contains(&t.cpus) {
+    if !(MIN_MEM..=MAX_MEM).contains(&t.mem.0) || !(1..=MAX_CPUS).contains(&t.cpus) {
         return Err("mem must be 16M-1T and cpus 1-256".into());
     }
     Ok(t)
@@ -238,14 +218,14 @@ mod tests {
     #[test]
     fn specs_parse_and_bad_values_are_named() {
         let s = parse_spec(r#"{"name":"xyzzy3","template":"debian","mem":"2G","cpus":2,"data_disk":"20G"}"#).unwrap();
-        assert_eq!((s.mem, s.cpus, s.data_disk), (Some(2 << 30), Some(2), Some(20 << 30)));
+        assert_eq!((s.mem, s.cpus, s.data_disk), (Some(Bytes(2 << 30)), Some(2), Some(Bytes(20 << 30))));
         assert!(parse_spec(r#"{"name":"a","mem":"lots"}"#).unwrap_err().contains("not a size"));
         assert!(parse_spec(r#"{"name":"a","cpus":0}"#).unwrap_err().contains("cpus"));
         assert!(parse_spec(r#"{"name":"a/b"}"#).is_err());
         assert!(parse_spec(r#"{"name":"a","colour":1}"#).unwrap_err().contains("colour"));
         assert!(parse_template(r#"{"disk":"rel.qcow2"}"#).unwrap_err().contains("absolute"));
         let t = parse_template(r#"{"disk":"/t/base.qcow2","kernel":"/boot/vmlinuz","mem":"256M"}"#).unwrap();
-        assert_eq!((t.mem, t.cpus, t.format.as_str()), (256 << 20, 1, "qcow2"));
+        assert_eq!((t.mem, t.cpus, t.format.as_str()), (Bytes(256 << 20), 1, "qcow2"));
     }
 
     #[test]

@@ -140,9 +140,7 @@ impl Vms {
             return Ok(());
         }
         let l = self.launch(name)?;
-        if l.accel == "kvm" && !Path::new("/dev/kvm").exists() {
-            return Err("KVM is not available on this node (no /dev/kvm): set vms.accel = \"tcg\"".into());
-        }
+        accel_check(&l.accel, Path::new("/dev/kvm"))?;
         let dir = self.dir(name);
         if l.template.backend == "libvirt" {
             return self.start_libvirt(&l);
@@ -305,21 +303,8 @@ impl Vms {
             if let Some(up) = &net.uplink {
                 run(Command::new("ip").args(["link", "set", up, "master", br]))?;
             }
-            let subnet = format!("{}/{}", net.gateway, net.prefix);
             // NAT to the outside, when iptables is there.
-            let _ = run(Command::new("iptables").args([
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-s",
-                &subnet,
-                "!",
-                "-d",
-                &subnet,
-                "-j",
-                "MASQUERADE",
-            ]));
+            let _ = nat(net, "-A");
             let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
         }
         self.dhcp(br, net)?;
@@ -418,20 +403,7 @@ impl Vms {
         for f in ["pid", "hosts", "leases"] {
             let _ = std::fs::remove_file(dir.join(format!("dnsmasq-{br}.{f}")));
         }
-        let subnet = format!("{}/{}", net.gateway, net.prefix);
-        let _ = run(Command::new("iptables").args([
-            "-t",
-            "nat",
-            "-D",
-            "POSTROUTING",
-            "-s",
-            &subnet,
-            "!",
-            "-d",
-            &subnet,
-            "-j",
-            "MASQUERADE",
-        ]));
+        let _ = nat(net, "-D");
         let _ = run(Command::new("ip").args(["link", "del", br]));
         info!(bridge = br, "the VM bridge is torn down: no VM uses it");
     }
@@ -445,6 +417,32 @@ impl Mask for Net {
     fn prefix_mask(&self) -> String {
         std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(self.prefix))).to_string()
     }
+}
+
+/// `kvm` needs the KVM device on the node; the error says what to do instead.
+fn accel_check(accel: &str, kvm: &Path) -> Result<(), String> {
+    if accel == "kvm" && !kvm.exists() {
+        return Err(format!("KVM is not available on this node (no {}): set vms.accel = \"tcg\"", kvm.display()));
+    }
+    Ok(())
+}
+
+/// Adds (`-A`) or deletes (`-D`) the NAT rule of the VM subnet.
+fn nat(net: &Net, op: &str) -> Result<(), String> {
+    let subnet = format!("{}/{}", net.gateway, net.prefix);
+    run(Command::new("iptables").args([
+        "-t",
+        "nat",
+        op,
+        "POSTROUTING",
+        "-s",
+        &subnet,
+        "!",
+        "-d",
+        &subnet,
+        "-j",
+        "MASQUERADE",
+    ]))
 }
 
 /// Where the machine-wide VM network state lives (dnsmasq's pid, hosts and leases per bridge).
@@ -522,4 +520,39 @@ fn domain_xml(l: &Launch, dir: &Path) -> String {
         l.mem >> 20,
         l.cpus
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_without_its_device_is_a_clear_error() {
+        let none = Path::new("/nonexistent/kvm");
+        assert!(accel_check("kvm", none).unwrap_err().contains("set vms.accel = \"tcg\""));
+        assert!(accel_check("tcg", none).is_ok());
+    }
+
+    #[test]
+    fn a_domain_holds_the_clone_and_escapes_what_it_quotes() {
+        let t = clusterfs::vms::parse_template(r#"{"disk":"/t/b.qcow2","kernel":"/k","append":"a='1'&b"}"#).unwrap();
+        let l = Launch {
+            id: 1,
+            name: "v1".into(),
+            template: t,
+            mem: 256 << 20,
+            cpus: 2,
+            data_disk: Some(1 << 20),
+            append: None,
+            mac: clusterfs::vms::mac("v1"),
+            net: None,
+            accel: "tcg".into(),
+            qemu: "qemu-system-x86_64".into(),
+        };
+        let xml = domain_xml(&l, Path::new("/s/v1"));
+        assert!(xml.contains("<name>clusterfs-v1</name>") && xml.contains("<memory unit='MiB'>256</memory>"));
+        assert!(xml.contains("/s/v1/disk.qcow2") && xml.contains("/s/v1/data.qcow2"));
+        assert!(xml.contains("a=&apos;1&apos;&amp;b"), "{xml}");
+        assert!(xml.contains("<domain type='qemu'>"));
+    }
 }

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(s) = parse_spec(text) {
         assert!(clusterfs::names::check("VM", &s.name).is_ok());
-        assert!(s.mem.is_none_or(|m| (MIN_MEM..=MAX_MEM).contains(&m)));
+        assert!(s.mem.is_none_or(|m| (MIN_MEM..=MAX_MEM).contains(&m.0)));
         assert!(s.cpus.is_none_or(|c| (1..=MAX_CPUS).contains(&c)));
     }
     if let Ok(t) = parse_template(text) {

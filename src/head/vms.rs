@@ -248,7 +248,7 @@ impl Vms {
         let template = self
             .template(&tname)
             .ok_or_else(|| FsError::not_found(format!("there is no template {tname} (see vms/templates/)")))?;
-        let mem = spec.mem.unwrap_or(template.mem);
+        let mem = spec.mem.unwrap_or(template.mem).0;
         let node = self.place(&spec, mem)?;
         let launch = Launch {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
@@ -256,7 +256,7 @@ impl Vms {
             cpus: spec.cpus.unwrap_or(template.cpus),
             template,
             mem,
-            data_disk: spec.data_disk,
+            data_disk: spec.data_disk.map(|d| d.0),
             append: spec.append.clone(),
             mac: mac(&spec.name),
             net: self.net(&spec.name),

@@ -306,6 +306,10 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     fs::create_dir(c.path("vms/vmc")).unwrap();
     assert!(c.read("vms/vmc/state").starts_with("starting on ") || c.read("vms/vmc/state").starts_with("running on "));
 
+    // destroy stops it at once.
+    wait_state(&c, "vmc", "running on ", 30);
+    c.write("vms/vmc/ctl", b"destroy\n").unwrap();
+    wait_state(&c, "vmc", "off on ", 10);
     // rmdir removes every file of each VM.
     for vm in ["vma", "vmb", "vmc"] {
         fs::remove_dir(c.path(&format!("vms/{vm}"))).unwrap_or_else(|e| panic!("rmdir {vm}: {e}"));

@@ -441,6 +441,10 @@ impl Vms {
                     if vm.busy || !up || vm.actual == Actual::Unknown {
                         continue;
                     }
+                    if vm.rec.desired == Desired::Running {
+                        // A shutdown called off: the next one gets its whole timeout.
+                        vm.shutdown_by = None;
+                    }
                     let verb = match (vm.rec.desired, vm.actual) {
                         (Desired::Running, Actual::Running) => None,
                         (Desired::Running, Actual::Crashed)

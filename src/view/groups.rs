@@ -5,14 +5,11 @@ use std::time::SystemTime;
 
 use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result};
 
-use super::{FileSpec, blocking, command_text, readme, spec_node};
+use super::{ERROR_FILE, FileSpec, README_FILE, blocking, command_text, readme, spec_node};
 use crate::head::cluster::Cluster;
 use crate::names;
 
-const FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
-];
+const FILES: &[FileSpec] = &[README_FILE, ERROR_FILE];
 
 /// Largest nodeset text accepted in one write.
 const MAX_TEXT: usize = 64 * 1024;

@@ -5,12 +5,12 @@ use std::sync::{Arc, Mutex};
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
 use dashmap::DashMap;
 
-use super::{FileSpec, Verb, command_text, readme, spec_node, with_usage};
+use super::{ERROR_FILE, FileSpec, README_FILE, Verb, command_text, readme, spec_node, with_usage};
 use crate::head::hsm::Hsm;
 use crate::hsm::{Action, Intake, Line, MAX_LINE, parse_line};
 
 const DIR_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec {
         name: "queue",
         kind: Kind::Control,
@@ -20,7 +20,7 @@ const DIR_FILES: &[FileSpec] = &[
     FileSpec { name: "status", kind: Kind::Snapshot, perm: 0o444, help: "counts per action, one line per mover" },
     FileSpec { name: "movers", kind: Kind::Dir, perm: 0o755, help: "one directory per mover" },
     FileSpec { name: "ctl", kind: Kind::Control, perm: 0o644, help: "root writes a verb below" },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+    ERROR_FILE,
 ];
 
 const MOVER_FILES: &[FileSpec] = &[

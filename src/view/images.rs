@@ -5,12 +5,12 @@ use std::time::{Duration, SystemTime};
 
 use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result};
 
-use super::{FileSpec, Verb, blocking, command_text, readme, spec_node};
+use super::{ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node};
 use crate::head::images::{Image, Images, Phase};
 use crate::images::{NewImage, parse_new, size_text};
 
 const DIR_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec {
         name: "new",
         kind: Kind::Control,
@@ -19,11 +19,11 @@ const DIR_FILES: &[FileSpec] = &[
     },
     FileSpec { name: "volumes", kind: Kind::Dir, perm: 0o755, help: "one file per volume: its quota and real use" },
     FileSpec { name: "bill", kind: Kind::Snapshot, perm: 0o444, help: "per team: `team images assigned used`" },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+    ERROR_FILE,
 ];
 
 const IMAGE_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec {
         name: "state",
         kind: Kind::Snapshot,
@@ -47,7 +47,7 @@ const IMAGE_FILES: &[FileSpec] = &[
         help: "`size`, `allocated` (on the volume) and `used` (inside, at the last scan) in bytes",
     },
     FileSpec { name: "ctl", kind: Kind::Control, perm: 0o644, help: "the owner or root writes a verb below" },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+    ERROR_FILE,
 ];
 
 pub const VERBS: &[Verb] = &[

@@ -6,13 +6,13 @@ use std::time::{Duration, SystemTime};
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
 use dashmap::DashMap;
 
-use super::{FileSpec, Verb, blocking, command_text, readme, spec_node};
+use super::{ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node};
 use crate::head::jobs::{Job, Jobs, Owner, State};
 use crate::jobs::spec::{KEYS, MAX_SPEC, Spec};
 use crate::jobs::{STDERR, STDOUT};
 
 const DIR_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec {
         name: "new",
         kind: Kind::Control,
@@ -25,11 +25,11 @@ const DIR_FILES: &[FileSpec] = &[
         perm: 0o444,
         help: "jobs not ended: `id user state node name` per line",
     },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+    ERROR_FILE,
 ];
 
 const JOB_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec { name: "spec", kind: Kind::Snapshot, perm: 0o400, help: "the spec as written (owner)" },
     FileSpec {
         name: "state",
@@ -76,7 +76,7 @@ const JOB_FILES: &[FileSpec] = &[
         perm: 0o444,
         help: "a copy job's bytes delivered per node: `<nodes> <bytes>/<size>`, furthest first",
     },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+    ERROR_FILE,
 ];
 
 /// The directories a multi-node job has besides its files.

@@ -28,6 +28,12 @@ pub struct FileSpec {
     pub help: &'static str,
 }
 
+/// The README every directory has.
+pub const README_FILE: FileSpec = FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" };
+/// The `error` file of every directory that takes writes.
+pub const ERROR_FILE: FileSpec =
+    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" };
+
 /// One verb a control file takes.
 #[derive(Debug)]
 pub struct Verb {
@@ -37,7 +43,7 @@ pub struct Verb {
 }
 
 const ROOT_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec { name: "version", kind: Kind::Snapshot, perm: 0o444, help: "`clusterfs <version>`" },
     FileSpec { name: "status", kind: Kind::Snapshot, perm: 0o444, help: "one line per subsystem with its counts" },
     FileSpec {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result};
 
-use super::{FileSpec, Verb, blocking, command_text, readme, spec_node};
+use super::{ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node};
 use crate::head::cluster::{Cluster, Which};
 use crate::proto::Op;
 use crate::sitrep::Sitrep;
@@ -27,7 +27,7 @@ const DIR_FILES: &[FileSpec] = &[
 ];
 
 pub const NODE_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec { name: "sitrep", kind: Kind::Snapshot, perm: 0o444, help: "`key value` lines in a fixed order" },
     FileSpec { name: "sitrep.json", kind: Kind::Snapshot, perm: 0o444, help: "the same as one JSON object" },
     FileSpec { name: "metrics", kind: Kind::Snapshot, perm: 0o444, help: "the same in Prometheus text format" },
@@ -35,7 +35,7 @@ pub const NODE_FILES: &[FileSpec] = &[
     FileSpec { name: "ctl", kind: Kind::Control, perm: 0o644, help: "root writes a verb below" },
     FileSpec { name: "jobs", kind: Kind::Snapshot, perm: 0o444, help: "ids of jobs running here, one per line" },
     FileSpec { name: "ping", kind: Kind::Snapshot, perm: 0o444, help: "a round trip to the agent at read: `0.21 ms`" },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+    ERROR_FILE,
 ];
 
 pub const VERBS: &[Verb] = &[

@@ -6,12 +6,12 @@ use std::time::SystemTime;
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
 use dashmap::DashSet;
 
-use super::{FileSpec, Verb, blocking, command_text, readme, spec_node, with_usage};
+use super::{ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node, with_usage};
 use crate::head::vms::{Desired, Vms};
 use crate::vms::{VmSpec, parse_spec, parse_template};
 
 const DIR_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec {
         name: "new",
         kind: Kind::Control,
@@ -19,11 +19,11 @@ const DIR_FILES: &[FileSpec] = &[
         help: "w: a JSON VM spec: name template mem cpus data_disk node restart append",
     },
     FileSpec { name: "templates", kind: Kind::Dir, perm: 0o755, help: "one file per template (root writes JSON)" },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+    ERROR_FILE,
 ];
 
 const VM_FILES: &[FileSpec] = &[
-    FileSpec { name: "README", kind: Kind::Snapshot, perm: 0o444, help: "this text" },
+    README_FILE,
     FileSpec {
         name: "state",
         kind: Kind::Control,
@@ -35,7 +35,7 @@ const VM_FILES: &[FileSpec] = &[
     FileSpec { name: "ip", kind: Kind::Snapshot, perm: 0o444, help: "its address on the VM network (\"\\n\": none)" },
     FileSpec { name: "console", kind: Kind::Log, perm: 0o440, help: "its serial console, growing (tail -f)" },
     FileSpec { name: "ctl", kind: Kind::Control, perm: 0o644, help: "the owner or root writes a verb below" },
-    FileSpec { name: "error", kind: Kind::Error, perm: 0o444, help: "your last failure here" },
+    ERROR_FILE,
 ];
 
 pub const VERBS: &[Verb] = &[

@@ -99,8 +99,8 @@ fn scan(p: &mut Pending, data: &[u8], batch: &mut Batch) {
         rest = &rest[i + 1..];
         p.lines += 1;
         if p.overlong {
+            // Refused when it passed the limit; its end is skipped.
             p.overlong = false;
-            batch.error(format!("line {}: a line is at most {MAX_LINE} bytes", p.lines));
             continue;
         }
         p.partial.extend_from_slice(piece);
@@ -117,8 +117,10 @@ fn scan(p: &mut Pending, data: &[u8], batch: &mut Batch) {
     if !p.overlong {
         p.partial.extend_from_slice(rest);
         if p.partial.len() > MAX_LINE {
+            // Refused now, by the write that took it over the limit: the rest of it is skipped.
             p.partial.clear();
             p.overlong = true;
+            batch.error(format!("line {}: a line is at most {MAX_LINE} bytes", p.lines + 1));
         }
     }
 }

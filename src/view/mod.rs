@@ -261,6 +261,7 @@ impl Tree for View {
         match path {
             ["jobs", rest @ ..] => self.jobs.release(rest, handle),
             ["hsm", rest @ ..] => self.hsm.release(rest, handle),
+            ["vms", rest @ ..] => self.vms.release(rest),
             _ => {}
         }
     }

@@ -69,6 +69,7 @@ impl VmsView {
         match path {
             [] => Ok(Node::new(Kind::Dir, 0o1777)),
             ["templates"] => Ok(Node::dir()),
+            ["templates", "error"] => Ok(Node::new(Kind::Error, 0o444)),
             ["templates", t] if self.vms.template(t).is_some() || self.pending.contains(*t) => {
                 Ok(Node::new(Kind::Control, 0o644).mtime(SystemTime::now()))
             }
@@ -95,7 +96,8 @@ impl VmsView {
         match path {
             [] => Ok(DIR_FILES.iter().map(|f| f.name.to_string()).chain(self.vms.names()).collect()),
             ["templates"] => {
-                let mut v = self.vms.template_names();
+                let mut v = vec!["error".to_string()];
+                v.extend(self.vms.template_names());
                 v.extend(self.pending.iter().map(|p| p.clone()));
                 v.sort();
                 v.dedup();
@@ -187,13 +189,9 @@ impl VmsView {
                         .map_err(FsError::invalid)
                 });
                 let (vms, pending) = (self.vms.clone(), &self.pending);
-                match parsed.and_then(|tpl| vms.set_template(&t, tpl)) {
-                    Ok(()) => {
-                        pending.remove(&t);
-                        Answer::Now(Ok(Vec::new()))
-                    }
-                    Err(e) => Answer::Now(Err(e)),
-                }
+                // Made or refused, a template created for this write is no longer pending.
+                pending.remove(&t);
+                Answer::Now(parsed.and_then(|tpl| vms.set_template(&t, tpl)).map(|()| Vec::new()))
             }
             [name, "state"] => {
                 let desired = match command_text(data, 64) {
@@ -278,6 +276,13 @@ impl VmsView {
                 blocking(move || vms.remove_template(&t))
             }
             _ => Answer::Now(Err(FsError::new(Errno::Perm, "this file cannot be removed"))),
+        }
+    }
+
+    /// A template created and closed without a good write is not made.
+    pub fn release(&self, path: &[&str]) {
+        if let ["templates", t] = path {
+            self.pending.remove(*t);
         }
     }
 

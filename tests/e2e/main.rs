@@ -7,6 +7,7 @@ mod copy;
 mod fsrules;
 mod groups;
 mod harness;
+mod hostile;
 mod hsm;
 mod images;
 mod jobs;

@@ -1,0 +1,113 @@
+//! Hostile input: every writable file and every directory that makes objects gets bad bytes
+//! and bad names; each is refused with an errno and a sentence, and nothing changes.
+
+use std::fs;
+use std::time::Duration;
+
+use crate::can_mount;
+use crate::harness::{Cluster, eventually, sh};
+
+/// What the tree shows of its objects: it must read the same after every refusal.
+fn snapshot(c: &Cluster) -> Vec<(String, String)> {
+    let list = |d: &str| {
+        let mut v: Vec<String> =
+            fs::read_dir(c.path(d)).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v.join(" ")
+    };
+    let mut out: Vec<(String, String)> = ["jobs", "groups", "images", "hsm", "vms", "vms/templates", "nodes"]
+        .iter()
+        .map(|d| (d.to_string(), list(d)))
+        .collect();
+    for f in ["groups/g1", "nodes/cn1/state", "hsm/status"] {
+        out.push((f.to_string(), c.read(f)));
+    }
+    out
+}
+
+#[test]
+fn bad_bytes_and_bad_names_are_refused_everywhere_and_change_nothing() {
+    if !can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn1", 200);
+    assert_eq!(c.write("groups/g1", b"cn1\n"), Ok(()));
+    // A job that stays queued (it waits on one that never ends) gives a ctl to attack.
+    let (rc, id, err) = sh(&format!(
+        "exec 3<>{}; printf '#CLUSTER after=999999\\ntrue\\n' >&3; read id <&3; echo $id",
+        c.path("jobs/new").display()
+    ));
+    assert_eq!(rc, 0, "{err}");
+    let id = id.trim().to_string();
+    assert!(eventually(Duration::from_secs(5), || c.read("jobs/queue").contains(&id)));
+    let before = snapshot(&c);
+
+    let huge = vec![b'x'; (2 << 20) + 1];
+    let bytes: Vec<(&str, Vec<u8>)> = vec![
+        ("NUL bytes", b"\0\0\0\n".to_vec()),
+        ("binary", vec![0xff, 0xfe, 0x00, 0x81, b'\n']),
+        ("partial UTF-8", b"kill \xe2\x82\n".to_vec()),
+        ("2 MiB", huge),
+    ];
+    let job_ctl = format!("jobs/{id}/ctl");
+    let files = [
+        "jobs/new",
+        job_ctl.as_str(),
+        "nodes/cn1/ctl",
+        "groups/g1",
+        "images/new",
+        "hsm/queue",
+        "hsm/ctl",
+        "vms/new",
+        "vms/templates/t1",
+    ];
+    for file in files {
+        for (what, data) in &bytes {
+            let got = c.write(file, data);
+            assert!(got.is_err(), "{file} took {what}");
+            let dir = file.rsplit_once('/').map_or("", |(d, _)| d);
+            let err = c.read(&format!("{dir}/error"));
+            assert!(err.contains(": ") && err.len() > 10, "{file} with {what}: no sentence in error: {err:?}");
+            assert!(c.try_read("version").is_some(), "the head died on {file} with {what}");
+        }
+    }
+    // Each verb with wrong arguments.
+    for (file, bad) in [
+        (job_ctl.as_str(), "kill now"),
+        (job_ctl.as_str(), "signal NOPE"),
+        (job_ctl.as_str(), "signal"),
+        (job_ctl.as_str(), "explode"),
+        ("nodes/cn1/ctl", "resume please"),
+        ("nodes/cn1/ctl", "reboot"),
+        ("hsm/ctl", "drain"),
+        ("hsm/ctl", "cancel notacookie"),
+        ("hsm/ctl", "lock now"),
+        ("vms/new", "{\"name\":\"../x\"}"),
+        ("vms/new", "{\"name\":\"-rf\"}"),
+        ("vms/templates/t1", "{\"disk\":\"../../etc/passwd\"}"),
+        ("images/new", "user=../../root"),
+        ("images/new", "user=-rf size=1G"),
+        ("groups/g1", "cn[1-"),
+    ] {
+        assert!(c.write(file, bad.as_bytes()).is_err(), "{file} took {bad:?}");
+    }
+    // Path tricks in every name that makes an object.
+    let long = "a".repeat(255);
+    for dir in ["images", "vms", "groups"] {
+        for name in ["..", "-rf", "README", "error", "new", long.as_str(), "a b", "x\\y"] {
+            let p = c.path(dir).join(name);
+            let made = if dir == "groups" { fs::write(&p, b"cn1\n").is_ok() } else { fs::create_dir(&p).is_ok() };
+            assert!(!made || name == "..", "{dir}/{name:?} was made");
+        }
+    }
+    let after = snapshot(&c);
+    for (b, a) in before.iter().zip(&after) {
+        if b.0 == "hsm/status" || b.0 == "nodes/cn1/state" {
+            continue;
+        }
+        assert_eq!(b, a, "{} changed", b.0);
+    }
+    assert_eq!(c.read("groups/g1"), "cn1\n");
+    assert!(c.read("nodes/cn1/state").starts_with("up"));
+    assert!(c.read("hsm/status").contains("archive queued 0 running 0"));
+}

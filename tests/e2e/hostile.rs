@@ -111,3 +111,37 @@ fn bad_bytes_and_bad_names_are_refused_everywhere_and_change_nothing() {
     assert!(c.read("nodes/cn1/state").starts_with("up"));
     assert!(c.read("hsm/status").contains("archive queued 0 running 0"));
 }
+
+#[test]
+fn a_truncated_or_corrupt_store_stops_the_head_with_a_reason_instead_of_starting_empty() {
+    if !can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn1", 200);
+    assert_eq!(c.write("groups/g1", b"cn1\n"), Ok(()));
+    c.crash_head();
+    let store = c.state.join("store.redb");
+    let good = fs::read(&store).unwrap();
+    let damaged: [(&str, Vec<u8>); 2] = [
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("overwritten", good.iter().enumerate().map(|(i, b)| if i % 512 < 64 { 0x5a } else { *b }).collect()),
+    ];
+    for (what, bytes) in damaged {
+        fs::write(&store, &bytes).unwrap();
+        let out = std::process::Command::new(crate::harness::bin("clusterfs"))
+            .arg("up")
+            .arg(&c.mnt)
+            .args(["--nodes", "cn1", "--listen", "127.0.0.1:0", "--state"])
+            .arg(&c.state)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "the head started on a {what} store");
+        assert!(err.contains("refusing to start on a store that cannot be read"), "{what}: {err}");
+    }
+    // Put back, the store serves what it held.
+    fs::write(&store, &good).unwrap();
+    c.start_head();
+    assert_eq!(c.read("groups/g1"), "cn1\n");
+}

@@ -380,7 +380,9 @@ impl<T: Tree> SynthFs<T> {
     }
 
     /// Makes what was written on a control handle durable (the tree decides what that means).
-    pub fn flush(&self, handle: u64) -> Answer<()> {
+    /// A control file's close: what its writes did is made durable; a failure is the
+    /// writer's last failure in that directory too.
+    pub fn flush(self: &Arc<Self>, handle: u64) -> Answer<()> {
         let Some((path, caller)) = self
             .handles
             .get(&handle)
@@ -389,7 +391,8 @@ impl<T: Tree> SynthFs<T> {
         else {
             return Answer::Now(Ok(()));
         };
-        self.tree.flush(&refs(&path), &caller, handle)
+        let answer = self.tree.flush(&refs(&path), &caller, handle);
+        self.recorded(parent_of(&path), caller.uid, answer)
     }
 
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {

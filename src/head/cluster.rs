@@ -109,10 +109,6 @@ pub struct Cluster {
     pub started_at: SystemTime,
 }
 
-fn store_err(e: StoreError) -> FsError {
-    FsError::new(Errno::Io, format!("the store failed: {e}"))
-}
-
 impl Cluster {
     /// Loads the model from the store.
     pub fn load(cfg: HeadConfig, store: Store) -> Result<Cluster, StoreError> {
@@ -242,7 +238,7 @@ impl Cluster {
     }
 
     fn set_drain(&self, name: &str, drain: Option<String>) -> Result<(), FsError> {
-        self.store.put("nodes", name, &NodeRecord { drain: drain.clone() }).map_err(store_err)?;
+        self.store.put("nodes", name, &NodeRecord { drain: drain.clone() }).map_err(FsError::from)?;
         let mut e = self.nodes.get_mut(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
         info!(node = name, ?drain, "drain state changed");
         e.drain = drain;
@@ -394,7 +390,7 @@ impl Cluster {
     pub fn set_group(&self, name: &str, text: &str) -> Result<(), FsError> {
         let set = self.nodeset(text).map_err(|e| FsError::invalid(e.to_string()))?;
         let folded = set.fold();
-        self.store.put("groups", name, &folded).map_err(store_err)?;
+        self.store.put("groups", name, &folded).map_err(FsError::from)?;
         self.groups.insert(name.to_string(), folded);
         Ok(())
     }
@@ -403,7 +399,7 @@ impl Cluster {
         if !self.groups.contains_key(name) {
             return Err(FsError::not_found(format!("group {name}")));
         }
-        self.store.delete("groups", name).map_err(store_err)?;
+        self.store.delete("groups", name).map_err(FsError::from)?;
         self.groups.remove(name);
         Ok(())
     }

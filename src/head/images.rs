@@ -117,10 +117,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn store_err(e: crate::head::store::StoreError) -> FsError {
-    FsError::new(Errno::Io, format!("the store failed: {e}"))
-}
-
 fn io_err(what: &str, e: impl std::fmt::Display) -> FsError {
     FsError::new(Errno::Io, format!("{what}: {e}"))
 }
@@ -184,7 +180,7 @@ impl Images {
     fn update(&self, user: &str, f: impl FnOnce(&mut Image)) -> Result<Image, FsError> {
         let mut img = self.image(user)?;
         f(&mut img);
-        self.cluster.store().put("images", user, &img).map_err(store_err)?;
+        self.cluster.store().put("images", user, &img).map_err(FsError::from)?;
         self.images.insert(user.to_string(), img.clone());
         Ok(img)
     }
@@ -296,7 +292,7 @@ impl Images {
         img.event(format!("created on {volume}, {} ({how})", size_text(size)));
         if let Err(e) = self.cluster.store().put("images", user, &img) {
             let _ = std::fs::remove_file(&path);
-            return Err(store_err(e));
+            return Err(e.into());
         }
         self.images.insert(user.to_string(), img.clone());
         info!(image = user, volume, size, how, "image created");
@@ -362,7 +358,7 @@ impl Images {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("removing the image file", e)),
         }
-        self.cluster.store().delete("images", user).map_err(store_err)?;
+        self.cluster.store().delete("images", user).map_err(FsError::from)?;
         self.images.remove(user);
         self.used.remove(user);
         info!(image = user, "image removed");

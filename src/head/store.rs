@@ -25,6 +25,22 @@ pub enum StoreError {
     Decode { key: String, message: String },
 }
 
+impl StoreError {
+    /// Whether the state directory's disk is full (ENOSPC from the file system).
+    pub fn is_full(&self) -> bool {
+        let text = self.to_string();
+        text.contains("os error 28") || text.contains("No space left on device")
+    }
+}
+
+impl From<StoreError> for clusterfs_fs::FsError {
+    /// What a caller of the tree gets: ENOSPC when the head's disk is full, EIO otherwise.
+    fn from(e: StoreError) -> clusterfs_fs::FsError {
+        let errno = if e.is_full() { clusterfs_fs::Errno::NoSpc } else { clusterfs_fs::Errno::Io };
+        clusterfs_fs::FsError::new(errno, format!("the store failed: {e}"))
+    }
+}
+
 fn db<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Db(e.to_string())
 }
@@ -32,7 +48,10 @@ fn db<E: std::fmt::Display>(e: E) -> StoreError {
 /// Durable objects of the cluster model.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    /// None after a failed commit: redb refuses all work after an I/O error until reopened,
+    /// so the next use opens it again (which repairs it), once the disk allows.
+    db: std::sync::RwLock<Option<Database>>,
+    path: std::path::PathBuf,
     queue: Mutex<Queue>,
     committed: Condvar,
 }
@@ -61,7 +80,12 @@ impl Store {
         let txn = db.begin_write().map_err(|e| open(&e))?;
         txn.open_table(OBJECTS).map_err(|e| open(&e))?;
         txn.commit().map_err(|e| open(&e))?;
-        Ok(Store { db, queue: Mutex::default(), committed: Condvar::new() })
+        Ok(Store {
+            db: std::sync::RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+            queue: Mutex::default(),
+            committed: Condvar::new(),
+        })
     }
 
     pub fn put<T: Serialize>(&self, kind: &str, name: &str, value: &T) -> Result<(), StoreError> {
@@ -117,7 +141,11 @@ impl Store {
             q.committing = false;
             q.done = number + 1;
             if let Err(e) = result {
-                q.failed.push_back((number, e.to_string()));
+                let why = match e {
+                    StoreError::Db(why) => why,
+                    other => other.to_string(),
+                };
+                q.failed.push_back((number, why));
                 if q.failed.len() > 64 {
                     q.failed.pop_front();
                 }
@@ -126,8 +154,34 @@ impl Store {
         }
     }
 
+    /// Runs `f` on the database, opening it again first if a failed commit closed it.
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        {
+            let guard = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(d) = guard.as_ref() {
+                return f(d);
+            }
+        }
+        let mut guard = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if guard.is_none() {
+            *guard = Some(Database::create(&self.path).map_err(db)?);
+            tracing::info!(path = %self.path.display(), "the store is open again after a failed commit");
+        }
+        f(guard.as_ref().expect("opened above"))
+    }
+
     fn commit(&self, batch: &[Change]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db)?;
+        let result = self.with_db(|d| Store::commit_in(d, batch));
+        if result.is_err() {
+            // redb takes no more writes after an I/O error (a full disk): close it now, so the
+            // next commit reopens it once there is room again.
+            *self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+        result
+    }
+
+    fn commit_in(d: &Database, batch: &[Change]) -> Result<(), StoreError> {
+        let txn = d.begin_write().map_err(db)?;
         {
             let mut table = txn.open_table(OBJECTS).map_err(db)?;
             for (key, value) in batch {
@@ -143,13 +197,17 @@ impl Store {
     /// Every object of `kind`, by name.
     pub fn scan<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<(String, T)>, StoreError> {
         let prefix = format!("{kind}/");
-        let txn = self.db.begin_read().map_err(db)?;
+        self.with_db(|d| Store::scan_in(d, &prefix))
+    }
+
+    fn scan_in<T: DeserializeOwned>(d: &Database, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
+        let txn = d.begin_read().map_err(db)?;
         let table = txn.open_table(OBJECTS).map_err(db)?;
         let mut out = Vec::new();
-        for item in table.range(prefix.as_str()..).map_err(db)? {
+        for item in table.range(prefix..).map_err(db)? {
             let (k, v) = item.map_err(db)?;
             let key = k.value();
-            let Some(name) = key.strip_prefix(&prefix) else { break };
+            let Some(name) = key.strip_prefix(prefix) else { break };
             let value = serde_json::from_slice(v.value())
                 .map_err(|e| StoreError::Decode { key: key.to_string(), message: e.to_string() })?;
             out.push((name.to_string(), value));

@@ -88,10 +88,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn store_err(e: impl std::fmt::Display) -> FsError {
-    FsError::new(Errno::Io, format!("the store failed: {e}"))
-}
-
 /// The VMs of the cluster.
 #[derive(Debug)]
 pub struct Vms {
@@ -163,7 +159,7 @@ impl Vms {
     /// Root writes a template.
     pub fn set_template(&self, name: &str, t: Template) -> Result<(), FsError> {
         crate::names::check("template", name).map_err(FsError::invalid)?;
-        self.cluster.store().put("vmtemplates", name, &t).map_err(store_err)?;
+        self.cluster.store().put("vmtemplates", name, &t).map_err(FsError::from)?;
         self.templates().insert(name.to_string(), t);
         Ok(())
     }
@@ -172,7 +168,7 @@ impl Vms {
         if self.templates().remove(name).is_none() {
             return Err(FsError::not_found(format!("template {name}")));
         }
-        self.cluster.store().delete("vmtemplates", name).map_err(store_err)
+        self.cluster.store().delete("vmtemplates", name).map_err(FsError::from)
     }
 
     fn console_path(&self, name: &str) -> PathBuf {
@@ -274,7 +270,7 @@ impl Vms {
             created_ms: now_ms(),
         };
         let name = rec.spec.name.clone();
-        self.cluster.store().put("vms", &name, &rec).map_err(store_err)?;
+        self.cluster.store().put("vms", &name, &rec).map_err(FsError::from)?;
         let _ = std::fs::remove_file(self.console_path(&name));
         let mut vm = Vm {
             rec,
@@ -307,7 +303,7 @@ impl Vms {
         f(vm);
         vm.changed = SystemTime::now();
         if vm.rec.desired != before {
-            self.cluster.store().put("vms", name, &vm.rec).map_err(store_err)?;
+            self.cluster.store().put("vms", name, &vm.rec).map_err(FsError::from)?;
         }
         drop(vms);
         self.wake.notify_one();
@@ -359,7 +355,7 @@ impl Vms {
             self.update(name, |vm| vm.busy = false)?;
             return Err(e);
         }
-        self.cluster.store().delete("vms", name).map_err(store_err)?;
+        self.cluster.store().delete("vms", name).map_err(FsError::from)?;
         self.lock().remove(name);
         let _ = std::fs::remove_file(self.console_path(name));
         info!(vm = name, "vm removed");

@@ -145,3 +145,68 @@ fn a_truncated_or_corrupt_store_stops_the_head_with_a_reason_instead_of_starting
     c.start_head();
     assert_eq!(c.read("groups/g1"), "cn1\n");
 }
+
+/// Writes `data` with one write(2) and closes: the errno of the write, or of the close
+/// (where a write's changes are made durable).
+fn write_and_close(path: &std::path::Path, data: &[u8]) -> Result<(), i32> {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| e.raw_os_error().unwrap_or(0))?;
+    f.write_all(data).map_err(|e| e.raw_os_error().unwrap_or(0))?;
+    nix::unistd::close(f.into_raw_fd()).map_err(|e| e as i32)
+}
+
+/// Unmounts the small file system the head's state was moved to.
+struct SmallDisk(std::path::PathBuf);
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_on_the_head_refuses_writes_with_enospc_reads_go_on_and_writes_come_back() {
+    if !can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn1", 200);
+    c.stop_head();
+    // The head's state moves to a 32 MiB file system.
+    let saved = c.state.with_extension("saved");
+    let ok = |cmd: &str| sh(cmd).0 == 0;
+    assert!(ok(&format!("cp -a {s} {d}", s = c.state.display(), d = saved.display())));
+    assert!(ok(&format!("mount -t tmpfs -o size=32m clusterfs-test {}", c.state.display())));
+    let _disk = SmallDisk(c.state.clone());
+    assert!(ok(&format!("cp -a {}/. {}/", saved.display(), c.state.display())));
+    c.start_head();
+    assert_eq!(c.write("groups/g1", b"cn1\n"), Ok(()));
+    let filler = c.state.join("filler");
+    let _ = sh(&format!("dd if=/dev/zero of={} bs=1M 2>/dev/null", filler.display()));
+
+    for (file, data) in [("groups/g2", &b"cn1\n"[..]), ("jobs/new", &b"true\n"[..]), ("groups/g1", &b"cn1,cn1\n"[..])] {
+        let got = write_and_close(&c.path(file), data);
+        let dir = file.rsplit_once('/').unwrap().0;
+        assert_eq!(got, Err(libc::ENOSPC), "{file}: {}", c.read(&format!("{dir}/error")));
+        let err = c.read(&format!("{dir}/error"));
+        assert!(err.starts_with("ENOSPC: ") && err.contains("No space left"), "{err}");
+    }
+    // Reads go on.
+    assert!(c.read("nodes/cn1/sitrep").contains("name cn1"));
+    assert_eq!(c.read("groups/g1"), "cn1\n");
+
+    // Space back: writes work again, with no restart, and the store is whole after one.
+    fs::remove_file(&filler).unwrap();
+    let back = eventually(Duration::from_secs(10), || c.write("groups/g3", b"cn1\n").is_ok());
+    assert!(back, "writes did not come back: {}", c.read("groups/error"));
+    c.stop_head();
+    c.start_head();
+    assert_eq!(c.read("groups/g1"), "cn1\n");
+    assert_eq!(c.read("groups/g3"), "cn1\n");
+    assert!(!c.path("groups/g2").exists(), "a refused group was made");
+}

@@ -126,10 +126,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn store_err(e: impl std::fmt::Display) -> FsError {
-    FsError::new(Errno::Io, format!("the store failed: {e}"))
-}
-
 impl Hsm {
     /// Loads the queue from the store; the requests sent before a restart wait for their movers.
     pub fn load(cfg: HsmConfig, cluster: Arc<Cluster>, spool: std::path::PathBuf) -> anyhow::Result<Hsm> {
@@ -248,7 +244,7 @@ impl Hsm {
 
     /// Waits until the changes of `ticket` are durable (blocking).
     pub fn durable(&self, ticket: u64) -> Result<(), FsError> {
-        self.store().wait(ticket).map_err(store_err)
+        self.store().wait(ticket).map_err(FsError::from)
     }
 
     fn save_switches(&self, core: &Core) -> Result<(), FsError> {
@@ -256,7 +252,7 @@ impl Hsm {
             locked: core.locked,
             drained: core.movers.iter().filter(|(_, m)| m.drained).map(|(n, _)| n.clone()).collect(),
         };
-        self.store().put("hsmctl", "switches", &s).map_err(store_err)
+        self.store().put("hsmctl", "switches", &s).map_err(FsError::from)
     }
 
     /// `lock`: no request is sent to a mover until `unlock`.

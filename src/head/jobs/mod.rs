@@ -193,10 +193,6 @@ fn check_priority(owner: &Owner, spec: &Spec) -> Result<(), FsError> {
     Ok(())
 }
 
-fn store_err(e: crate::head::store::StoreError) -> FsError {
-    FsError::new(Errno::Io, format!("the store failed: {e}"))
-}
-
 /// All jobs.
 #[derive(Debug)]
 pub struct Jobs {
@@ -340,7 +336,7 @@ impl Jobs {
     /// Queues `job` for the next store commit; its ticket, for `durable`. Called with the job
     /// locked, so its changes reach the store in the order they happened.
     fn store_later(&self, job: &Job) -> Result<u64, FsError> {
-        let change = Store::change("jobs", &job.id.to_string(), job).map_err(store_err)?;
+        let change = Store::change("jobs", &job.id.to_string(), job).map_err(FsError::from)?;
         Ok(self.cluster.store().write_later(vec![change]))
     }
 
@@ -413,7 +409,7 @@ impl Jobs {
         };
         let changes =
             [Store::change("jobs", &id.to_string(), &job), Store::change("meta", "next_job", &(id + 1 + tasks))];
-        let changes = changes.into_iter().collect::<Result<_, _>>().map_err(store_err)?;
+        let changes = changes.into_iter().collect::<Result<_, _>>().map_err(FsError::from)?;
         // Committed with the next commit: concurrent submissions share one.
         let ticket = self.cluster.store().write_later(changes);
         info!(job = id, user = job.owner.user, held, "job submitted");
@@ -435,7 +431,7 @@ impl Jobs {
         let want = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
         let base = if want > tasks {
             let base = self.next_id.fetch_add(want, Ordering::SeqCst);
-            self.cluster.store().put("meta", "next_job", &(base + want)).map_err(store_err)?;
+            self.cluster.store().put("meta", "next_job", &(base + want)).map_err(FsError::from)?;
             Some(base)
         } else {
             None
@@ -456,7 +452,7 @@ impl Jobs {
 
     /// Returns once what `submit` stored under `ticket` is committed.
     pub fn durable(&self, ticket: u64) -> Result<(), FsError> {
-        self.cluster.store().wait(ticket).map_err(store_err)
+        self.cluster.store().wait(ticket).map_err(FsError::from)
     }
 
     /// Ends a job that never started, with the reason (a spec found broken when complete).
@@ -542,7 +538,7 @@ impl Jobs {
 
     /// Forgets a job: its record, its spool, its dispatch state.
     fn drop_record(&self, id: u64) -> Result<(), FsError> {
-        self.cluster.store().delete("jobs", &id.to_string()).map_err(store_err)?;
+        self.cluster.store().delete("jobs", &id.to_string()).map_err(FsError::from)?;
         self.jobs.remove(&id);
         self.dispatching.remove(&id);
         let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::schedule::{Deps, Free};
-use super::{Job, Jobs, State, TaskOf, now_ms, store_err};
+use super::{Job, Jobs, State, TaskOf, now_ms};
 use crate::head::cluster::NodeState;
 use crate::head::store::Store;
 use crate::jobs::spec::Nodes;
@@ -351,9 +351,9 @@ impl Jobs {
     fn commit_start(&self, id: u64, spread: &Arc<Spread>, runs: &[Job], next: u64) -> Result<Option<u64>, FsError> {
         let mut changes = Vec::with_capacity(runs.len() + 2);
         for r in runs {
-            changes.push(Store::change("jobs", &r.id.to_string(), r).map_err(store_err)?);
+            changes.push(Store::change("jobs", &r.id.to_string(), r).map_err(FsError::from)?);
         }
-        changes.push(Store::change("meta", "next_job", &next).map_err(store_err)?);
+        changes.push(Store::change("meta", "next_job", &next).map_err(FsError::from)?);
         let Some(mut entry) = self.jobs.get_mut(&id) else { return Ok(None) };
         if entry.state != State::Queued || entry.held {
             return Ok(None);
@@ -363,7 +363,7 @@ impl Jobs {
         p.reason = format!("on {}", spread.folded);
         p.started_ms = Some(now_ms());
         p.spread = Some(spread.clone());
-        changes.push(Store::change("jobs", &id.to_string(), &p).map_err(store_err)?);
+        changes.push(Store::change("jobs", &id.to_string(), &p).map_err(FsError::from)?);
         let ticket = self.cluster.store().write_later(changes);
         *entry = p;
         Ok(Some(ticket))

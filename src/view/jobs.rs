@@ -551,10 +551,21 @@ impl JobsView {
         };
         let jobs = self.jobs.clone();
         Answer::later(async move {
-            let Some(ticket) = slot.pending.lock().await.ticket else { return Ok(()) };
-            tokio::task::spawn_blocking(move || jobs.durable(ticket))
+            let (ticket, id) = {
+                let p = slot.pending.lock().await;
+                (p.ticket, p.id)
+            };
+            let Some(ticket) = ticket else { return Ok(()) };
+            let j = jobs.clone();
+            let stored = tokio::task::spawn_blocking(move || j.durable(ticket))
                 .await
-                .unwrap_or_else(|e| Err(FsError::new(Errno::Io, format!("internal error: {e}"))))
+                .unwrap_or_else(|e| Err(FsError::new(Errno::Io, format!("internal error: {e}"))));
+            if let (Err(e), Some(id)) = (&stored, id) {
+                // Never run what was not stored: the writer is told, the job says why.
+                slot.pending.lock().await.failed = Some(e.clone());
+                jobs.fail(id, &format!("not run: its record could not be stored ({})", e.message));
+            }
+            stored
         })
     }
 

@@ -196,6 +196,16 @@ fn a_full_disk_on_the_head_refuses_writes_with_enospc_reads_go_on_and_writes_com
         let err = c.read(&format!("{dir}/error"));
         assert!(err.starts_with("ENOSPC: ") && err.contains("No space left"), "{err}");
     }
+    // The job whose record could not be stored never runs, and says why.
+    let ids: Vec<String> = fs::read_dir(c.path("jobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let state = c.read(&format!("jobs/{}/state", ids[0]));
+    assert!(state.starts_with("failed not run: its record could not be stored"), "{state}");
     // Reads go on.
     assert!(c.read("nodes/cn1/sitrep").contains("name cn1"));
     assert_eq!(c.read("groups/g1"), "cn1\n");

@@ -76,7 +76,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let open =
             |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), message: e.to_string() };
-        let db = Database::create(path).map_err(|e| open(&e))?;
+        let db = Store::open_db(path).map_err(|e| open(&e))?;
         let txn = db.begin_write().map_err(|e| open(&e))?;
         txn.open_table(OBJECTS).map_err(|e| open(&e))?;
         txn.commit().map_err(|e| open(&e))?;
@@ -86,6 +86,36 @@ impl Store {
             queue: Mutex::default(),
             committed: Condvar::new(),
         })
+    }
+
+    /// Opens the file without ever damaging it further: a clean store opens as it is; one left
+    /// by a crash is repaired from a copy kept until the repair succeeds (a failed repair puts
+    /// the file back as it was); anything else is refused untouched.
+    fn open_db(path: &Path) -> Result<Database, String> {
+        if !path.exists() {
+            return Database::create(path).map_err(|e| e.to_string());
+        }
+        match redb::Builder::new().open_read_only(path) {
+            Ok(ro) => drop(ro),
+            Err(redb::DatabaseError::RepairAborted) => {
+                let copy = path.with_extension("redb.before-repair");
+                std::fs::copy(path, &copy).map_err(|e| format!("keeping a copy before its repair: {e}"))?;
+                tracing::warn!(path = %path.display(), "the store was not closed cleanly: repairing it");
+                return match Database::create(path) {
+                    Ok(db) => {
+                        let _ = std::fs::remove_file(&copy);
+                        Ok(db)
+                    }
+                    Err(e) => {
+                        // The repair failed: the file goes back to what it was.
+                        let _ = std::fs::rename(&copy, path);
+                        Err(format!("its repair failed: {e}"))
+                    }
+                };
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        Database::create(path).map_err(|e| e.to_string())
     }
 
     pub fn put<T: Serialize>(&self, kind: &str, name: &str, value: &T) -> Result<(), StoreError> {

@@ -139,6 +139,7 @@ fn a_truncated_or_corrupt_store_stops_the_head_with_a_reason_instead_of_starting
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "the head started on a {what} store");
         assert!(err.contains("refusing to start on a store that cannot be read"), "{what}: {err}");
+        assert!(fs::read(&store).unwrap() == bytes, "the {what} store was changed by the refused start");
     }
     // Put back, the store serves what it held.
     fs::write(&store, &good).unwrap();

@@ -304,9 +304,12 @@ impl Job {
             .stdout(Stdio::piped())
             .process_group(0)
             .spawn()?;
-        self.pgid.store(i32::try_from(child.id()).unwrap_or(0), Ordering::Relaxed);
+        let pgid = i32::try_from(child.id()).unwrap_or(0);
+        self.pgid.store(pgid, Ordering::Relaxed);
         if self.cancel.load(Ordering::Relaxed) {
-            let _ = child.kill();
+            // Canceled while it was being started: its whole group goes, so no child of it
+            // keeps the output pipe open.
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGTERM);
         }
         if let Some(out) = child.stdout.take() {
             for line in BufReader::new(out).lines().map_while(Result::ok) {

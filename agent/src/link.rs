@@ -143,8 +143,8 @@ async fn session(
         conn.send(&m.hello()).await?;
     }
     let mut cursors: HashMap<u64, Cursor> = HashMap::new();
-    // VM consoles: how far the head has each, by VM id.
-    let mut consoles: HashMap<u64, u64> = HashMap::new();
+    // VM consoles the head asked for, by VM id: the VM's name and how far the head has it.
+    let mut consoles: HashMap<u64, (String, u64)> = HashMap::new();
     // Image operations (fsck, resize2fs) may take long: they answer from their own task.
     let (answers, mut answered) = tokio::sync::mpsc::channel::<(u64, Result<Reply, String>)>(64);
     let mut tick = tokio::time::interval(interval);
@@ -171,8 +171,8 @@ async fn session(
                     }
                     send_output(&mut conn, runner, *run, cursor).await?;
                 }
-                for (id, sent) in consoles.iter_mut() {
-                    while let Some((_, data)) = vms.console(*id, *sent, CHUNK).filter(|(_, d)| !d.is_empty()) {
+                for (id, (name, sent)) in consoles.iter_mut() {
+                    while let Some(data) = vms.console(name, *sent, CHUNK).filter(|d| !d.is_empty()) {
                         let n = data.len() as u64;
                         let stream = clusterfs::vms::CONSOLE_STREAM | *id;
                         conn.send_frame(&Frame::Bulk { stream, offset: *sent, data: Bytes::from(data) }).await?;
@@ -215,7 +215,15 @@ async fn session(
                     conn.send(&Message::Response { id, result: answer }).await?;
                 }
                 Message::VmConsoleFrom { id, from } => {
-                    consoles.insert(id, from);
+                    match consoles.get_mut(&id) {
+                        Some(c) => c.1 = from,
+                        None => {
+                            let v = vms.clone();
+                            if let Ok(Some(name)) = tokio::task::spawn_blocking(move || v.name_of(id)).await {
+                                consoles.insert(id, (name, from));
+                            }
+                        }
+                    }
                 }
                 Message::HsmAck { cookies } => {
                     if let Some(m) = mover {

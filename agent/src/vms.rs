@@ -284,11 +284,14 @@ impl Vms {
         }
     }
 
-    /// Up to `max` bytes of a VM's console from `offset`.
-    pub fn console(&self, id: u64, offset: u64, max: usize) -> Option<(String, Vec<u8>)> {
-        let s = self.status().into_iter().find(|s| s.id == id)?;
-        let data = clusterfs::jobs::read_at(&self.dir(&s.name).join("console"), offset, max).ok()?;
-        Some((s.name, data))
+    /// Up to `max` bytes of VM `name`'s console from `offset`.
+    pub fn console(&self, name: &str, offset: u64, max: usize) -> Option<Vec<u8>> {
+        clusterfs::jobs::read_at(&self.dir(name).join("console"), offset, max).ok()
+    }
+
+    /// The name of the VM with head id `id`.
+    pub fn name_of(&self, id: u64) -> Option<String> {
+        self.status().into_iter().find(|s| s.id == id).map(|s| s.name)
     }
 
     /// The bridge (with the gateway address, DHCP from dnsmasq and NAT), and the VM's fixed

@@ -106,12 +106,18 @@ async fn handle(
                         jobs.progress(&node, run, bytes);
                         Vec::new()
                     }
-                    Ok(Frame::Message(Message::Mover { info, held })) => hsm.mover_hello(&node, conn_id, info, held),
+                    Ok(Frame::Message(Message::Mover { info, held })) => {
+                        hsm.mover_hello(&node, conn_id, info, held);
+                        Vec::new()
+                    }
                     Ok(Frame::Message(Message::HsmProgress { cookie, bytes, total })) => {
                         hsm.progress(&node, cookie, bytes, total);
                         Vec::new()
                     }
-                    Ok(Frame::Message(Message::HsmDone { cookie, status })) => hsm.done(&node, cookie, status),
+                    Ok(Frame::Message(Message::HsmDone { cookie, status })) => {
+                        hsm.done(&node, cookie, status);
+                        Vec::new()
+                    }
                     Ok(Frame::Chunk { .. }) => break "protocol violation: a file chunk on the control link".to_string(),
                     Ok(Frame::Message(other)) => break format!("protocol violation: unexpected {}", other.name()),
                     Err(ProtoError::Closed) => break "agent disconnected".to_string(),

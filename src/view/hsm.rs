@@ -144,8 +144,8 @@ impl HsmView {
         match path {
             [] => Ok(Node::dir()),
             ["movers"] => Ok(Node::dir()),
-            ["movers", m] if self.hsm.mover(m).is_some() => Ok(Node::dir()),
-            ["movers", m, file] if self.hsm.mover(m).is_some() => {
+            ["movers", m] if self.hsm.has_mover(m) => Ok(Node::dir()),
+            ["movers", m, file] if self.hsm.has_mover(m) => {
                 spec_node(MOVER_FILES, file).ok_or_else(|| FsError::not_found(format!("hsm/movers/{m}/{file}")))
             }
             [name] => match spec_node(DIR_FILES, name) {
@@ -165,9 +165,7 @@ impl HsmView {
         match path {
             [] => Ok(DIR_FILES.iter().map(|f| f.name.to_string()).chain(self.hsm.report_names()).collect()),
             ["movers"] => Ok(self.hsm.mover_names()),
-            ["movers", m] if self.hsm.mover(m).is_some() => {
-                Ok(MOVER_FILES.iter().map(|f| f.name.to_string()).collect())
-            }
+            ["movers", m] if self.hsm.has_mover(m) => Ok(MOVER_FILES.iter().map(|f| f.name.to_string()).collect()),
             _ => Err(FsError::not_found(format!("hsm/{}", path.join("/")))),
         }
     }

@@ -44,7 +44,6 @@ struct Entry {
     rec: Record,
     bytes: u64,
     total: u64,
-    cancel: bool,
 }
 
 /// What the head knows of one mover.
@@ -58,6 +57,19 @@ struct Mover {
     running: BTreeMap<Action, u32>,
     sent: BTreeSet<u64>,
     slots: Slots,
+}
+
+impl Mover {
+    /// Request `cookie` no longer runs here (ended, or queued again): its slot frees.
+    fn release(&mut self, cookie: u64, req: &Request) {
+        if self.sent.remove(&cookie) {
+            let n = self.running.entry(req.action).or_default();
+            *n = n.saturating_sub(1);
+            if req.action == Action::Archive {
+                self.slots.ended(&req.data, now_ms());
+            }
+        }
+    }
 }
 
 /// Ended requests, by action.
@@ -99,7 +111,6 @@ pub struct Hsm {
     wake: Notify,
     /// Request data whose report hint was not a valid name.
     pub bad_hints: AtomicU64,
-    started: Instant,
     /// Changes were queued for the store that nobody waits for.
     dirty: std::sync::atomic::AtomicBool,
     /// Ends to confirm to movers after the next commit, by mover.
@@ -151,7 +162,7 @@ impl Hsm {
                     *mover.running.entry(rec.req.action).or_default() += 1;
                 }
             }
-            core.requests.insert(rec.req.cookie, Entry { rec, bytes: 0, total: 0, cancel: false });
+            core.requests.insert(rec.req.cookie, Entry { rec, bytes: 0, total: 0 });
         }
         for m in switches.drained {
             core.movers.entry(m).or_default().drained = true;
@@ -167,7 +178,6 @@ impl Hsm {
             reports,
             wake: Notify::new(),
             bad_hints: AtomicU64::new(0),
-            started: Instant::now(),
             dirty: std::sync::atomic::AtomicBool::new(false),
             acks: Mutex::default(),
         })
@@ -225,7 +235,7 @@ impl Hsm {
                 self.reports.line(h, &format!("new {}", rec.req.fid));
             }
             core.queue.insert((rec.req.action, seq), rec.req.cookie);
-            core.requests.insert(rec.req.cookie, Entry { rec, bytes: 0, total: 0, cancel: false });
+            core.requests.insert(rec.req.cookie, Entry { rec, bytes: 0, total: 0 });
             queued += 1;
         }
         let ticket = self.store().write_later(changes);
@@ -288,13 +298,7 @@ impl Hsm {
             }
             Some(m) => {
                 if let Some(mover) = core.movers.get_mut(m) {
-                    if mover.sent.remove(&cookie) {
-                        let n = mover.running.entry(rec.req.action).or_default();
-                        *n = n.saturating_sub(1);
-                        if rec.req.action == Action::Archive {
-                            mover.slots.ended(&rec.req.data, now_ms());
-                        }
-                    }
+                    mover.release(cookie, &rec.req);
                 }
             }
         }
@@ -316,25 +320,19 @@ impl Hsm {
     fn requeue(&self, core: &mut Core, cookie: u64) -> Option<Change> {
         let entry = core.requests.get_mut(&cookie)?;
         let mover = entry.rec.mover.take()?;
-        let (action, seq, data) = (entry.rec.req.action, entry.rec.seq, entry.rec.req.data.clone());
         entry.bytes = 0;
         let change = Store::change("hsm", &key(cookie), &entry.rec).ok();
-        if let Some(m) = core.movers.get_mut(&mover)
-            && m.sent.remove(&cookie)
-        {
-            let n = m.running.entry(action).or_default();
-            *n = n.saturating_sub(1);
-            if action == Action::Archive {
-                m.slots.ended(&data, now_ms());
-            }
+        let (req, seq) = (entry.rec.req.clone(), entry.rec.seq);
+        if let Some(m) = core.movers.get_mut(&mover) {
+            m.release(cookie, &req);
         }
-        core.queue.insert((action, seq), cookie);
+        core.queue.insert((req.action, seq), cookie);
         change
     }
 
     /// A mover announced itself on connection `conn` with what it holds: requests it does
     /// not know are queued again, ended ones are accepted, unknown ones are stopped.
-    pub fn mover_hello(self: &Arc<Self>, node: &str, conn: u64, info: MoverInfo, held: Vec<Held>) -> Vec<Message> {
+    pub fn mover_hello(self: &Arc<Self>, node: &str, conn: u64, info: MoverInfo, held: Vec<Held>) {
         let mut acks = Vec::new();
         let mut stop = Vec::new();
         let mut changes = Vec::new();
@@ -379,7 +377,6 @@ impl Hsm {
         }
         self.wake.notify_one();
         self.ack_later(node, acks);
-        Vec::new()
     }
 
     /// The mover may forget these requests once their end is durable: told after the next commit.
@@ -406,15 +403,14 @@ impl Hsm {
         }
     }
 
-    /// A mover ended a request; the answer lets it forget it.
-    pub fn done(&self, node: &str, cookie: u64, status: i32) -> Vec<Message> {
+    /// A mover ended a request; it is told to forget it once the end is stored.
+    pub fn done(&self, node: &str, cookie: u64, status: i32) {
         let mut core = self.lock();
         if core.requests.get(&cookie).is_some_and(|e| e.rec.mover.as_deref() == Some(node)) {
             self.finish(&mut core, cookie, status);
         }
         drop(core);
         self.ack_later(node, vec![cookie]);
-        Vec::new()
     }
 
     /// The connection `conn` of mover `node` ended: its requests wait `client_grace_ms` for it.
@@ -670,6 +666,10 @@ impl Hsm {
         self.reports.read(hint, offset, size)
     }
 
+    pub fn has_mover(&self, name: &str) -> bool {
+        self.lock().movers.contains_key(name)
+    }
+
     pub fn mover_names(&self) -> Vec<String> {
         self.lock().movers.keys().cloned().collect()
     }
@@ -741,11 +741,6 @@ impl Hsm {
             if core.locked { " locked" } else { "" }
         )
     }
-
-    /// How long this head has run (movers known from the store wait their grace from then).
-    pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
-    }
 }
 
 /// `archive 2/4 restore 0/- remove 0/-`: running and slots per action (`-`: no limit).
@@ -769,8 +764,7 @@ impl Intake for Hsm {
 
     fn cancel(&self, cookie: u64) -> Result<(), String> {
         let mut core = self.lock();
-        let entry = core.requests.get_mut(&cookie).ok_or_else(|| format!("no request with cookie {cookie:#x}"))?;
-        entry.cancel = true;
+        let entry = core.requests.get(&cookie).ok_or_else(|| format!("no request with cookie {cookie:#x}"))?;
         match entry.rec.mover.clone() {
             Some(m) if core.movers.get(&m).is_some_and(|m| m.conn.is_some()) => {
                 // Its mover stops it and answers with the canceled status.
@@ -836,7 +830,7 @@ mod tests {
             h.dispatch(0).into_iter().flat_map(|(_, reqs, _)| reqs).map(|r| (r.cookie, r.action)).collect();
         assert_eq!(sent, [(3, Action::Restore), (2, Action::Remove), (1, Action::Archive)]);
         // A slot frees when its request ends; the next of that action goes.
-        let _ = h.done("m1", 3, 0);
+        h.done("m1", 3, 0);
         let next: Vec<u64> = h.dispatch(0).into_iter().flat_map(|(_, reqs, _)| reqs).map(|r| r.cookie).collect();
         assert_eq!(next, [5]);
         assert!(h.status().contains("restore queued 0 running 1 done 1"), "{}", h.status());

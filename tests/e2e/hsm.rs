@@ -255,7 +255,11 @@ fn a_head_crash_with_a_thousand_queued_requests_ends_each_exactly_once() {
     if !can_mount() {
         return;
     }
-    let mut c = Cluster::up_with("cn1", 200, "[hsm]\nclient_grace_ms = 60000\n");
+    let mut c = Cluster::up_with(
+        "cn1",
+        200,
+        "[hsm]\nclient_grace_ms = 60000\nreporting_hint = \"cr\"\nreporting_schedule_interval_ms = 500\n",
+    );
     let t = Tree::new(&c);
     let log = t.archive.join("ran.log");
     // An external mover command (lhsmtool_cmd style) that records each request it runs.
@@ -273,10 +277,15 @@ fn a_head_crash_with_a_thousand_queued_requests_ends_each_exactly_once() {
         start_mover(&mut c, &args);
     }
     let json: String = (1..=1000u32)
-        .map(|i| format!("{{\"fid\":\"0x200000401:{i:#x}:0x0\",\"cookie\":{i},\"action\":\"archive\"}}\n"))
+        .map(|i| {
+            format!(
+                "{{\"fid\":\"0x200000401:{i:#x}:0x0\",\"cookie\":{i},\"action\":\"archive\",\"data\":\"cr=crash\"}}\n"
+            )
+        })
         .collect();
     c.write("hsm/queue", json.as_bytes()).unwrap();
     assert!(eventually(Duration::from_secs(30), || fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 100)));
+    assert!(c.path("hsm/crash").exists(), "no report file while requests run");
     c.crash_head();
     c.start_head();
     let ok = eventually(Duration::from_secs(120), || {
@@ -298,6 +307,8 @@ fn a_head_crash_with_a_thousand_queued_requests_ends_each_exactly_once() {
     assert!(twice.is_empty(), "requests ran twice: {twice:?}");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 1000, "a request ran again late");
+    // The report file outlived the crash while its requests did, and goes one interval after.
+    assert!(eventually(Duration::from_secs(5), || !c.path("hsm/crash").exists()), "the report file stayed");
 }
 
 #[test]

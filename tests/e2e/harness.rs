@@ -40,6 +40,8 @@ pub struct Cluster {
     /// Where the head listens: a free port at first, then the same one on every restart.
     listen: String,
     head: Option<Child>,
+    /// The command prefix the head runs under (e.g. `nsenter --net=...` to put it on a test host).
+    head_prefix: Vec<String>,
     agents: Vec<Child>,
     _watchdog: Watchdog,
 }
@@ -98,6 +100,16 @@ impl Cluster {
 
     /// Like `up_with`, with the head taking agents on `listen` (e.g. `0.0.0.0:0` for guests).
     pub fn up_on(nodes: &str, interval_ms: u64, extra: &str, listen: &str) -> Cluster {
+        Cluster::up_under(Vec::new(), nodes, interval_ms, extra, listen)
+    }
+
+    /// A head alone (`clusterfs mount`, no local agent) on host `host` of `net`, listening on
+    /// its address there; agents come with `agent_on`.
+    pub fn up_in(net: &crate::net::Net, host: usize, interval_ms: u64, extra: &str) -> Cluster {
+        Cluster::up_under(net.on(host), "", interval_ms, extra, &format!("{}:0", net.ip(host)))
+    }
+
+    fn up_under(head_prefix: Vec<String>, nodes: &str, interval_ms: u64, extra: &str, listen: &str) -> Cluster {
         let dir = tempfile::Builder::new().prefix("clusterfs-test").tempdir().expect("tempdir");
         // Unprivileged test users must be able to reach the mountpoint.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -116,6 +128,7 @@ impl Cluster {
             nodes: nodes.to_string(),
             listen: listen.into(),
             head: None,
+            head_prefix,
             agents: Vec::new(),
             _watchdog: watchdog,
         };
@@ -130,10 +143,14 @@ impl Cluster {
     /// Starts (or restarts) the head on the same state and mountpoint.
     pub fn start_head(&mut self) {
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log");
-        let child = Command::new(bin("clusterfs"))
-            .arg("up")
-            .arg(&self.mnt)
-            .args(["--nodes", &self.nodes, "--listen", &self.listen, "--state"])
+        let mut cmd = prefixed(&self.head_prefix, &bin("clusterfs"));
+        if self.nodes.is_empty() {
+            cmd.arg("mount").arg(&self.mnt);
+        } else {
+            cmd.arg("up").arg(&self.mnt).args(["--nodes", &self.nodes]);
+        }
+        let child = cmd
+            .args(["--listen", &self.listen, "--state"])
             .arg(&self.state)
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
@@ -148,7 +165,9 @@ impl Cluster {
         let all_up = |up: &str| {
             clusterfs::nodeset::NodeSet::parse(up.trim()).is_ok_and(|up| want.iter().all(|n| up.contains(&n)))
         };
-        let ok = eventually(Duration::from_secs(20), || self.try_read("nodes/up").is_some_and(|s| all_up(&s)));
+        let ok = eventually(Duration::from_secs(20), || {
+            self.try_read("nodes/up").is_some_and(|s| all_up(&s)) && self.state.join("head.addr").exists()
+        });
         assert!(ok, "nodes/up never held {}; head log:\n{}", want.fold(), self.log());
         self.listen = self.addr();
     }
@@ -195,9 +214,15 @@ impl Cluster {
     /// Starts an extra agent process with these arguments (its name and role); it is stopped
     /// when the cluster drops.
     pub fn agent_with(&mut self, args: &[&str]) -> usize {
-        let child = Command::new(bin("clusterfs-agent"))
+        self.agent_on(&[], &self.addr(), args)
+    }
+
+    /// Starts an agent under a command `prefix` (e.g. on a test host of a `Net`) that dials
+    /// `head`; it is stopped when the cluster drops.
+    pub fn agent_on(&mut self, prefix: &[String], head: &str, args: &[&str]) -> usize {
+        let child = prefixed(prefix, &bin("clusterfs-agent"))
             .args(args)
-            .args(["--head", &self.addr(), "--secret-file"])
+            .args(["--head", head, "--secret-file"])
             .arg(self.secret_file())
             .arg("--state")
             .arg(self.dir.path().join("agents"))
@@ -335,6 +360,18 @@ pub fn sh(script: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// `program` run under `prefix` (a wrapper like `nsenter ... --`), or alone when it is empty.
+fn prefixed(prefix: &[String], program: &Path) -> Command {
+    match prefix.split_first() {
+        None => Command::new(program),
+        Some((wrapper, args)) => {
+            let mut c = Command::new(wrapper);
+            c.args(args).arg(program);
+            c
+        }
+    }
 }
 
 /// A child's pid as kill(2) takes it (pids fit in i32 on Linux).

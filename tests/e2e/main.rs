@@ -4,6 +4,7 @@
 //! elsewhere the tests that need it are skipped with a message.
 
 mod copy;
+mod faults;
 mod fsrules;
 mod groups;
 mod harness;
@@ -12,6 +13,7 @@ mod hsm;
 mod images;
 mod jobs;
 mod multinode;
+mod net;
 mod nfs;
 mod nodes;
 mod nodeset;

@@ -62,10 +62,13 @@ type Render = (Instant, Arc<Vec<u8>>);
 /// An open file.
 #[derive(Debug)]
 struct Handle {
+    ino: u64,
     path: PathBuf,
     kind: Kind,
     /// The bytes rendered at open (snapshot, error, blocking files).
     snapshot: Arc<Vec<u8>>,
+    /// Whether the snapshot has been read: a later read at offset 0 renders anew.
+    served: bool,
     /// What writes answered, served to reads on the same handle.
     response: Vec<u8>,
     /// How much of `response` has been read.
@@ -235,8 +238,11 @@ impl<T: Tree> SynthFs<T> {
     }
 
     pub fn getattr(&self, ino: u64, handle: Option<u64>, caller: &Caller) -> Result<(FileAttr, Duration)> {
+        // A snapshot already read is rendered anew by its next read at offset 0: its size is
+        // the current one, as that read will return (the render is shared for file_ttl).
         if let Some(h) = handle.and_then(|fh| self.handles.get(&fh))
-            && (matches!(h.kind, Kind::Snapshot | Kind::Blocking | Kind::Error)
+            && ((matches!(h.kind, Kind::Snapshot | Kind::Error) && !h.served)
+                || h.kind == Kind::Blocking
                 || (h.kind == Kind::Control && !h.written))
         {
             let node = self.node(&h.path)?;
@@ -293,10 +299,22 @@ impl<T: Tree> SynthFs<T> {
         Ok(dots.into_iter().chain(entries).filter(|e| e.cookie > offset).collect())
     }
 
-    fn new_handle(&self, path: PathBuf, kind: Kind, snapshot: Arc<Vec<u8>>, caller: Caller) -> u64 {
+    fn new_handle(&self, ino: u64, path: PathBuf, kind: Kind, snapshot: Arc<Vec<u8>>, caller: Caller) -> u64 {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .insert(fh, Handle { path, kind, snapshot, response: Vec::new(), cursor: 0, written: false, caller });
+        self.handles.insert(
+            fh,
+            Handle {
+                ino,
+                path,
+                kind,
+                snapshot,
+                served: false,
+                response: Vec::new(),
+                cursor: 0,
+                written: false,
+                caller,
+            },
+        );
         fh
     }
 
@@ -314,11 +332,11 @@ impl<T: Tree> SynthFs<T> {
         let render = match node.kind {
             Kind::Dir => return Answer::Now(Err(FsError::new(Errno::IsDir, "is a directory"))),
             Kind::Log => {
-                return Answer::Now(Ok(self.new_handle(path, node.kind, Arc::default(), caller)));
+                return Answer::Now(Ok(self.new_handle(ino, path, node.kind, Arc::default(), caller)));
             }
             Kind::Error => {
                 let bytes = self.errors.render(&parent_of(&path), caller.uid);
-                return Answer::Now(Ok(self.new_handle(path, node.kind, Arc::new(bytes), caller)));
+                return Answer::Now(Ok(self.new_handle(ino, path, node.kind, Arc::new(bytes), caller)));
             }
             Kind::Snapshot | Kind::Control => {
                 // The render `stat` just sized is reused so both agree; older ones are redone.
@@ -326,7 +344,7 @@ impl<T: Tree> SynthFs<T> {
                 if let Some(r) = fresh {
                     let bytes = r.1.clone();
                     drop(r);
-                    return Answer::Now(Ok(self.new_handle(path, node.kind, bytes, caller)));
+                    return Answer::Now(Ok(self.new_handle(ino, path, node.kind, bytes, caller)));
                 }
                 self.tree.render(&refs(&path), &caller, false)
             }
@@ -363,11 +381,17 @@ impl<T: Tree> SynthFs<T> {
         if kind != Kind::Blocking {
             self.renders.insert((ino, caller.uid), (Instant::now(), bytes.clone()));
         }
-        self.new_handle(path, kind, bytes, caller)
+        self.new_handle(ino, path, kind, bytes, caller)
     }
 
-    /// A read: a written control handle's answer is served once what was written is durable.
+    /// A read: a written control handle's answer is served once what was written is durable;
+    /// a snapshot read again from offset 0 is rendered anew.
     pub fn read_handle(self: &Arc<Self>, handle: u64, offset: u64, size: u32) -> Answer<Vec<u8>> {
+        if offset == 0
+            && let Some(answer) = self.rerender(handle, size)
+        {
+            return answer;
+        }
         let this = self.clone();
         match self.flush(handle) {
             Answer::Now(Ok(())) => Answer::Now(self.read(handle, offset, size)),
@@ -395,11 +419,50 @@ impl<T: Tree> SynthFs<T> {
         self.recorded(parent_of(&path), caller.uid, answer)
     }
 
+    /// Renders a snapshot or error handle that was already read anew, for a read at offset 0:
+    /// `cat` opens anew each time anyway, but an NFS server keeps one open file for many
+    /// clients' reads, which must not see what was true at its first open forever (rule 2).
+    /// The render `stat` just sized is reused, as at open.
+    fn rerender(self: &Arc<Self>, handle: u64, size: u32) -> Option<Answer<Vec<u8>>> {
+        let (ino, path, kind, caller) = self
+            .handles
+            .get(&handle)
+            .filter(|h| h.served && matches!(h.kind, Kind::Snapshot | Kind::Error))
+            .map(|h| (h.ino, h.path.clone(), h.kind, h.caller))?;
+        let dir = parent_of(&path);
+        let render = if kind == Kind::Error {
+            Answer::Now(Ok(self.errors.render(&dir, caller.uid)))
+        } else if let Some(r) = self.renders.get(&(ino, caller.uid)).filter(|r| r.0.elapsed() < self.cfg.file_ttl) {
+            Answer::Now(Ok(r.1.to_vec()))
+        } else {
+            self.tree.render(&refs(&path), &caller, false)
+        };
+        let this = self.clone();
+        let refill = move |bytes: Result<Vec<u8>>| -> Result<Vec<u8>> {
+            let bytes = Arc::new(this.note_failure(&dir, caller.uid, bytes)?);
+            if kind == Kind::Snapshot {
+                this.renders.insert((ino, caller.uid), (Instant::now(), bytes.clone()));
+            }
+            if let Some(mut h) = this.handles.get_mut(&handle) {
+                h.snapshot = bytes;
+            }
+            this.read(handle, 0, size)
+        };
+        Some(match render {
+            Answer::Now(r) => Answer::Now(refill(r)),
+            Answer::Later(fut) => Answer::later(async move { refill(fut.await) }),
+        })
+    }
+
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let mut h =
             self.handles.get_mut(&handle).ok_or_else(|| FsError::new(Errno::Stale, "the file handle is closed"))?;
         match h.kind {
-            Kind::Snapshot | Kind::Blocking | Kind::Error => Ok(slice(&h.snapshot, offset, size)),
+            Kind::Snapshot | Kind::Error => {
+                h.served = true;
+                Ok(slice(&h.snapshot, offset, size))
+            }
+            Kind::Blocking => Ok(slice(&h.snapshot, offset, size)),
             // The answer is read from its own cursor: after a write the kernel offset has moved
             // past the written bytes, yet `read id <&3` must see the answer from its start.
             Kind::Control if !h.written => Ok(slice(&h.snapshot, offset, size)),

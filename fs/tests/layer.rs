@@ -39,6 +39,19 @@ fn snapshot_size_matches_what_open_reads() {
 }
 
 #[test]
+fn a_snapshot_read_again_from_offset_zero_is_rendered_anew() {
+    let fs = fs();
+    let snap = ino(&fs, ROOT_INO, "snap");
+    let fh = now(fs.open(snap, false, &ROOT)).unwrap();
+    assert_eq!(now(fs.read_handle(fh, 0, 4096)).unwrap(), b"render 0\n");
+    assert_eq!(now(fs.read_handle(fh, 7, 4096)).unwrap(), b"0\n", "a continued read slices the same render");
+    // The file handle an NFS server keeps open and reads again for another client.
+    std::thread::sleep(Config::default().file_ttl);
+    assert_eq!(now(fs.read_handle(fh, 0, 4096)).unwrap(), b"render 1\n");
+    assert_eq!(fs.getattr(snap, Some(fh), &ROOT).unwrap().0.size, 9);
+}
+
+#[test]
 fn log_size_and_reads_are_live() {
     let fs = fs();
     let log = ino(&fs, ROOT_INO, "log");

@@ -154,7 +154,7 @@ impl Cluster {
             .arg(&self.state)
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
-            .env("CLUSTERFS_LOG", "info")
+            .env("CLUSTERFS_LOG", std::env::var("CLUSTERFS_TEST_LOG").unwrap_or("info".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -1,5 +1,6 @@
 //! The tree re-exported over NFS by nfs-ganesha and read with the libnfs client, as a login host would.
 
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -36,29 +37,51 @@ impl Ganesha {
                 "NFS_CORE_PARAM {{ Enable_UDP = false; NFS_Port = {port}; Bind_addr = 127.0.0.1; Protocols = 4; \
                  Enable_NLM = false; Enable_RQUOTA = false; }}\n\
                  NFSV4 {{ Graceless = true; RecoveryBackend = fs; RecoveryRoot = {rec}; }}\n\
+                 MDCACHE {{ Use_Getattr_Directory_Invalidation = true; }}\n\
                  EXPORT {{ Export_Id = 77; Path = {path}; Pseudo = /cluster; Access_Type = RW; \
-                 Squash = No_Root_Squash; Protocols = 4; Transports = TCP; SecType = sys; FSAL {{ Name = VFS; }} }}\n\
+                 Squash = No_Root_Squash; Protocols = 4; Transports = TCP; SecType = sys; \
+                 Attr_Expiration_Time = 0; FSAL {{ Name = VFS; }} }}\n\
                  LOG {{ Default_Log_Level = WARN; }}\n",
                 rec = dir.path().join("rec").display(),
                 path = path.display()
             ),
         )
         .unwrap();
-        let child = Command::new("ganesha.nfsd")
+        let child = Ganesha::spawn(dir.path());
+        let g = Ganesha { child, port, _dir: dir };
+        g.wait_served();
+        Some(g)
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        Command::new("ganesha.nfsd")
             .args(["-F", "-f"])
-            .arg(&conf)
+            .arg(dir.join("ganesha.conf"))
             .arg("-L")
-            .arg(dir.path().join("log"))
+            .arg(dir.join("log"))
             .arg("-p")
-            .arg(dir.path().join("pid"))
+            .arg(dir.join("pid"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start ganesha.nfsd");
-        let g = Ganesha { child, port, _dir: dir };
-        let up = eventually(Duration::from_secs(20), || g.cat("version").is_some_and(|v| v.starts_with("clusterfs")));
+            .expect("start ganesha.nfsd")
+    }
+
+    fn wait_served(&self) {
+        let up =
+            eventually(Duration::from_secs(20), || self.cat("version").is_some_and(|v| v.starts_with("clusterfs")));
         assert!(up, "nfs-ganesha never served the export");
-        Some(g)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same export and port.
+    fn start(&mut self) {
+        self.child = Ganesha::spawn(self._dir.path());
+        self.wait_served();
     }
 
     fn url(&self, rel: &str) -> String {
@@ -81,6 +104,143 @@ impl Ganesha {
                 Some((f.last()?.to_string(), f.get(f.len().checked_sub(2)?)?.parse().ok()?))
             })
             .collect()
+    }
+}
+
+/// libnfs (the library behind `nfs-cat`), loaded at run time: a client that keeps an NFS file
+/// handle across time, as a login host's kernel does. Only what the tests use.
+struct Libnfs {
+    ctx: *mut c_void,
+    open: unsafe extern "C" fn(*mut c_void, *const c_char, c_int, *mut *mut c_void) -> c_int,
+    pread: unsafe extern "C" fn(*mut c_void, *mut c_void, u64, u64, *mut c_char) -> c_int,
+    pwrite: unsafe extern "C" fn(*mut c_void, *mut c_void, u64, u64, *const c_char) -> c_int,
+    close: unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int,
+    get_fh: unsafe extern "C" fn(*mut c_void) -> *const NfsFh,
+    error: unsafe extern "C" fn(*mut c_void) -> *const c_char,
+}
+
+/// An open file of a `Libnfs` client.
+struct NfsFile(*mut c_void);
+
+/// libnfs's `struct nfs_fh`: the NFS file handle's bytes, as the server made them.
+#[repr(C)]
+struct NfsFh {
+    len: c_int,
+    val: *const u8,
+}
+
+/// dlsym `name` from `lib` as a function pointer of type `F`.
+///
+/// # Safety
+/// `F` must be the C signature of `name` in libnfs 4 (libnfs.so.13).
+unsafe fn sym<F: Copy>(lib: *mut c_void, name: &str) -> F {
+    let c = CString::new(name).unwrap();
+    // SAFETY: lib is a dlopen handle; the caller vouches for the signature.
+    unsafe {
+        let p = libc::dlsym(lib, c.as_ptr());
+        assert!(!p.is_null(), "libnfs has no {name}");
+        std::mem::transmute_copy(&p)
+    }
+}
+
+impl Libnfs {
+    /// Mounts the `/cluster` export of `g` over NFSv4.
+    fn mount(g: &Ganesha) -> Libnfs {
+        type Init = unsafe extern "C" fn() -> *mut c_void;
+        type ParseUrl = unsafe extern "C" fn(*mut c_void, *const c_char) -> *const [*const c_char; 3];
+        type Mount = unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char) -> c_int;
+        let so = CString::new("libnfs.so.13").unwrap();
+        // nfsport and version=4 go to the context; the URL gives server and export.
+        let url = CString::new(format!("nfs://127.0.0.1/cluster?nfsport={}&version=4", g.port)).unwrap();
+        // SAFETY: dlopen of the libnfs 4 library that libnfs-utils installs; each type above is
+        // the signature in its nfsc/libnfs.h.
+        unsafe {
+            let lib = libc::dlopen(so.as_ptr(), libc::RTLD_NOW);
+            assert!(!lib.is_null(), "libnfs.so.13 is missing (libnfs-utils)");
+            let ctx = sym::<Init>(lib, "nfs_init_context")();
+            assert!(!ctx.is_null(), "nfs_init_context");
+            let n = Libnfs {
+                ctx,
+                open: sym(lib, "nfs_open"),
+                pread: sym(lib, "nfs_pread"),
+                pwrite: sym(lib, "nfs_pwrite"),
+                close: sym(lib, "nfs_close"),
+                get_fh: sym(lib, "nfs_get_fh"),
+                error: sym(lib, "nfs_get_error"),
+            };
+            // struct nfs_url { char *server; char *path; char *file; }
+            let parsed = sym::<ParseUrl>(lib, "nfs_parse_url_dir")(ctx, url.as_ptr());
+            assert!(!parsed.is_null(), "nfs_parse_url_dir: {}", n.last_error());
+            let [server, export, _] = *parsed;
+            let rc = sym::<Mount>(lib, "nfs_mount")(ctx, server, export);
+            assert_eq!(rc, 0, "nfs_mount: {}", n.last_error());
+            n
+        }
+    }
+
+    /// Opens `rel` (under the export) read-only; its handle is kept until the test ends.
+    fn open(&self, rel: &str) -> NfsFile {
+        self.open_with(rel, libc::O_RDONLY)
+    }
+
+    fn open_with(&self, rel: &str, flags: c_int) -> NfsFile {
+        let path = CString::new(format!("/{rel}")).unwrap();
+        let mut fh = std::ptr::null_mut();
+        // SAFETY: ctx is live and mounted; fh receives a handle libnfs owns.
+        let rc = unsafe { (self.open)(self.ctx, path.as_ptr(), flags, &mut fh) };
+        assert_eq!(rc, 0, "nfs_open {rel}: {}", self.last_error());
+        NfsFile(fh)
+    }
+
+    /// `echo data > rel` as a login host's NFS client does it: open the existing file for
+    /// writing with truncation, write, close.
+    fn write(&self, rel: &str, data: &[u8]) -> Result<(), i32> {
+        let f = self.open_with(rel, libc::O_WRONLY | libc::O_TRUNC);
+        // SAFETY: data is valid for its length; f is an open handle of ctx, closed once here.
+        let (n, closed) = unsafe {
+            let n = (self.pwrite)(self.ctx, f.0, 0, data.len() as u64, data.as_ptr().cast::<c_char>());
+            (n, (self.close)(self.ctx, f.0))
+        };
+        match (n, closed) {
+            (n, _) if n < 0 => Err(n),
+            (_, c) if c < 0 => Err(c),
+            (n, _) if n as usize != data.len() => Err(-libc::EIO),
+            _ => Ok(()),
+        }
+    }
+
+    /// The whole content of `f`, read through its handle; Err(-errno) as libnfs returns it.
+    fn read(&self, f: &NfsFile) -> Result<String, i32> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: buf has room for the count asked; fh is an open handle of ctx.
+            let n = unsafe {
+                (self.pread)(self.ctx, f.0, out.len() as u64, buf.len() as u64, buf.as_mut_ptr().cast::<c_char>())
+            };
+            match n {
+                0 => return Ok(String::from_utf8_lossy(&out).into_owned()),
+                n if n < 0 => return Err(n),
+                n => out.extend_from_slice(&buf[..n as usize]),
+            }
+        }
+    }
+
+    /// The NFS file handle of `f`: what a client keeps and sends back, across server restarts.
+    fn handle(&self, f: &NfsFile) -> Vec<u8> {
+        // SAFETY: f is an open nfsfh; libnfs returns its nfs_fh, len bytes at val.
+        unsafe {
+            let fh = &*(self.get_fh)(f.0);
+            std::slice::from_raw_parts(fh.val, fh.len as usize).to_vec()
+        }
+    }
+
+    fn last_error(&self) -> String {
+        // SAFETY: ctx is live; libnfs returns NULL or a NUL-terminated string it owns.
+        unsafe {
+            let e = (self.error)(self.ctx);
+            if e.is_null() { String::new() } else { CStr::from_ptr(e).to_string_lossy().into_owned() }
+        }
     }
 }
 
@@ -126,4 +286,89 @@ fn login_hosts_read_the_tree_over_nfs() {
             assert_eq!(size, nfs.cat(&format!("nodes/cn2/{name}")).unwrap().len() as u64, "{name}");
         }
     }
+}
+
+/// The numeric entries of `jobs/` over NFS (job ids), in listing order.
+fn job_ids(nfs: &Ganesha) -> Vec<u64> {
+    nfs.ls("jobs").into_iter().filter_map(|(n, _)| n.parse().ok()).collect()
+}
+
+#[test]
+fn over_nfs_a_job_is_submitted_its_output_read_as_it_grows_and_read_again_after_a_head_restart() {
+    if !crate::can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn0", 200);
+    let Some(mut nfs) = Ganesha::export(&c.mnt) else { return };
+    let client = Libnfs::mount(&nfs);
+    // A script without binaries on a login host: `echo spec > jobs/new` over NFS.
+    client.write("jobs/new", b"for i in $(seq 1 10); do echo line $i; sleep 0.3; done\n").unwrap();
+    let mut ids = Vec::new();
+    assert!(eventually(Duration::from_secs(10), || {
+        ids = job_ids(&nfs);
+        !ids.is_empty()
+    }));
+    assert_eq!(ids.len(), 1, "one job: {ids:?}");
+    let id = ids[0];
+    let stdout = client.open(&format!("jobs/{id}/stdout"));
+    // Read while it runs: some lines, not all; then all of them, through the same handle.
+    let mut partial = String::new();
+    let grew = eventually(Duration::from_secs(10), || {
+        partial = client.read(&stdout).unwrap();
+        partial.starts_with("line 1\n") && !partial.contains("line 10")
+    });
+    assert!(grew, "stdout never seen partly written: {partial:?}");
+    let all: String = (1..=10).map(|i| format!("line {i}\n")).collect();
+    assert!(eventually(Duration::from_secs(20), || client.read(&stdout).unwrap() == all), "{:?}", client.read(&stdout));
+    // (Read to EOF with libnfs: nfs-cat reads until the size it was told at open, so it
+    // loops forever on a file that shrank in between, whoever serves it.)
+    let state_now = || client.read(&client.open(&format!("jobs/{id}/state")));
+    let done = eventually(Duration::from_secs(10), || state_now() == Ok("done 0\n".into()));
+    assert!(done, "{:?}", state_now());
+
+    // The server's caches dropped: the handle still resolves.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(client.read(&stdout), Ok(all.clone()));
+    let paths = [format!("jobs/{id}/stdout"), format!("jobs/{id}/state"), "nodes/cn0/state".into()];
+    let handles: Vec<Vec<u8>> = paths.iter().map(|p| client.handle(&client.open(p))).collect();
+    // The head restarts, and with it the NFS server (its export was the old mount, now dead:
+    // EIO through it until it restarts). Every path resolves again, to the same content.
+    // (Not the same NFS handles: ganesha puts the FUSE mount's device number in them, and a
+    // new mount gets a new one, so a client holding a handle gets ESTALE and looks it up again.)
+    c.crash_head();
+    assert!(client.read(&stdout).is_err(), "the export of a dead mount still served");
+    nfs.stop();
+    c.start_head();
+    nfs.start();
+    let again = Libnfs::mount(&nfs);
+    let same = paths.iter().zip(&handles).filter(|(p, h)| again.handle(&again.open(p)) == **h).count();
+    eprintln!("nfs handles unchanged after a head restart: {same} of {}", paths.len());
+    assert_eq!(again.read(&again.open(&format!("jobs/{id}/state"))), Ok("done 0\n".into()));
+    assert_eq!(again.read(&again.open(&format!("jobs/{id}/stdout"))), Ok(all));
+}
+
+#[test]
+fn a_5000_entry_jobs_listing_over_nfs_is_complete_without_duplicates() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 200);
+    // Queued, not run: the one node is drained.
+    c.write("nodes/cn0/ctl", b"drain listing test\n").unwrap();
+    let mut want = Vec::new();
+    for _ in 0..5000 {
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(c.path("jobs/new")).unwrap();
+        std::io::Write::write_all(&mut f, b"true\n").unwrap();
+        let mut id = String::new();
+        std::io::Read::read_to_string(&mut f, &mut id).unwrap();
+        want.push(id.trim().parse::<u64>().unwrap());
+    }
+    want.sort_unstable();
+    let Some(nfs) = Ganesha::export(&c.mnt) else { return };
+    let listed = job_ids(&nfs);
+    let mut seen = listed.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), listed.len(), "duplicates in the listing");
+    assert_eq!(seen, want, "the listing over NFS is not every job");
 }

@@ -8,7 +8,7 @@ use clusterfs_fs::{Errno, FsError};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::HeadConfig;
 use crate::head::store::{Store, StoreError};
@@ -17,7 +17,8 @@ use crate::proto::{Message, Op, Reply};
 use crate::sitrep::Report;
 
 /// Answers waiting for agents, by request id.
-type Pending = DashMap<u64, oneshot::Sender<Result<Reply, String>>>;
+/// Requests waiting for an answer, by id: the connection they went to, and the waiter.
+type Pending = DashMap<u64, (u64, oneshot::Sender<Result<Reply, String>>)>;
 
 /// The live connection of one node's agent.
 #[derive(Debug, Clone)]
@@ -337,7 +338,7 @@ impl Cluster {
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, answer) = oneshot::channel();
-        self.pending.insert(id, done);
+        self.pending.insert(id, (link, done));
         let sent = tx.send(Message::Request { id, op }).await;
         if sent.is_err() {
             self.pending.remove(&id);
@@ -362,10 +363,17 @@ impl Cluster {
         }
     }
 
-    /// Delivers an agent's answer to whoever waits for it.
-    pub fn answered(&self, id: u64, result: Result<Reply, String>) {
-        if let Some((_, tx)) = self.pending.remove(&id) {
-            let _ = tx.send(result);
+    /// Delivers an agent's answer to whoever waits for it, if the request went to that
+    /// agent's connection `conn`: an agent cannot answer for another node.
+    pub fn answered(&self, node: &str, conn: u64, id: u64, result: Result<Reply, String>) {
+        match self.pending.remove_if(&id, |_, (to, _)| *to == conn) {
+            Some((_, (_, tx))) => {
+                let _ = tx.send(result);
+            }
+            None if self.pending.contains_key(&id) => {
+                warn!(node, conn, request = id, "answer to a request sent to another node ignored")
+            }
+            None => debug!(node, request = id, "answer to a request no longer waited for"),
         }
     }
 
@@ -415,5 +423,32 @@ impl Cluster {
             count(Which::Drained),
             self.groups.len()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Op, Reply};
+
+    #[tokio::test]
+    async fn only_the_connection_a_request_went_to_can_answer_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        let cluster = Arc::new(Cluster::load(HeadConfig::default(), store).unwrap());
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let (tx2, _rx2) = mpsc::channel(4);
+        cluster.attach("cn1", Link { conn: 1, tx: tx1 }).unwrap();
+        cluster.attach("cn2", Link { conn: 2, tx: tx2 }).unwrap();
+        let asking = tokio::spawn({
+            let cluster = cluster.clone();
+            async move { cluster.request("cn1", Op::Ping, Duration::from_secs(5)).await }
+        });
+        let Some(Message::Request { id, .. }) = rx1.recv().await else { panic!("no request reached cn1") };
+        // cn2's agent answers cn1's request: ignored, the request still waits.
+        cluster.answered("cn2", 2, id, Err("forged".into()));
+        assert!(cluster.pending.contains_key(&id));
+        cluster.answered("cn1", 1, id, Ok(Reply::Pong));
+        assert!(matches!(asking.await.unwrap(), Ok(Reply::Pong)));
     }
 }

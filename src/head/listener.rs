@@ -87,7 +87,7 @@ async fn handle(
                         Vec::new()
                     }
                     Ok(Frame::Message(Message::Response { id, result })) => {
-                        cluster.answered(id, result);
+                        cluster.answered(&node, conn_id, id, result);
                         Vec::new()
                     }
                     Ok(Frame::Message(Message::Runs { runs })) => jobs.reconcile(&node, runs),

@@ -12,6 +12,7 @@ mod hostile;
 mod hsm;
 mod images;
 mod jobs;
+mod load;
 mod multinode;
 mod net;
 mod nfs;

@@ -6,7 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use clusterfs::auth::{Secret, agent_handshake};
-use clusterfs::proto::{Conn, ProtoError};
+use clusterfs::jobs::Exit;
+use clusterfs::proto::{Conn, Frame, Message, ProtoError};
 
 use crate::harness::{Cluster, eventually};
 
@@ -136,4 +137,70 @@ fn a_second_agent_cannot_take_a_live_nodes_name() {
     assert!(matches!(&r, Err(ProtoError::Refused(reason)) if reason.contains("already connected")), "{r:?}");
     assert!(eventually(Duration::from_secs(2), || c.read("nodes/cn0/state") == "up\n"));
     assert!(c.log().contains("already connected"));
+}
+
+#[test]
+fn an_authenticated_agent_cannot_forge_other_nodes_work_and_a_flood_changes_nothing() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 200);
+    let id = crate::jobs::submit_as(&c, "root", "sleep 2; echo real; exit 4\n");
+    crate::jobs::assert_running(&c, id);
+    let queue = c.read("jobs/queue");
+    rt().block_on(async {
+        let s = tokio::net::TcpStream::connect(c.addr()).await.unwrap();
+        let mut conn = Conn::new(s, 1 << 20);
+        let secret = Secret::load(&c.secret_file()).unwrap();
+        agent_handshake(&mut conn, &secret, "rogue1").await.unwrap();
+        // Frames about work that is cn0's, not this node's: an exit, output, a response to a
+        // request never sent, the end of an HSM request never given.
+        let forged = [
+            Message::Exited { run: id, exit: Exit { code: 0, signal: None, reason: None }, len: [0, 0] },
+            Message::Progress { run: id, bytes: 1 << 30 },
+            Message::Response { id: 424242, result: Err("forged".into()) },
+            Message::HsmDone { cookie: 7, status: 0 },
+            Message::Runs { runs: Vec::new() },
+        ];
+        for m in &forged {
+            conn.send(m).await.unwrap();
+        }
+        // A flood: 100,000 frames as fast as the socket takes them, while the tree is read.
+        let reads = std::thread::spawn({
+            let path = c.path("nodes/cn0/sitrep");
+            move || {
+                let mut worst = Duration::ZERO;
+                for _ in 0..200 {
+                    let t = std::time::Instant::now();
+                    std::fs::read_to_string(&path).unwrap();
+                    worst = worst.max(t.elapsed());
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                worst
+            }
+        });
+        let mut sent = 0;
+        for i in 0..100_000u64 {
+            let m =
+                Message::Exited { run: id + 1 + i, exit: Exit { code: 1, signal: None, reason: None }, len: [0, 0] };
+            if conn.send(&m).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        let worst = reads.join().unwrap();
+        eprintln!(
+            "rogue flood: {sent} frames sent; slowest sitrep read {worst:?}; head log {} lines",
+            c.log().lines().count()
+        );
+        // Output for cn0's job, as if it were this node's.
+        let bulk = Frame::Bulk { stream: id << 1, offset: 0, data: bytes::Bytes::from_static(b"forged\n") };
+        let _ = conn.send_frame(&bulk).await;
+    });
+    assert_eq!(crate::jobs::wait(&c, id), "4\n", "a forged exit ended cn0's job");
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), "real\n");
+    assert_eq!(c.read(&format!("jobs/{id}/state")), "failed 4\n");
+    assert!(queue.contains(&id.to_string()));
+    assert_eq!(c.read("jobs/queue"), "", "the flood made jobs");
+    assert_eq!(c.read("nodes/up"), "cn0\n", "{}", c.read("nodes/all"));
 }

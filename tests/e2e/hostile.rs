@@ -113,6 +113,55 @@ fn bad_bytes_and_bad_names_are_refused_everywhere_and_change_nothing() {
 }
 
 #[test]
+fn an_unprivileged_user_is_refused_every_privileged_action_and_changes_nothing() {
+    if !can_mount() {
+        return;
+    }
+    crate::jobs::users();
+    let c = Cluster::up("cn1", 200);
+    assert_eq!(c.write("groups/g1", b"cn1\n"), Ok(()));
+    assert_eq!(c.write("vms/templates/t1", b"{\"disk\":\"/nonexistent.qcow2\"}\n"), Ok(()));
+    // root's job, kept queued: the one node is drained.
+    c.write("nodes/cn1/ctl", b"drain kept\n").unwrap();
+    let root_job = crate::jobs::submit_as(&c, "root", "true\n").to_string();
+    assert!(eventually(Duration::from_secs(5), || c.read("jobs/queue").contains(&root_job)));
+    let before = snapshot(&c);
+    let queue = c.read("jobs/queue");
+    let template = c.read("vms/templates/t1");
+    let m = c.mnt.display();
+    let j = format!("{m}/jobs/{root_job}");
+    for (what, script) in [
+        ("drain a node", format!("echo 'drain mine' > {m}/nodes/cn1/ctl")),
+        ("set a group", format!("echo cn1 > {m}/groups/g1")),
+        ("make a group", format!("echo cn1 > {m}/groups/g2")),
+        ("remove a group", format!("rm {m}/groups/g1")),
+        (
+            "queue HSM requests",
+            format!("echo '{{\"action\":\"ARCHIVE\",\"fid\":\"[0x200000401:0x1:0x0]\",\"cookie\":1}}' > {m}/hsm/queue"),
+        ),
+        ("lock the HSM coordinator", format!("echo lock > {m}/hsm/ctl")),
+        ("write a VM template", format!("echo '{{}}' > {m}/vms/templates/t1")),
+        ("make a VM template", format!("echo '{{}}' > {m}/vms/templates/t2")),
+        ("make another user's image", format!("echo 'user=cfalice' > {m}/images/new")),
+        ("kill root's job", format!("echo kill > {j}/ctl")),
+        ("remove root's job", format!("rmdir {j}")),
+        ("read root's job output", format!("cat {j}/stdout")),
+        ("raise a job's priority", format!("printf '#CLUSTER priority=5\\ntrue\\n' > {m}/jobs/new")),
+    ] {
+        let (rc, _, err) = crate::harness::sh_as("cfbob", &script);
+        assert_ne!(rc, 0, "cfbob could {what}");
+        assert!(
+            err.contains("Permission denied") || err.contains("Operation not permitted"),
+            "{what}: refused with something else than EACCES or EPERM: {err}"
+        );
+    }
+    assert_eq!(snapshot(&c), before, "an unprivileged user changed the tree");
+    assert_eq!(c.read("jobs/queue"), queue);
+    assert_eq!(c.read("groups/g1"), "cn1\n");
+    assert_eq!(c.read("vms/templates/t1"), template);
+}
+
+#[test]
 fn a_truncated_or_corrupt_store_stops_the_head_with_a_reason_instead_of_starting_empty() {
     if !can_mount() {
         return;

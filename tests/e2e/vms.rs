@@ -272,6 +272,15 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     assert!(eventually(Duration::from_secs(20), || c.read("nodes/up").contains("vmnode")));
     wait_state(&c, "vma", "running on vmnode", 20);
     assert_eq!(qemu_pid(&vms_dir.join("vma")), Some(pid_a), "the VM was started again, not adopted");
+    // The head dies and comes back: its VMs are neither lost nor started twice.
+    let pid_b = qemu_pid(&vms_dir.join("vmb")).expect("vmb's qemu runs");
+    c.crash_head();
+    c.start_head();
+    assert!(eventually(Duration::from_secs(30), || c.read("nodes/up").contains("vmnode")));
+    wait_state(&c, "vma", "running on vmnode", 30);
+    wait_state(&c, "vmb", "running on vmnode", 30);
+    assert_eq!(qemu_pid(&vms_dir.join("vma")), Some(pid_a), "vma was started again after a head crash");
+    assert_eq!(qemu_pid(&vms_dir.join("vmb")), Some(pid_b), "vmb was started again after a head crash");
 
     // vmb has restart=always: killed, it is started again.
     let pid_b = qemu_pid(&vms_dir.join("vmb")).expect("vmb's qemu runs");

@@ -23,6 +23,10 @@ use crate::vms::{Verb, Vms};
 const SYNC_EVERY: Duration = Duration::from_millis(50);
 /// Largest piece of output in one frame.
 const CHUNK: usize = 256 * 1024;
+/// Data to the head left unacknowledged this long ends the connection (TCP_USER_TIMEOUT): an
+/// agent cut off from its head redials, and is back soon after the link heals instead of
+/// after TCP's retransmission backoff (tens of seconds after a 30 s partition).
+const LINK_DEAD_AFTER: Duration = Duration::from_secs(10);
 
 /// Settings shared by every identity of one agent process.
 #[derive(Debug)]
@@ -129,6 +133,10 @@ async fn session(
         .await
         .map_err(|_| ProtoError::Timeout("the connection"))??;
     let _ = stream.set_nodelay(true);
+    let ms = u32::try_from(LINK_DEAD_AFTER.as_millis()).unwrap_or(u32::MAX);
+    if let Err(e) = nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::TcpUserTimeout, &ms) {
+        warn!(head, error = %e, "cannot bound how long data to the head may go unacknowledged");
+    }
     let toward_head = stream.local_addr()?.ip();
     let mut conn = Conn::new(stream, cfg.max_frame);
     let interval_ms = tokio::time::timeout(Duration::from_secs(5), agent_handshake(&mut conn, &cfg.secret, node))

@@ -71,6 +71,10 @@ fn bad_bytes_and_bad_names_are_refused_everywhere_and_change_nothing() {
             assert!(c.try_read("version").is_some(), "the head died on {file} with {what}");
         }
     }
+    // An empty write (`: > file`) is no command: whatever it answers, it changes nothing.
+    for file in files {
+        let _ = c.write(file, b"");
+    }
     // Each verb with wrong arguments.
     for (file, bad) in [
         (job_ctl.as_str(), "kill now"),

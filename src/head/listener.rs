@@ -78,6 +78,14 @@ async fn handle(
         return cluster.detach(&node, conn_id, "disconnected during the handshake");
     }
     info!(node, version = peer.agent_version, "agent connected");
+    // Frames about runs this node does not have: ignored, the first logged, all counted.
+    let mut strays = 0u64;
+    let mut stray = |run: u64, what: &str| {
+        strays += 1;
+        if strays == 1 {
+            warn!(node, run, what, "frame about a run this node does not have ignored (further ones are counted)");
+        }
+    };
     let why = loop {
         tokio::select! {
             frame = conn.recv_frame() => {
@@ -91,10 +99,18 @@ async fn handle(
                         Vec::new()
                     }
                     Ok(Frame::Message(Message::Runs { runs })) => jobs.reconcile(&node, runs),
+                    Ok(Frame::Message(Message::Exited { run, .. })) if !jobs.runs_on(run, &node) => {
+                        stray(run, "exit");
+                        Vec::new()
+                    }
                     Ok(Frame::Message(Message::Exited { run, exit, len })) => jobs.exited(&node, run, exit, len).into_iter().collect(),
                     Ok(Frame::Message(Message::Vms { vms: list })) => vms.report(&node, list),
                     Ok(Frame::Bulk { stream, offset, data }) if stream & crate::vms::CONSOLE_STREAM != 0 => {
                         vms.console(&node, stream & !crate::vms::CONSOLE_STREAM, offset, &data);
+                        Vec::new()
+                    }
+                    Ok(Frame::Bulk { stream, .. }) if !jobs.runs_on(crate::jobs::split_stream(stream).0, &node) => {
+                        stray(crate::jobs::split_stream(stream).0, "output");
                         Vec::new()
                     }
                     Ok(Frame::Bulk { stream, offset, data }) => jobs.output(&node, stream, offset, &data).into_iter().collect(),
@@ -142,6 +158,9 @@ async fn handle(
             },
         }
     };
+    if strays > 1 {
+        warn!(node, strays, "frames about runs this node does not have were ignored");
+    }
     if why.starts_with("protocol") || why.starts_with("connection error") {
         warn!(node, why, "agent connection closed");
     } else {

@@ -114,3 +114,86 @@ fn with_300_ms_latency_and_5_percent_loss_on_every_link_everything_completes() {
     assert_eq!(c.read("nodes/up"), "cn[1-3]\n");
     eprintln!("slow and lossy: 31 jobs done {:?} after the agents started", start.elapsed());
 }
+
+#[test]
+fn a_head_crash_under_mixed_load_ends_each_piece_of_work_exactly_once() {
+    if !crate::can_mount() {
+        return;
+    }
+    // A head alone, and agents of their own that outlive it (`clusterfs up`'s end with it).
+    let mut c = Cluster::up_with("", 200, "[hsm]\nclient_grace_ms = 60000\n");
+    for w in ["w1", "w2"] {
+        c.agent(w);
+    }
+    let hsm_log = c.dir.path().join("hsm.log");
+    let cmd = format!("echo $CLUSTER_HSM_COOKIE >> {}; sleep 0.05", hsm_log.display());
+    c.agent_with(&["--name", "m1", "--mover", "--mover-command", &cmd, "--max-archive", "4"]);
+    let ready = eventually(Duration::from_secs(20), || {
+        c.read("nodes/up") == "m1,w[1-2]\n" && c.try_read("hsm/movers/m1/state").is_some_and(|s| s == "up\n")
+    });
+    assert!(ready, "{}", c.read("nodes/up"));
+
+    // 300 HSM archive requests, 40 jobs and a 256 MiB copy to both workers, all in flight at once.
+    let marks_file = c.dir.path().join("marks");
+    std::fs::write(&marks_file, "").unwrap();
+    let m = marks_file.display();
+    let requests: String = (1..=300u32)
+        .map(|i| format!("{{\"fid\":\"0x200000401:{i:#x}:0x0\",\"cookie\":{i},\"action\":\"archive\"}}\n"))
+        .collect();
+    c.write("hsm/queue", requests.as_bytes()).unwrap();
+    let jobs: Vec<u64> =
+        (0..40).map(|i| submit_as(&c, "root", &format!("sleep 0.{}; echo $CLUSTER_JOB_ID >> {m}\n", i % 10))).collect();
+    let src = c.dir.path().join("src.bin");
+    let dest = c.dir.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    let (rc, _, err) = crate::harness::sh(&format!("head -c 256M /dev/urandom > {}", src.display()));
+    assert_eq!(rc, 0, "{err}");
+    let copy = submit_as(
+        &c,
+        "root",
+        &format!("#CLUSTER nodes=w[1-2] copy={} dest={}/%n.bin fanout=1\n", src.display(), dest.display()),
+    );
+    let under_way = eventually(Duration::from_secs(30), || {
+        std::fs::read_to_string(&hsm_log).is_ok_and(|l| (20..300).contains(&l.lines().count()))
+            && c.read(&format!("jobs/{copy}/state")).starts_with("running")
+    });
+    assert!(
+        under_way,
+        "the work never got going: copy {:?}, {} HSM requests ran",
+        c.read(&format!("jobs/{copy}/state")),
+        std::fs::read_to_string(&hsm_log).unwrap_or_default().lines().count()
+    );
+
+    let copy_state = c.read(&format!("jobs/{copy}/state"));
+    let hsm_ran = std::fs::read_to_string(&hsm_log).unwrap().lines().count();
+    let jobs_ran = marks(&marks_file).len();
+    c.crash_head();
+    c.start_head();
+    eprintln!(
+        "mixed load: at the crash {jobs_ran} of 40 jobs and {hsm_ran} of 300 HSM requests had run; copy {copy_state:?}"
+    );
+
+    for id in &jobs {
+        assert_eq!(wait(&c, *id), "0\n", "job {id}: {}", c.read(&format!("jobs/{id}/state")));
+    }
+    let mut want = jobs.clone();
+    want.sort_unstable();
+    assert_eq!(marks(&marks_file), want, "each job ran exactly once");
+    assert_eq!(wait(&c, copy), "0\n", "{}", c.read(&format!("jobs/{copy}/summary")));
+    for w in ["w1", "w2"] {
+        let same = crate::harness::sh(&format!("cmp {} {}/{w}.bin", src.display(), dest.display())).0 == 0;
+        assert!(same, "the copy on {w} differs from its source");
+    }
+    let all_ran = eventually(Duration::from_secs(60), || {
+        std::fs::read_to_string(&hsm_log).is_ok_and(|l| l.lines().count() >= 300)
+            && c.read("hsm/status").contains("archive queued 0 running 0")
+    });
+    assert!(all_ran, "{}", c.read("hsm/status"));
+    std::thread::sleep(Duration::from_millis(500));
+    let ran = std::fs::read_to_string(&hsm_log).unwrap();
+    let hex = |l: &str| u32::from_str_radix(l.trim_start_matches("0x"), 16).expect("a cookie");
+    let mut cookies: Vec<u32> = ran.lines().map(hex).collect();
+    cookies.sort_unstable();
+    assert_eq!(cookies, (1..=300).collect::<Vec<_>>(), "each HSM request ran exactly once");
+    assert_eq!(c.read("jobs/queue"), "");
+}

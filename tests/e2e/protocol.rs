@@ -203,4 +203,7 @@ fn an_authenticated_agent_cannot_forge_other_nodes_work_and_a_flood_changes_noth
     assert!(queue.contains(&id.to_string()));
     assert_eq!(c.read("jobs/queue"), "", "the flood made jobs");
     assert_eq!(c.read("nodes/up"), "cn0\n", "{}", c.read("nodes/all"));
+    // Logged once, then counted when the connection ends, not once a frame.
+    let log = c.log();
+    assert_eq!(log.matches("frame about a run this node does not have").count(), 1, "{log}");
 }

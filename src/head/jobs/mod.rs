@@ -301,7 +301,7 @@ impl Jobs {
     }
 
     /// Whether run `run` is running on `node` (what agents may report about).
-    fn runs_on(&self, run: u64, node: &str) -> bool {
+    pub fn runs_on(&self, run: u64, node: &str) -> bool {
         self.with(run, |j| j.state == State::Running && j.node.as_deref() == Some(node)).unwrap_or(false)
     }
 

@@ -56,6 +56,14 @@ pub struct DirEntry {
     pub name: String,
 }
 
+/// What a setattr asks of a file's mode and owner.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Chattr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
 /// A render and when it was made.
 type Render = (Instant, Arc<Vec<u8>>);
 
@@ -253,18 +261,17 @@ impl<T: Tree> SynthFs<T> {
         Ok((entry.attr, entry.ttl))
     }
 
-    /// Truncation of a control file is accepted (`echo x > ctl` opens with O_TRUNC); nothing else changes.
-    pub fn setattr(
-        &self,
-        ino: u64,
-        size: Option<u64>,
-        chmod_or_chown: bool,
-        caller: &Caller,
-    ) -> Result<(FileAttr, Duration)> {
+    /// Truncation of a control file to 0 is accepted (`echo x > ctl` opens with O_TRUNC); a
+    /// chown that changes nothing is accepted and a chmod goes to the tree (an NFS server
+    /// sets both on what it just created); nothing else changes.
+    pub fn setattr(&self, ino: u64, size: Option<u64>, owner: Chattr, caller: &Caller) -> Result<(FileAttr, Duration)> {
         let path = self.resolve(ino)?;
         let node = self.node(&path)?;
-        if chmod_or_chown {
+        if owner.uid.is_some_and(|u| u != node.uid) || owner.gid.is_some_and(|g| g != node.gid) {
             return Err(FsError::new(Errno::Perm, "owners and modes are set by clusterfs"));
+        }
+        if let Some(mode) = owner.mode.filter(|m| m & 0o7777 != u32::from(node.perm)) {
+            self.tree.chmod(&refs(&path), caller, mode & 0o7777)?;
         }
         if size.is_some_and(|s| s != 0) || (size.is_some() && node.kind != Kind::Control) {
             return Err(FsError::new(Errno::Perm, "only control files may be truncated, and only to 0"));

@@ -136,8 +136,7 @@ impl<T: Tree> Filesystem for Adapter<T> {
     ) {
         self.guard("setattr", || {
             let _s = debug_span!("setattr", req = req.unique().0, ino = ino.0, ?size).entered();
-            let chown = mode.is_some() || uid.is_some() || gid.is_some();
-            match self.fs.setattr(ino.0, size, chown, &caller(req)) {
+            match self.fs.setattr(ino.0, size, crate::fs::Chattr { mode, uid, gid }, &caller(req)) {
                 Ok((attr, ttl)) => reply.attr(&ttl, &attr),
                 Err(e) => fuse_error!("setattr", reply, e),
             }

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use crate::error::{Errno, FsError, Result};
-pub use crate::fs::{Config, DirEntry, Entry, ROOT_INO, SynthFs};
+pub use crate::fs::{Chattr, Config, DirEntry, Entry, ROOT_INO, SynthFs};
 pub use crate::tree::{Answer, Caller, Kind, Node, Tree, Write};
 pub use fuser::FileType;
 

@@ -178,4 +178,11 @@ pub trait Tree: Send + Sync + 'static {
         let _ = (path, caller);
         Answer::Now(Err(crate::FsError::new(crate::Errno::Perm, "this file cannot be removed")))
     }
+
+    /// `chmod` of a file the caller just created (an NFS server sets the mode its client
+    /// asked for after an exclusive create); modes are otherwise clusterfs's.
+    fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> crate::Result<()> {
+        let _ = (path, caller, mode);
+        Err(crate::FsError::new(crate::Errno::Perm, "owners and modes are set by clusterfs"))
+    }
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use clusterfs_fs::{Answer, Caller, Config, Errno, ROOT_INO, SynthFs};
+use clusterfs_fs::{Answer, Caller, Chattr, Config, Errno, ROOT_INO, SynthFs};
 use common::Toy;
 
 const ROOT: Caller = Caller::ROOT;
@@ -139,10 +139,16 @@ fn truncate_only_control_files_to_zero() {
     let fs = fs();
     let ctl = ino(&fs, ROOT_INO, "ctl");
     let snap = ino(&fs, ROOT_INO, "snap");
-    assert!(fs.setattr(ctl, Some(0), false, &ROOT).is_ok());
-    assert_eq!(fs.setattr(ctl, Some(3), false, &ROOT).unwrap_err().errno, Errno::Perm);
-    assert_eq!(fs.setattr(snap, Some(0), false, &ROOT).unwrap_err().errno, Errno::Perm);
-    assert_eq!(fs.setattr(ctl, None, true, &ROOT).unwrap_err().errno, Errno::Perm);
+    let none = Chattr::default();
+    assert!(fs.setattr(ctl, Some(0), none, &ROOT).is_ok());
+    assert_eq!(fs.setattr(ctl, Some(3), none, &ROOT).unwrap_err().errno, Errno::Perm);
+    assert_eq!(fs.setattr(snap, Some(0), none, &ROOT).unwrap_err().errno, Errno::Perm);
+    let chmod = |mode| Chattr { mode: Some(mode), ..Chattr::default() };
+    assert_eq!(fs.setattr(ctl, None, chmod(0o777), &ROOT).unwrap_err().errno, Errno::Perm, "the tree refuses");
+    let perm = u32::from(fs.getattr(ctl, None, &ROOT).unwrap().0.perm);
+    assert!(fs.setattr(ctl, None, chmod(perm), &ROOT).is_ok(), "a chmod that changes nothing");
+    let chown = Chattr { uid: Some(1000), ..Chattr::default() };
+    assert_eq!(fs.setattr(ctl, None, chown, &ROOT).unwrap_err().errno, Errno::Perm);
     // CREATE of an existing control file opens it.
     assert_eq!(now(fs.create(ROOT_INO, "ctl", 0o644, &ROOT)).unwrap().attr.ino.0, ctl);
     assert_eq!(now(fs.create(ROOT_INO, "snap", 0o644, &ROOT)).unwrap_err().errno, Errno::Exist);

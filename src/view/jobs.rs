@@ -195,7 +195,22 @@ const PIECE_WAIT: Duration = Duration::from_secs(10);
 pub struct JobsView {
     jobs: Arc<Jobs>,
     pending: Arc<DashMap<u64, Arc<Slot>>>,
+    /// Files created in `jobs/` while a spec is written into them: a client that can only
+    /// create new files (`nfs-cp`) submits through one. Owner and mode, by name.
+    drops: DashMap<String, SpecFile>,
 }
+
+/// A spec file created in `jobs/`: its owner, mode and when it was made.
+#[derive(Debug)]
+struct SpecFile {
+    uid: u32,
+    gid: u32,
+    perm: u16,
+    made: std::time::Instant,
+}
+
+/// A created spec file nobody wrote into goes after this long.
+const DROP_KEPT: Duration = Duration::from_secs(600);
 
 fn parse_id(s: &str) -> Option<u64> {
     s.parse().ok().filter(|_| !s.starts_with('0') && !s.starts_with('+'))
@@ -208,7 +223,57 @@ fn owned(node: Node, job: &Job) -> Node {
 
 impl JobsView {
     pub fn new(jobs: Arc<Jobs>) -> JobsView {
-        JobsView { jobs, pending: Arc::default() }
+        JobsView { jobs, pending: Arc::default(), drops: DashMap::new() }
+    }
+
+    /// Whether `path` takes a spec: `new`, or a file created to write one.
+    fn takes_spec(&self, path: &[&str]) -> bool {
+        match path {
+            ["new"] => true,
+            [name] => self.drops.contains_key(*name),
+            _ => false,
+        }
+    }
+
+    /// A file created in `jobs/` (`nfs-cp spec nfs://head/cluster/jobs/<name>`: nfs-cp never
+    /// writes over an existing file): a `jobs/new` of its own until its writer closes it.
+    pub fn create_file(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
+        // Files created and never written (an interrupted client) do not stay.
+        self.drops.retain(|_, d| d.made.elapsed() < DROP_KEPT);
+        let made = match path {
+            [name] if parse_id(name).is_some() => {
+                Err(FsError::new(Errno::Perm, format!("{name}: numbers name jobs, and clusterfs makes those")))
+            }
+            [name] if spec_node(DIR_FILES, name).is_some() => {
+                Err(FsError::new(Errno::Exist, format!("jobs/{name} exists")))
+            }
+            [name] => crate::names::check("spec file", name).map_err(FsError::invalid).and_then(|()| {
+                match self.drops.entry(name.to_string()) {
+                    dashmap::Entry::Occupied(_) => {
+                        Err(FsError::new(Errno::Exist, format!("jobs/{name} is being written")))
+                    }
+                    dashmap::Entry::Vacant(v) => {
+                        let perm = (mode & 0o666) as u16 | 0o600;
+                        v.insert(SpecFile { uid: caller.uid, gid: caller.gid, perm, made: std::time::Instant::now() });
+                        Ok(())
+                    }
+                }
+            }),
+            _ => Err(FsError::new(Errno::Perm, "files cannot be made here")),
+        };
+        Answer::Now(made)
+    }
+
+    /// Its creator may set a created spec file's mode (read and write bits only).
+    pub fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> Result<()> {
+        let denied = || FsError::new(Errno::Perm, "owners and modes are set by clusterfs");
+        let [name] = path else { return Err(denied()) };
+        let mut drop = self.drops.get_mut(*name).ok_or_else(denied)?;
+        if drop.uid != caller.uid && !caller.is_root() {
+            return Err(denied());
+        }
+        drop.perm = (mode & 0o666) as u16 | 0o600;
+        Ok(())
     }
 
     fn job(&self, id: &str) -> Result<Job> {
@@ -279,9 +344,9 @@ impl JobsView {
     pub fn node(&self, path: &[&str]) -> Result<Node> {
         match path {
             [] => Ok(Node::new(Kind::Dir, 0o1777)),
-            [name] if parse_id(name).is_none() => {
-                spec_node(DIR_FILES, name).ok_or_else(|| FsError::not_found(format!("jobs/{name}")))
-            }
+            [name] if parse_id(name).is_none() => spec_node(DIR_FILES, name)
+                .or_else(|| self.drops.get(*name).map(|d| Node::new(Kind::Control, d.perm).owned(d.uid, d.gid)))
+                .ok_or_else(|| FsError::not_found(format!("jobs/{name}"))),
             _ => {
                 let (at, file) = self.resolve(path)?;
                 let job = at.job();
@@ -304,6 +369,7 @@ impl JobsView {
                 .iter()
                 .map(|f| f.name.to_string())
                 .chain(self.jobs.ids().iter().map(u64::to_string))
+                .chain(self.drops.iter().map(|d| d.key().clone()))
                 .collect());
         }
         let names = |files: &mut dyn Iterator<Item = &str>| files.map(str::to_string).collect();
@@ -335,7 +401,7 @@ impl JobsView {
             ["README"] => {
                 Answer::Now(Ok(readme("jobs/: submit, watch, wait for and control jobs", DIR_FILES, &[], &spec_help())))
             }
-            ["new"] => now(Ok(String::new())),
+            _ if self.takes_spec(path) => now(Ok(String::new())),
             ["queue"] => now(Ok(self.jobs.queue())),
             _ => {
                 let (at, file) = match self.file(path) {
@@ -425,7 +491,7 @@ impl JobsView {
 
     pub fn write(&self, path: &[&str], caller: &Caller, handle: u64, offset: u64, data: &[u8]) -> Answer<Vec<u8>> {
         match path {
-            ["new"] => self.write_new(caller, handle, offset, data),
+            _ if self.takes_spec(path) => self.write_new(caller, handle, offset, data),
             [_, .., "ctl"] => {
                 let job = match self.file(path) {
                     Ok((At::Job(job), _)) => job,
@@ -546,7 +612,7 @@ impl JobsView {
 
     /// Before `close(2)` returns or the id is read back, the submitted job is in the store.
     pub fn flush(&self, path: &[&str], handle: u64) -> Answer<()> {
-        let Some(slot) = self.pending.get(&handle).filter(|_| path == ["new"]).map(|s| s.clone()) else {
+        let Some(slot) = self.pending.get(&handle).filter(|_| self.takes_spec(path)).map(|s| s.clone()) else {
             return Answer::Now(Ok(()));
         };
         let jobs = self.jobs.clone();
@@ -569,12 +635,17 @@ impl JobsView {
         })
     }
 
-    /// The writer of a `jobs/new` handle closed it.
+    /// The writer of a `jobs/new` handle (or of a created spec file) closed it.
     pub fn release(&self, path: &[&str], handle: u64) {
-        if path == ["new"] {
-            if let Some((_, slot)) = self.pending.remove(&handle) {
-                let jobs = self.jobs.clone();
-                tokio::spawn(async move { finish(&jobs, &*slot.pending.lock().await) });
+        if self.takes_spec(path)
+            && let Some((_, slot)) = self.pending.remove(&handle)
+        {
+            let jobs = self.jobs.clone();
+            tokio::spawn(async move { finish(&jobs, &*slot.pending.lock().await) });
+            // A created spec file goes with the handle that wrote it (an NFS server opens and
+            // closes others around its creation).
+            if let [name] = path {
+                self.drops.remove(*name);
             }
         }
     }

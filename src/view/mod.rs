@@ -283,11 +283,19 @@ impl Tree for View {
         }
     }
 
-    fn create(&self, path: &[&str], caller: &Caller, _mode: u32) -> Answer<()> {
+    fn create(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
         match path {
             ["groups", name] => groups::create(&self.cluster, name, caller),
+            ["jobs", rest @ ..] => self.jobs.create_file(rest, caller, mode),
             ["vms", rest @ ..] => self.vms.create_file(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "files cannot be made here"))),
+        }
+    }
+
+    fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> clusterfs_fs::Result<()> {
+        match path {
+            ["jobs", rest @ ..] => self.jobs.chmod(rest, caller, mode),
+            _ => Err(FsError::new(clusterfs_fs::Errno::Perm, "owners and modes are set by clusterfs")),
         }
     }
 

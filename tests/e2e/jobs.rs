@@ -371,3 +371,36 @@ fn jobs_are_isolated_limited_and_can_run_in_their_own_root() {
         assert!(eventually(Duration::from_secs(3), || !std::path::Path::new(&dir).exists()), "{dir} left behind");
     }
 }
+
+#[test]
+fn a_spec_file_copied_into_jobs_is_submitted_as_its_writer_and_goes() {
+    if !crate::can_mount() {
+        return;
+    }
+    users();
+    let c = Cluster::up("cn0", 200);
+    let spec = c.dir.path().join("s.sh");
+    std::fs::write(&spec, "id -un\n").unwrap();
+    std::fs::set_permissions(&spec, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    // What `nfs-cp`, which never writes over a file, does: a new name in jobs/.
+    let (rc, _, err) = sh_as("cfalice", &format!("cp {} {}", spec.display(), c.path("jobs/mine.sh").display()));
+    assert_eq!(rc, 0, "{err}");
+    let ids = || -> Vec<u64> {
+        std::fs::read_dir(c.path("jobs"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    assert!(eventually(Duration::from_secs(10), || ids().len() == 1), "{:?}", ids());
+    let id = ids()[0];
+    assert_eq!(wait(&c, id), "0\n");
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), "cfalice\n");
+    assert!(eventually(Duration::from_secs(5), || !c.path("jobs/mine.sh").exists()), "the spec file stayed");
+    // Names that are the tree's, or not names, are refused.
+    for name in ["..", "-rf", "12345", "README", "a b"] {
+        let made = std::fs::File::create_new(c.path("jobs").join(name));
+        assert!(made.is_err(), "jobs/{name} was made");
+    }
+    assert_eq!(ids(), vec![id]);
+}

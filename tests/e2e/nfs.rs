@@ -310,6 +310,20 @@ fn over_nfs_a_job_is_submitted_its_output_read_as_it_grows_and_read_again_after_
     }));
     assert_eq!(ids.len(), 1, "one job: {ids:?}");
     let id = ids[0];
+    // A client that can only create new files (nfs-cp never writes over jobs/new) copies its
+    // spec in under a name of its own; the name goes once the job is made.
+    let spec = c.dir.path().join("spec.sh");
+    std::fs::write(&spec, "echo copied in\n").unwrap();
+    let out = Command::new("nfs-cp").arg(&spec).arg(nfs.url("jobs/spec.sh")).output().unwrap();
+    assert!(out.status.success(), "nfs-cp: {}", String::from_utf8_lossy(&out.stderr));
+    let mut copied = Vec::new();
+    assert!(eventually(Duration::from_secs(10), || {
+        copied = job_ids(&nfs).into_iter().filter(|j| *j != id).collect();
+        copied.len() == 1
+    }));
+    let out = || client.read(&client.open(&format!("jobs/{}/stdout", copied[0])));
+    assert!(eventually(Duration::from_secs(10), || out() == Ok("copied in\n".into())), "{:?}", out());
+    assert!(!nfs.ls("jobs").iter().any(|(n, _)| n == "spec.sh"), "the spec file stayed");
     let stdout = client.open(&format!("jobs/{id}/stdout"));
     // Read while it runs: some lines, not all; then all of them, through the same handle.
     let mut partial = String::new();

@@ -128,7 +128,9 @@ fn an_unprivileged_user_is_refused_every_privileged_action_and_changes_nothing()
     // root's job, kept queued: the one node is drained.
     c.write("nodes/cn1/ctl", b"drain kept\n").unwrap();
     let root_job = crate::jobs::submit_as(&c, "root", "true\n").to_string();
-    assert!(eventually(Duration::from_secs(5), || c.read("jobs/queue").contains(&root_job)));
+    // Once its writer has closed: queued, not writing.
+    let queued = format!("{root_job} root queued");
+    assert!(eventually(Duration::from_secs(5), || c.read("jobs/queue").contains(&queued)), "{}", c.read("jobs/queue"));
     let before = snapshot(&c);
     let queue = c.read("jobs/queue");
     let template = c.read("vms/templates/t1");

@@ -188,13 +188,17 @@ impl<T: Tree> SynthFs<T> {
         }
     }
 
+    /// The render `stat` made for `uid` less than one file TTL ago, if any: open and reads
+    /// reuse it, so the size and the bytes agree.
+    fn fresh_render(&self, ino: u64, uid: u32) -> Option<Arc<Vec<u8>>> {
+        self.renders.get(&(ino, uid)).filter(|r| r.0.elapsed() < self.cfg.file_ttl).map(|r| r.1.clone())
+    }
+
     /// A render at most one file TTL old, or a fresh one when the tree answers at once.
     fn cached_render(&self, ino: u64, path: &PathBuf, kind: Kind, caller: &Caller) -> Option<Arc<Vec<u8>>> {
         let key = (ino, caller.uid);
-        if let Some(r) = self.renders.get(&key)
-            && r.0.elapsed() < self.cfg.file_ttl
-        {
-            return Some(r.1.clone());
+        if let Some(bytes) = self.fresh_render(ino, caller.uid) {
+            return Some(bytes);
         }
         match self.tree.render(&refs(path), caller, kind == Kind::Blocking) {
             Answer::Now(Ok(bytes)) => {
@@ -347,10 +351,7 @@ impl<T: Tree> SynthFs<T> {
             }
             Kind::Snapshot | Kind::Control => {
                 // The render `stat` just sized is reused so both agree; older ones are redone.
-                let fresh = self.renders.get(&(ino, caller.uid)).filter(|r| r.0.elapsed() < self.cfg.file_ttl);
-                if let Some(r) = fresh {
-                    let bytes = r.1.clone();
-                    drop(r);
+                if let Some(bytes) = self.fresh_render(ino, caller.uid) {
                     return Answer::Now(Ok(self.new_handle(ino, path, node.kind, bytes, caller)));
                 }
                 self.tree.render(&refs(&path), &caller, false)
@@ -437,28 +438,31 @@ impl<T: Tree> SynthFs<T> {
             .filter(|h| h.served && matches!(h.kind, Kind::Snapshot | Kind::Error))
             .map(|h| (h.ino, h.path.clone(), h.kind, h.caller))?;
         let dir = parent_of(&path);
-        let render = if kind == Kind::Error {
-            Answer::Now(Ok(self.errors.render(&dir, caller.uid)))
-        } else if let Some(r) = self.renders.get(&(ino, caller.uid)).filter(|r| r.0.elapsed() < self.cfg.file_ttl) {
-            Answer::Now(Ok(r.1.to_vec()))
-        } else {
-            self.tree.render(&refs(&path), &caller, false)
-        };
+        if kind == Kind::Error {
+            let bytes = Arc::new(self.errors.render(&dir, caller.uid));
+            return Some(Answer::Now(self.reread(handle, bytes, size)));
+        }
+        if let Some(bytes) = self.fresh_render(ino, caller.uid) {
+            return Some(Answer::Now(self.reread(handle, bytes, size)));
+        }
         let this = self.clone();
-        let refill = move |bytes: Result<Vec<u8>>| -> Result<Vec<u8>> {
+        let rendered = move |bytes: Result<Vec<u8>>| -> Result<Vec<u8>> {
             let bytes = Arc::new(this.note_failure(&dir, caller.uid, bytes)?);
-            if kind == Kind::Snapshot {
-                this.renders.insert((ino, caller.uid), (Instant::now(), bytes.clone()));
-            }
-            if let Some(mut h) = this.handles.get_mut(&handle) {
-                h.snapshot = bytes;
-            }
-            this.read(handle, 0, size)
+            this.renders.insert((ino, caller.uid), (Instant::now(), bytes.clone()));
+            this.reread(handle, bytes, size)
         };
-        Some(match render {
-            Answer::Now(r) => Answer::Now(refill(r)),
-            Answer::Later(fut) => Answer::later(async move { refill(fut.await) }),
+        Some(match self.tree.render(&refs(&path), &caller, false) {
+            Answer::Now(r) => Answer::Now(rendered(r)),
+            Answer::Later(fut) => Answer::later(async move { rendered(fut.await) }),
         })
+    }
+
+    /// Puts a new render into `handle` and reads it from the start.
+    fn reread(&self, handle: u64, bytes: Arc<Vec<u8>>, size: u32) -> Result<Vec<u8>> {
+        if let Some(mut h) = self.handles.get_mut(&handle) {
+            h.snapshot = bytes;
+        }
+        self.read(handle, 0, size)
     }
 
     pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {

@@ -16,7 +16,6 @@ use crate::nodeset::{NodeSet, NodeSetError};
 use crate::proto::{Message, Op, Reply};
 use crate::sitrep::Report;
 
-/// Answers waiting for agents, by request id.
 /// Requests waiting for an answer, by id: the connection they went to, and the waiter.
 type Pending = DashMap<u64, (u64, oneshot::Sender<Result<Reply, String>>)>;
 

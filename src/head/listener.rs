@@ -11,7 +11,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::{Secret, head_handshake};
 use crate::head::cluster::{Cluster, Link};
 use crate::head::hsm::Hsm;
-use crate::head::jobs::Jobs;
+use crate::head::jobs::{Jobs, Stray};
 use crate::head::vms::Vms;
 use crate::names;
 use crate::proto::{Conn, Frame, Message, ProtoError};
@@ -80,11 +80,12 @@ async fn handle(
     info!(node, version = peer.agent_version, "agent connected");
     // Frames about runs this node does not have: ignored, the first logged, all counted.
     let mut strays = 0u64;
-    let mut stray = |run: u64, what: &str| {
+    let mut stray = |run: u64, what: &str| -> Vec<Message> {
         strays += 1;
         if strays == 1 {
             warn!(node, run, what, "frame about a run this node does not have ignored (further ones are counted)");
         }
+        Vec::new()
     };
     let why = loop {
         tokio::select! {
@@ -99,21 +100,19 @@ async fn handle(
                         Vec::new()
                     }
                     Ok(Frame::Message(Message::Runs { runs })) => jobs.reconcile(&node, runs),
-                    Ok(Frame::Message(Message::Exited { run, .. })) if !jobs.runs_on(run, &node) => {
-                        stray(run, "exit");
-                        Vec::new()
-                    }
-                    Ok(Frame::Message(Message::Exited { run, exit, len })) => jobs.exited(&node, run, exit, len).into_iter().collect(),
+                    Ok(Frame::Message(Message::Exited { run, exit, len })) => match jobs.exited(&node, run, exit, len) {
+                        Ok(answer) => answer.into_iter().collect(),
+                        Err(Stray) => stray(run, "exit"),
+                    },
                     Ok(Frame::Message(Message::Vms { vms: list })) => vms.report(&node, list),
                     Ok(Frame::Bulk { stream, offset, data }) if stream & crate::vms::CONSOLE_STREAM != 0 => {
                         vms.console(&node, stream & !crate::vms::CONSOLE_STREAM, offset, &data);
                         Vec::new()
                     }
-                    Ok(Frame::Bulk { stream, .. }) if !jobs.runs_on(crate::jobs::split_stream(stream).0, &node) => {
-                        stray(crate::jobs::split_stream(stream).0, "output");
-                        Vec::new()
-                    }
-                    Ok(Frame::Bulk { stream, offset, data }) => jobs.output(&node, stream, offset, &data).into_iter().collect(),
+                    Ok(Frame::Bulk { stream, offset, data }) => match jobs.output(&node, stream, offset, &data) {
+                        Ok(answer) => answer.into_iter().collect(),
+                        Err(Stray) => stray(crate::jobs::split_stream(stream).0, "output"),
+                    },
                     Ok(Frame::Message(Message::Relay { addr })) => {
                         cluster.set_relay(&node, conn_id, addr);
                         Vec::new()

@@ -197,7 +197,7 @@ pub struct JobsView {
     pending: Arc<DashMap<u64, Arc<Slot>>>,
     /// Files created in `jobs/` while a spec is written into them: a client that can only
     /// create new files (`nfs-cp`) submits through one. Owner and mode, by name.
-    drops: DashMap<String, SpecFile>,
+    spec_files: DashMap<String, SpecFile>,
 }
 
 /// A spec file created in `jobs/`: its owner, mode and when it was made.
@@ -210,7 +210,12 @@ struct SpecFile {
 }
 
 /// A created spec file nobody wrote into goes after this long.
-const DROP_KEPT: Duration = Duration::from_secs(600);
+const SPEC_FILE_KEPT: Duration = Duration::from_secs(600);
+
+/// A spec file's mode from the one asked for: read and write bits, always the owner's.
+fn spec_file_perm(mode: u32) -> u16 {
+    (mode & 0o666) as u16 | 0o600
+}
 
 fn parse_id(s: &str) -> Option<u64> {
     s.parse().ok().filter(|_| !s.starts_with('0') && !s.starts_with('+'))
@@ -223,14 +228,14 @@ fn owned(node: Node, job: &Job) -> Node {
 
 impl JobsView {
     pub fn new(jobs: Arc<Jobs>) -> JobsView {
-        JobsView { jobs, pending: Arc::default(), drops: DashMap::new() }
+        JobsView { jobs, pending: Arc::default(), spec_files: DashMap::new() }
     }
 
     /// Whether `path` takes a spec: `new`, or a file created to write one.
     fn takes_spec(&self, path: &[&str]) -> bool {
         match path {
             ["new"] => true,
-            [name] => self.drops.contains_key(*name),
+            [name] => self.spec_files.contains_key(*name),
             _ => false,
         }
     }
@@ -239,7 +244,7 @@ impl JobsView {
     /// writes over an existing file): a `jobs/new` of its own until its writer closes it.
     pub fn create_file(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
         // Files created and never written (an interrupted client) do not stay.
-        self.drops.retain(|_, d| d.made.elapsed() < DROP_KEPT);
+        self.spec_files.retain(|_, d| d.made.elapsed() < SPEC_FILE_KEPT);
         let made = match path {
             [name] if parse_id(name).is_some() => {
                 Err(FsError::new(Errno::Perm, format!("{name}: numbers name jobs, and clusterfs makes those")))
@@ -248,12 +253,12 @@ impl JobsView {
                 Err(FsError::new(Errno::Exist, format!("jobs/{name} exists")))
             }
             [name] => crate::names::check("spec file", name).map_err(FsError::invalid).and_then(|()| {
-                match self.drops.entry(name.to_string()) {
+                match self.spec_files.entry(name.to_string()) {
                     dashmap::Entry::Occupied(_) => {
                         Err(FsError::new(Errno::Exist, format!("jobs/{name} is being written")))
                     }
                     dashmap::Entry::Vacant(v) => {
-                        let perm = (mode & 0o666) as u16 | 0o600;
+                        let perm = spec_file_perm(mode);
                         v.insert(SpecFile { uid: caller.uid, gid: caller.gid, perm, made: std::time::Instant::now() });
                         Ok(())
                     }
@@ -268,11 +273,11 @@ impl JobsView {
     pub fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> Result<()> {
         let denied = || FsError::new(Errno::Perm, "owners and modes are set by clusterfs");
         let [name] = path else { return Err(denied()) };
-        let mut drop = self.drops.get_mut(*name).ok_or_else(denied)?;
-        if drop.uid != caller.uid && !caller.is_root() {
+        let mut file = self.spec_files.get_mut(*name).ok_or_else(denied)?;
+        if file.uid != caller.uid && !caller.is_root() {
             return Err(denied());
         }
-        drop.perm = (mode & 0o666) as u16 | 0o600;
+        file.perm = spec_file_perm(mode);
         Ok(())
     }
 
@@ -345,7 +350,7 @@ impl JobsView {
         match path {
             [] => Ok(Node::new(Kind::Dir, 0o1777)),
             [name] if parse_id(name).is_none() => spec_node(DIR_FILES, name)
-                .or_else(|| self.drops.get(*name).map(|d| Node::new(Kind::Control, d.perm).owned(d.uid, d.gid)))
+                .or_else(|| self.spec_files.get(*name).map(|d| Node::new(Kind::Control, d.perm).owned(d.uid, d.gid)))
                 .ok_or_else(|| FsError::not_found(format!("jobs/{name}"))),
             _ => {
                 let (at, file) = self.resolve(path)?;
@@ -369,7 +374,7 @@ impl JobsView {
                 .iter()
                 .map(|f| f.name.to_string())
                 .chain(self.jobs.ids().iter().map(u64::to_string))
-                .chain(self.drops.iter().map(|d| d.key().clone()))
+                .chain(self.spec_files.iter().map(|d| d.key().clone()))
                 .collect());
         }
         let names = |files: &mut dyn Iterator<Item = &str>| files.map(str::to_string).collect();
@@ -645,7 +650,7 @@ impl JobsView {
             // A created spec file goes with the handle that wrote it (an NFS server opens and
             // closes others around its creation).
             if let [name] = path {
-                self.drops.remove(*name);
+                self.spec_files.remove(*name);
             }
         }
     }

@@ -10,6 +10,11 @@ use super::{Jobs, State, now_ms};
 use crate::jobs::{Exit, RunStatus, STDERR, STDOUT, split_stream};
 use crate::proto::Message;
 
+/// A frame about a run that is not running on the node that sent it (a late report of a run
+/// declared lost, or a forgery): ignored.
+#[derive(Debug)]
+pub struct Stray;
+
 impl Jobs {
     /// An agent (re)connected and listed its runs: resume, resend, forget or declare lost.
     pub fn reconcile(self: &Arc<Self>, node: &str, runs: Vec<RunStatus>) -> Vec<Message> {
@@ -39,14 +44,18 @@ impl Jobs {
     }
 
     /// Output from an agent; returns a resume request when a gap shows data was missed.
-    pub fn output(&self, node: &str, stream: u64, offset: u64, data: &[u8]) -> Option<Message> {
+    /// `Err(Stray)` when the run is not running on `node`: nothing was done.
+    pub fn output(&self, node: &str, stream: u64, offset: u64, data: &[u8]) -> Result<Option<Message>, Stray> {
         let (run, s) = split_stream(stream);
         if !self.runs_on(run, node) {
-            return None;
+            return Err(Stray);
         }
         let len = self.output_len(run, s);
         if offset > len {
-            return Some(Message::Resume { run, from: [self.output_len(run, STDOUT), self.output_len(run, STDERR)] });
+            return Ok(Some(Message::Resume {
+                run,
+                from: [self.output_len(run, STDOUT), self.output_len(run, STDERR)],
+            }));
         }
         let skip = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len());
         if skip < data.len() {
@@ -56,14 +65,19 @@ impl Jobs {
             }
             self.changed.notify_waiters();
         }
-        None
+        Ok(None)
     }
 
     /// A run ended on `node`. Accepted once all its output is here; then the agent may forget it.
-    pub fn exited(self: &Arc<Self>, node: &str, run: u64, exit: Exit, len: [u64; 2]) -> Option<Message> {
+    /// `Err(Stray)` when the run is not running on `node`: nothing was done.
+    pub fn exited(self: &Arc<Self>, node: &str, run: u64, exit: Exit, len: [u64; 2]) -> Result<Option<Message>, Stray> {
         if !self.runs_on(run, node) {
-            return None;
+            return Err(Stray);
         }
+        Ok(self.accept_exit(node, run, exit, len))
+    }
+
+    fn accept_exit(self: &Arc<Self>, node: &str, run: u64, exit: Exit, len: [u64; 2]) -> Option<Message> {
         let killed_by = self.with(run, |j| j.killed_by.clone())?;
         let have = [self.output_len(run, STDOUT), self.output_len(run, STDERR)];
         if have != len {

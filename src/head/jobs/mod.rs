@@ -24,6 +24,7 @@ mod copy;
 mod multi;
 mod schedule;
 
+pub use agents::Stray;
 pub use array::TaskOf;
 pub use multi::{Outcome, Spread};
 
@@ -301,7 +302,7 @@ impl Jobs {
     }
 
     /// Whether run `run` is running on `node` (what agents may report about).
-    pub fn runs_on(&self, run: u64, node: &str) -> bool {
+    fn runs_on(&self, run: u64, node: &str) -> bool {
         self.with(run, |j| j.state == State::Running && j.node.as_deref() == Some(node)).unwrap_or(false)
     }
 

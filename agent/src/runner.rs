@@ -1,9 +1,10 @@
 //! Runs on this node, kept as files: each run has a directory the shim writes and the link reads.
 //!
 //! `<runs>/<run>/` holds `run.json` (what the head asked), `script`, `stdout`, `stderr`, `pid`
-//! (written by the shim) and `exit.json` (written by the shim when the run ends). A run whose
-//! directory exists has been started: a resent request never starts it again. The files, not
-//! the agent's memory, are the truth, so runs outlive an agent restart.
+//! (written by the shim), `signal` (a kill that came before the pid) and `exit.json` (written
+//! by the shim when the run ends). A run whose directory exists has been started: a resent
+//! request never starts it again. The files, not the agent's memory, are the truth, so runs
+//! outlive an agent restart.
 
 use std::fs;
 use std::io::Write as _;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clusterfs::jobs::{Exit, Run, RunStatus};
+use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
 /// The runs of one node name.
@@ -101,8 +103,8 @@ impl Runner {
         }
     }
 
-    /// Sends `signal` to the run's process group; false when the run or its process is not
-    /// started yet (the start request may still be on its way).
+    /// Sends `signal` to the run's process group, or leaves it for the shim when the process
+    /// is not there yet; false when the run is unknown (its start request may be on its way).
     pub fn signal(&self, run: u64, signal: i32) -> Result<bool, String> {
         let dir = self.run_dir(run);
         if !dir.exists() {
@@ -111,8 +113,20 @@ impl Runner {
         if dir.join("exit.json").exists() {
             return Ok(true);
         }
-        let Some(pid) = fs::read_to_string(dir.join("pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) else {
-            return Ok(false);
+        let sig = Signal::try_from(signal).map_err(|_| format!("no signal {signal}"))?;
+        let pid = match read_pid(&dir) {
+            Some(pid) => pid,
+            None => {
+                // The shim has the run but not its process yet: the signal waits in a file the
+                // shim reads once the process is there. Checked again after writing it, as the
+                // shim writes its pid before reading the file: one of the two sees the other.
+                fs::write(dir.join(PENDING_SIGNAL), format!("{signal}\n"))
+                    .map_err(|e| format!("cannot keep signal {sig} for run {run}: {e}"))?;
+                match read_pid(&dir) {
+                    Some(pid) => pid,
+                    None => return Ok(true),
+                }
+            }
         };
         // The job's pid is only its own while the shim has not reaped it: a pid whose parent is
         // no longer this run's shim belongs to someone else now.
@@ -124,7 +138,6 @@ impl Runner {
         if shim.is_none() || parent != shim {
             return Ok(true);
         }
-        let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| format!("no signal {signal}"))?;
         match nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(true),
             Err(e) => Err(format!("signal {sig} to run {run}: {e}")),
@@ -203,6 +216,20 @@ fn write_new(path: &Path, data: &[u8], mode: u32, sync: bool) -> std::io::Result
     let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
     f.write_all(data)?;
     if sync { f.sync_all() } else { Ok(()) }
+}
+
+/// The file a signal waits in for a run whose process is not started yet.
+pub const PENDING_SIGNAL: &str = "signal";
+
+/// The job's pid, once the shim has written it.
+fn read_pid(dir: &Path) -> Option<i32> {
+    fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()
+}
+
+/// A signal left for the run by [`Runner::signal`] before its process was started.
+pub fn pending_signal(dir: &Path) -> Option<Signal> {
+    let n: i32 = fs::read_to_string(dir.join(PENDING_SIGNAL)).ok()?.trim().parse().ok()?;
+    Signal::try_from(n).ok()
 }
 
 /// Writes `exit.json` atomically: a reader sees the whole status or none. Each writer has its
@@ -286,5 +313,20 @@ mod tests {
         assert_eq!(r.status(7).exit.unwrap().code, 255);
         r.forget(7);
         assert!(r.list().is_empty());
+    }
+
+    #[test]
+    fn a_signal_before_the_process_waits_for_the_shim() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Runner::new(dir.path().join("runs")).unwrap();
+        // Unknown run: the head must ask again.
+        assert_eq!(r.signal(3, libc::SIGTERM), Ok(false));
+        // Known, no process yet: kept for the shim, which reads it once it has the pid.
+        fs::create_dir(r.run_dir(3)).unwrap();
+        assert_eq!(r.signal(3, libc::SIGTERM), Ok(true));
+        assert_eq!(pending_signal(&r.run_dir(3)), Some(Signal::SIGTERM));
+        assert_eq!(r.signal(3, libc::SIGKILL), Ok(true));
+        assert_eq!(pending_signal(&r.run_dir(3)), Some(Signal::SIGKILL));
+        assert!(r.signal(3, 999).unwrap_err().contains("no signal 999"));
     }
 }

@@ -13,7 +13,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid, User};
 
 use crate::isolate::{Cgroup, ChildSetup, unshare_namespaces};
-use crate::runner::write_exit;
+use crate::runner::{pending_signal, write_exit};
 
 /// The descriptor a job reads its script from.
 const SCRIPT_FD: i32 = 9;
@@ -145,6 +145,10 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     drop(script);
     let pid = i32::try_from(child.id()).expect("pids fit in i32");
     fs::write(dir.join("pid"), format!("{pid}\n"))?;
+    // A kill that came while the job was being started waited for its pid.
+    if let Some(sig) = pending_signal(dir) {
+        let _ = killpg(Pid::from_raw(pid), sig);
+    }
     let deadline = run.timeout_s.map(|s| Instant::now() + Duration::from_secs(s));
     // No helper thread: a process that unshared its PID namespace may not make threads.
     let mut kill_at: Option<Instant> = None;

@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use crate::harness::{Cluster, eventually, sh_as};
-use crate::jobs::{submit_as, users, wait};
+use crate::jobs::{assert_running, submit_as, users, wait};
 
 fn ls(c: &Cluster, rel: &str) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(c.path(rel))
@@ -185,6 +185,15 @@ fn multi_node_specs_are_checked_counted_and_killed() {
     assert_eq!(wait(&c, id), "143\n");
     assert_eq!(c.read(&format!("{j}/state")), "killed by root\n");
     assert_eq!(c.read(&format!("{j}/summary")), "PASS: , SUM: 0\nFAILED: cn[0-5], SUM: 6\n");
+    // A kill the moment a job is placed reaches runs whose process is still being started.
+    for _ in 0..3 {
+        let id = submit_as(&c, "cfalice", "#CLUSTER nodes=cn[0-5]\nsleep 60\n");
+        let j = format!("jobs/{id}");
+        assert_running(&c, id);
+        assert_eq!(c.write(&format!("{j}/ctl"), b"kill\n"), Ok(()));
+        assert_eq!(wait(&c, id), "143\n");
+        assert_eq!(c.read(&format!("{j}/summary")), "PASS: , SUM: 0\nFAILED: cn[0-5], SUM: 6\n");
+    }
 }
 
 #[test]

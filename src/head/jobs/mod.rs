@@ -497,10 +497,14 @@ impl Jobs {
                 if kill {
                     self.update(id, |j| j.killed_by = Some(who.to_string()))?;
                 }
+                // Every node's run is signalled, even when one cannot be: the first error says why.
+                let mut first_error = Ok(());
                 for task in self.scan(|j| (j.task?.parent == id && j.state == State::Running).then_some(j.id)) {
-                    self.signal_run(task, signal, who).await?;
+                    if let Err(e) = self.signal_run(task, signal, who).await {
+                        first_error = first_error.and(Err(e));
+                    }
                 }
-                Ok(())
+                first_error
             }
             State::Running => self.signal_run(id, signal, who).await,
             _ => Err(FsError::invalid(format!("job {id} has ended ({line})"))),

@@ -201,6 +201,10 @@ pub struct HeadConfig {
     pub nodeset_limit: usize,
     /// How long a `ping` read waits for the agent, in milliseconds.
     pub ping_timeout_ms: u64,
+    /// Mount the tree on a small loop device made in the state directory (`fuseblk`), so its
+    /// device number and UUID, and with them an NFS re-export's file handles, are the same
+    /// after a restart. Without it, or without loop devices, the mount is plain `fuse`.
+    pub stable_mount: bool,
 }
 
 impl Default for HeadConfig {
@@ -214,6 +218,7 @@ impl Default for HeadConfig {
             max_frame: crate::proto::DEFAULT_MAX_FRAME,
             nodeset_limit: crate::nodeset::DEFAULT_LIMIT,
             ping_timeout_ms: 2000,
+            stable_mount: true,
         }
     }
 }

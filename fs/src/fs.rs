@@ -25,6 +25,10 @@ pub struct Config {
     pub fsname: String,
     /// How many objects a walk may visit to find an inode from before a restart.
     pub max_walk: usize,
+    /// A block device to mount on (`fuseblk`) instead of an anonymous device: the mount then
+    /// has that device's number and UUID, the same at every mount, so the file handles of an
+    /// NFS re-export outlive a remount. Root only.
+    pub device: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -35,6 +39,7 @@ impl Default for Config {
             threads: 4,
             fsname: "synthfs".into(),
             max_walk: 1_000_000,
+            device: None,
         }
     }
 }

@@ -24,6 +24,8 @@ pub use fuser::FileType;
 /// A mounted filesystem; dropping it unmounts.
 pub struct Mount {
     session: Option<fuser::BackgroundSession>,
+    /// Set when this crate made the mount itself (on a device): fuser does not unmount it.
+    own: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Mount {
@@ -35,17 +37,30 @@ impl std::fmt::Debug for Mount {
 impl Mount {
     /// Unmounts and waits for the FUSE threads to end.
     pub fn unmount(mut self) -> io::Result<()> {
-        match self.session.take() {
-            Some(s) => s.umount_and_join(),
-            None => Ok(()),
+        self.end()
+    }
+
+    fn end(&mut self) -> io::Result<()> {
+        let Some(session) = self.session.take() else { return Ok(()) };
+        if let Some(path) = self.own.take() {
+            // The threads end when the kernel closes the connection, at unmount; a mount still
+            // in use is left to the caller, and its threads keep serving it.
+            if let Err(e) = nix::mount::umount(&path) {
+                self.session = Some(session);
+                self.own = Some(path);
+                return Err(e.into());
+            }
         }
+        session.umount_and_join()
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
+        if self.end().is_err()
+            && let Some(path) = self.own.take()
+        {
+            let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
@@ -65,8 +80,38 @@ pub fn mount<T: Tree>(fs: Arc<SynthFs<T>>, mountpoint: &Path, rt: tokio::runtime
     cfg.acl = fuser::SessionACL::All;
     cfg.n_threads = Some(fs.config().threads.max(1));
     let adapter = fuse::Adapter { fs: fs.clone(), rt };
-    let session = fuser::Session::new(adapter, mountpoint, &cfg)?;
+    let (session, own) = match &fs.config().device {
+        None => (fuser::Session::new(adapter, mountpoint, &cfg)?, None),
+        Some(device) => {
+            let fd = mount_on_device(device, mountpoint)?;
+            match fuser::Session::from_fd(adapter, fd, cfg.acl, cfg) {
+                Ok(s) => (s, Some(mountpoint.to_path_buf())),
+                Err(e) => {
+                    let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                    return Err(e);
+                }
+            }
+        }
+    };
     fs.set_notifier(session.notifier());
     let session = session.spawn()?;
-    Ok(Mount { session: Some(session) })
+    Ok(Mount { session: Some(session), own })
+}
+
+/// Mounts a FUSE connection at `mountpoint` as `fuseblk` on `device`, with the options
+/// [`mount`] gives fuser; returns the connection's descriptor.
+fn mount_on_device(device: &Path, mountpoint: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::mount::MsFlags;
+    let fuse = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&fuse);
+    let data = format!(
+        "fd={fd},rootmode=40000,user_id={},group_id={},default_permissions,allow_other,blksize=4096",
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    let flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOATIME;
+    nix::mount::mount(Some(device), mountpoint, Some("fuseblk.clusterfs"), flags, Some(data.as_str())).map_err(
+        |e| io::Error::new(io::Error::from(e).kind(), format!("mounting fuseblk on {}: {e}", device.display())),
+    )?;
+    Ok(fuse.into())
 }

@@ -1,6 +1,7 @@
 //! The head daemon: the store, the cluster model, the agent listener and the mounted tree.
 
 pub mod cluster;
+mod device;
 pub mod hsm;
 pub mod images;
 pub mod jobs;
@@ -94,13 +95,8 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         fsname: "clusterfs".into(),
         ..clusterfs_fs::Config::default()
     };
-    let fs = clusterfs_fs::SynthFs::new(
-        Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone(), vms.clone())),
-        fs_cfg,
-    );
-    let mount = clusterfs_fs::mount(fs, mountpoint, tokio::runtime::Handle::current())
-        .with_context(|| format!("mounting {}", mountpoint.display()))?;
-    info!(mountpoint = %mountpoint.display(), "mounted");
+    let view = Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone(), vms.clone()));
+    let mount = mount_tree(view, fs_cfg, mountpoint, &state, cfg.stable_mount)?;
 
     let tasks = vec![
         tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), hsm.clone(), vms.clone(), listener, secret)),
@@ -111,6 +107,49 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     ];
     jobs.resume_copies();
     Ok(Head { addr, cluster, jobs, images, hsm, vms, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
+}
+
+/// Mounts the tree, on the state directory's loop device when `stable` and it can be had.
+fn mount_tree(
+    view: Arc<View>,
+    fs_cfg: clusterfs_fs::Config,
+    mountpoint: &Path,
+    state: &Path,
+    stable: bool,
+) -> anyhow::Result<clusterfs_fs::Mount> {
+    let rt = tokio::runtime::Handle::current();
+    let plain = |view, fs_cfg| {
+        let mount = clusterfs_fs::mount(clusterfs_fs::SynthFs::new(view, fs_cfg), mountpoint, rt.clone())
+            .with_context(|| format!("mounting {}", mountpoint.display()))?;
+        info!(mountpoint = %mountpoint.display(), "mounted");
+        Ok(mount)
+    };
+    if !stable {
+        return plain(view, fs_cfg);
+    }
+    let device = match device::attach(state) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "no loop device for the mount: mounting plain fuse, whose NFS handles change at a restart");
+            return plain(view, fs_cfg);
+        }
+    };
+    let on_device = clusterfs_fs::Config { device: Some(device.clone()), ..fs_cfg.clone() };
+    let mounted = clusterfs_fs::mount(clusterfs_fs::SynthFs::new(view.clone(), on_device), mountpoint, rt.clone());
+    // Busy from now on (or unused on failure): the kernel frees it when the mount goes.
+    if let Err(e) = device::release(&device) {
+        warn!(error = %e, device = %device.display(), "cannot mark the mount device to go with the mount");
+    }
+    match mounted {
+        Ok(mount) => {
+            info!(mountpoint = %mountpoint.display(), device = %device.display(), "mounted");
+            Ok(mount)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot mount on the loop device: mounting plain fuse, whose NFS handles change at a restart");
+            plain(view, fs_cfg)
+        }
+    }
 }
 
 /// A FUSE mount whose daemon died answers ENOTCONN; detach it so we can mount again.

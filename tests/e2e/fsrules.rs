@@ -104,12 +104,20 @@ fn mounted_allow_other_default_permissions_with_several_fuse_threads() {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let line = info.lines().find(|l| l.split(' ').nth(4) == Some(mnt.as_str())).expect("mounted");
     assert!(line.contains("default_permissions") && line.contains("allow_other"), "{line}");
-    assert!(line.contains(" - fuse clusterfs "), "{line}");
+    // On the loop device of its state, so its identity outlives a restart.
+    assert!(line.contains(" - fuseblk.clusterfs /dev/loop"), "{line}");
     let threads = fs::read_dir(format!("/proc/{}/task", c.head_pid()))
         .unwrap()
         .filter(|t| fs::read_to_string(t.as_ref().unwrap().path().join("comm")).is_ok_and(|n| n.starts_with("fuser-")))
         .count();
     assert!(threads >= 2, "{threads} FUSE threads");
+    // Without a stable mount it is plain fuse, with the same options.
+    let plain = Cluster::up_with("cn0", 200, "stable_mount = false\n");
+    let mnt = plain.mnt.to_string_lossy().to_string();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(mnt.as_str())).expect("mounted");
+    assert!(line.contains(" - fuse clusterfs ") && line.contains("allow_other"), "{line}");
+    assert_eq!(plain.read("nodes/all"), "cn0\n");
 }
 
 #[test]

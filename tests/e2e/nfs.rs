@@ -61,6 +61,9 @@ impl Ganesha {
             .arg(dir.join("log"))
             .arg("-p")
             .arg(dir.join("pid"))
+            // As the systemd drop-in does: no stale UUIDs from libblkid's cache file, where a
+            // loop device may be listed with the image it held before.
+            .env("BLKID_FILE", "/dev/null")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -345,20 +348,63 @@ fn over_nfs_a_job_is_submitted_its_output_read_as_it_grows_and_read_again_after_
     assert_eq!(client.read(&stdout), Ok(all.clone()));
     let paths = [format!("jobs/{id}/stdout"), format!("jobs/{id}/state"), "nodes/cn0/state".into()];
     let handles: Vec<Vec<u8>> = paths.iter().map(|p| client.handle(&client.open(p))).collect();
+    // The tree is mounted on a loop device of the head's state: the mount's identity, which
+    // ganesha puts in every handle, is that image's UUID.
+    assert_eq!(mount_type(&c.mnt).as_deref(), Some("fuseblk.clusterfs"));
     // The head restarts, and with it the NFS server (its export was the old mount, now dead:
-    // EIO through it until it restarts). Every path resolves again, to the same content.
-    // (Not the same NFS handles: ganesha puts the FUSE mount's device number in them, and a
-    // new mount gets a new one, so a client holding a handle gets ESTALE and looks it up again.)
+    // EIO through it until it restarts).
     c.crash_head();
     assert!(client.read(&stdout).is_err(), "the export of a dead mount still served");
     nfs.stop();
+    // Meanwhile other mounts take the device numbers the old mount had.
+    let squatters = Squatters::new(&c.dir.path().join("squat"));
     c.start_head();
     nfs.start();
     let again = Libnfs::mount(&nfs);
     let same = paths.iter().zip(&handles).filter(|(p, h)| again.handle(&again.open(p)) == **h).count();
-    eprintln!("nfs handles unchanged after a head restart: {same} of {}", paths.len());
+    // A login host's kernel keeps the handles it has and sends them again: they still name
+    // the same files, so nothing it has open goes stale.
+    assert_eq!(same, paths.len(), "nfs handles changed at a head restart");
     assert_eq!(again.read(&again.open(&format!("jobs/{id}/state"))), Ok("done 0\n".into()));
     assert_eq!(again.read(&again.open(&format!("jobs/{id}/stdout"))), Ok(all));
+    drop(squatters);
+}
+
+/// The filesystem type of the mount at `path`, from mountinfo.
+fn mount_type(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let path = path.to_str()?;
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(path))?;
+    Some(line.split(" - ").nth(1)?.split(' ').next()?.to_string())
+}
+
+/// A tmpfs mount and a loop device made while a head is down, so the numbers its mount had
+/// are taken when it comes back; both go on drop.
+struct Squatters {
+    dir: std::path::PathBuf,
+    loop_dev: Option<String>,
+}
+
+impl Squatters {
+    fn new(dir: &Path) -> Squatters {
+        std::fs::create_dir_all(dir).unwrap();
+        let mounted = Command::new("mount").args(["-t", "tmpfs", "squat"]).arg(dir).status().unwrap();
+        assert!(mounted.success());
+        let img = dir.with_extension("img");
+        std::fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(&img).output().unwrap();
+        let loop_dev = out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string());
+        Squatters { dir: dir.to_path_buf(), loop_dev }
+    }
+}
+
+impl Drop for Squatters {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        if let Some(d) = &self.loop_dev {
+            let _ = Command::new("losetup").args(["--detach", d]).status();
+        }
+    }
 }
 
 #[test]

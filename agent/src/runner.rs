@@ -120,6 +120,11 @@ impl Runner {
                 // The shim has the run but not its process yet: the signal waits in a file the
                 // shim reads once the process is there. Checked again after writing it, as the
                 // shim writes its pid before reading the file: one of the two sees the other.
+                // A SIGKILL following a waiting SIGTERM is the head's escalation: the shim
+                // escalates itself once the job has had its SIGTERM.
+                if sig == Signal::SIGKILL && pending_signal(&dir) == Some(Signal::SIGTERM) {
+                    return Ok(true);
+                }
                 fs::write(dir.join(PENDING_SIGNAL), format!("{signal}\n"))
                     .map_err(|e| format!("cannot keep signal {sig} for run {run}: {e}"))?;
                 match read_pid(&dir) {
@@ -270,10 +275,11 @@ pub fn read_exit(dir: &Path) -> Option<Exit> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn run(n: u64) -> Run {
+    /// A root run of `true`.
+    pub(crate) fn run(n: u64) -> Run {
         Run {
             run: n,
             script: "true\n".into(),
@@ -325,8 +331,11 @@ mod tests {
         fs::create_dir(r.run_dir(3)).unwrap();
         assert_eq!(r.signal(3, libc::SIGTERM), Ok(true));
         assert_eq!(pending_signal(&r.run_dir(3)), Some(Signal::SIGTERM));
+        // The head's SIGKILL a second later does not replace it: the shim escalates.
         assert_eq!(r.signal(3, libc::SIGKILL), Ok(true));
-        assert_eq!(pending_signal(&r.run_dir(3)), Some(Signal::SIGKILL));
+        assert_eq!(pending_signal(&r.run_dir(3)), Some(Signal::SIGTERM));
+        assert_eq!(r.signal(3, libc::SIGINT), Ok(true));
+        assert_eq!(pending_signal(&r.run_dir(3)), Some(Signal::SIGINT));
         assert!(r.signal(3, 999).unwrap_err().contains("no signal 999"));
     }
 }

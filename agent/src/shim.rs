@@ -15,6 +15,9 @@ use nix::unistd::{Gid, Pid, Uid, User};
 use crate::isolate::{Cgroup, ChildSetup, unshare_namespaces};
 use crate::runner::{pending_signal, write_exit};
 
+/// Between a kill's SIGTERM and its SIGKILL, as the head waits for a running job.
+const KILL_AFTER_TERM: Duration = Duration::from_secs(1);
+
 /// The descriptor a job reads its script from.
 const SCRIPT_FD: i32 = 9;
 
@@ -145,13 +148,18 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     drop(script);
     let pid = i32::try_from(child.id()).expect("pids fit in i32");
     fs::write(dir.join("pid"), format!("{pid}\n"))?;
-    // A kill that came while the job was being started waited for its pid.
-    if let Some(sig) = pending_signal(dir) {
-        let _ = killpg(Pid::from_raw(pid), sig);
-    }
     let deadline = run.timeout_s.map(|s| Instant::now() + Duration::from_secs(s));
     // No helper thread: a process that unshared its PID namespace may not make threads.
     let mut kill_at: Option<Instant> = None;
+    let mut timed_out = false;
+    // A kill that came while the job was being started waited for its pid; as the head does,
+    // SIGKILL follows a SIGTERM that did not end the job.
+    if let Some(sig) = pending_signal(dir) {
+        let _ = killpg(Pid::from_raw(pid), sig);
+        if sig == Signal::SIGTERM {
+            kill_at = Some(Instant::now() + KILL_AFTER_TERM);
+        }
+    }
     let status = loop {
         if exited_unreaped(pid)? {
             // The job is a zombie: its pid, and so its process group, cannot be reused yet.
@@ -160,16 +168,16 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
             break child.wait()?;
         }
         let now = Instant::now();
-        if deadline.is_some_and(|d| now >= d) && kill_at.is_none() {
+        if deadline.is_some_and(|d| now >= d) && !timed_out {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
-            kill_at = Some(now + GRACE);
+            kill_at = Some(kill_at.map_or(now + GRACE, |k| k.min(now + GRACE)));
+            timed_out = true;
         }
         if kill_at.is_some_and(|k| now >= k) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let timed_out = kill_at.is_some();
     let signal = std::os::unix::process::ExitStatusExt::signal(&status);
     let code = status.code().unwrap_or_else(|| 128 + signal.unwrap_or(0));
     let reason = timed_out.then(|| format!("timeout after {} s", run.timeout_s.unwrap_or(0)));
@@ -188,4 +196,37 @@ fn exited_unreaped(pid: i32) -> std::io::Result<bool> {
     }
     // SAFETY: after a successful waitid, si_pid is set (0 when no child has changed state).
     Ok(unsafe { info.si_pid() } != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::{SigHandler, signal};
+
+    #[test]
+    fn a_kill_that_came_before_the_pid_ends_the_job_and_escalates_when_ignored() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        // The second job ignores SIGTERM from its first instruction: it inherits that.
+        for (ignore_term, code) in [(false, 143), (true, 137)] {
+            let script = "exec sleep 30\n";
+            let dir = tempfile::tempdir().unwrap();
+            let run = Run { script: script.into(), ..crate::runner::tests::run(1) };
+            fs::write(dir.path().join("script"), script).unwrap();
+            for f in ["stdout", "stderr"] {
+                fs::write(dir.path().join(f), "").unwrap();
+            }
+            fs::write(dir.path().join(crate::runner::PENDING_SIGNAL), "15\n").unwrap();
+            let handler = if ignore_term { SigHandler::SigIgn } else { SigHandler::SigDfl };
+            // SAFETY: only the disposition changes (no handler runs), put back below.
+            unsafe { signal(Signal::SIGTERM, handler) }.unwrap();
+            let started = Instant::now();
+            let exit = supervise(dir.path(), &run, ChildSetup::new(None, false).unwrap());
+            // SAFETY: as above.
+            unsafe { signal(Signal::SIGTERM, SigHandler::SigDfl) }.unwrap();
+            assert_eq!(exit.map(|e| (e.code, e.reason)).unwrap(), (code, None), "ignoring TERM: {ignore_term}");
+            assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        }
+    }
 }

@@ -95,10 +95,21 @@ fn bad_bytes_and_bad_names_are_refused_everywhere_and_change_nothing() {
     ] {
         assert!(c.write(file, bad.as_bytes()).is_err(), "{file} took {bad:?}");
     }
-    // Path tricks in every name that makes an object.
+    // 4 KiB names inside verbs.
+    let name4k = "a".repeat(4096);
+    for (file, bad) in [
+        ("images/new", format!("user={name4k}")),
+        ("vms/new", format!("{{\"name\":\"{name4k}\"}}")),
+        ("hsm/ctl", format!("lock {name4k}")),
+        ("groups/g1", format!("{name4k}\n")),
+    ] {
+        assert!(c.write(file, bad.as_bytes()).is_err(), "{file} took a 4 KiB name");
+    }
+    // Path tricks in every name that makes an object, up to 4 KiB names (the kernel refuses
+    // those over 255 bytes with ENAMETOOLONG before the head sees them).
     let long = "a".repeat(255);
     for dir in ["images", "vms", "groups"] {
-        for name in ["..", "-rf", "README", "error", "new", long.as_str(), "a b", "x\\y"] {
+        for name in ["..", "-rf", "README", "error", "new", long.as_str(), name4k.as_str(), "a b", "x\\y"] {
             let p = c.path(dir).join(name);
             let made = if dir == "groups" { fs::write(&p, b"cn1\n").is_ok() } else { fs::create_dir(&p).is_ok() };
             assert!(!made || name == "..", "{dir}/{name:?} was made");

@@ -50,27 +50,54 @@ impl Secret {
             return Err(SecretError::Exposed { path: p, mode });
         }
         let text = fs::read_to_string(path).map_err(io)?;
-        let bytes = hex::decode(text.trim()).map_err(|_| SecretError::Malformed { path: p.clone() })?;
-        let key: [u8; 32] = bytes.try_into().map_err(|_| SecretError::Malformed { path: p })?;
-        Ok(Secret(key))
+        Secret::from_hex(&text, &p)
     }
 
     /// Reads the secret, creating it (mode 0600) on first start.
     pub fn load_or_create(path: &Path) -> Result<Secret, SecretError> {
-        let mut key = [0u8; 32];
-        rand::rng().fill_bytes(&mut key);
+        let key = Secret::generate();
         let created = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
         match created {
             Ok(mut f) => {
                 let io = |source| SecretError::Io { path: path.display().to_string(), source };
-                f.write_all(format!("{}\n", hex::encode(key)).as_bytes()).map_err(io)?;
+                f.write_all(format!("{}\n", key.to_hex()).as_bytes()).map_err(io)?;
                 f.sync_all().map_err(io)?;
                 tracing::info!(path = %path.display(), "created the cluster secret");
-                Ok(Secret(key))
+                Ok(key)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Secret::load(path),
             Err(source) => Err(SecretError::Io { path: path.display().to_string(), source }),
         }
+    }
+
+    /// A new random secret.
+    pub fn generate() -> Secret {
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        Secret(key)
+    }
+
+    /// The secret as a secret file holds it (64 hex characters).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses what `to_hex` gives; `from` names where it came from in the error.
+    pub fn from_hex(text: &str, from: &str) -> Result<Secret, SecretError> {
+        let bytes = hex::decode(text.trim()).map_err(|_| SecretError::Malformed { path: from.to_string() })?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| SecretError::Malformed { path: from.to_string() })?;
+        Ok(Secret(key))
+    }
+
+    /// Writes the secret to `path` (mode 0600) in place of what was there, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), SecretError> {
+        let io = |source| SecretError::Io { path: path.display().to_string(), source };
+        let tmp = path.with_extension("new");
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+        f.write_all(format!("{}\n", self.to_hex()).as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        fs::rename(&tmp, path).map_err(io)
     }
 
     fn mac(&self, role: &str, node: &str, na: &[u8], nh: &[u8]) -> HmacSha256 {

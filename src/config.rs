@@ -189,6 +189,9 @@ pub struct HeadConfig {
     pub listen: String,
     /// Where the store, the secret and spools live.
     pub state_dir: PathBuf,
+    /// The store: empty for the embedded one in `state_dir`, or
+    /// `etcd://host:port[,host:port...][/prefix]` for a store several heads share.
+    pub store: String,
     /// How often agents report, in milliseconds.
     pub interval_ms: u64,
     /// Missed reports before a node is down.
@@ -212,6 +215,7 @@ impl Default for HeadConfig {
         HeadConfig {
             listen: "127.0.0.1:7070".into(),
             state_dir: PathBuf::from("/var/lib/clusterfs"),
+            store: String::new(),
             interval_ms: 1000,
             missed_intervals: 3,
             fuse_threads: 4,

@@ -1,4 +1,5 @@
-//! clusterfs: mount a cluster as a filesystem (`up`, `mount`) and work with nodesets (`nodeset`).
+//! clusterfs: mount a cluster as a filesystem (`up`, `mount`), move its store (`store copy`) and
+//! work with nodesets (`nodeset`).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,10 @@ struct HeadArgs {
     /// TOML configuration file (see README.md).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The store: etcd://host:port[,host:port...][/prefix], shared by several heads
+    /// [default: the embedded store in the state directory].
+    #[arg(long)]
+    store: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +52,11 @@ enum Cmd {
     Mount {
         #[command(flatten)]
         head: HeadArgs,
+    },
+    /// Work on a head's store while no head uses it.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
     },
     /// Fold, expand or count nodesets, as ClusterShell's cluset does.
     #[command(group(ArgGroup::new("mode").required(true).args(["fold", "expand", "count"])))]
@@ -72,6 +82,20 @@ enum Cmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum StoreCmd {
+    /// Copy every object (and the cluster secret) into an empty store: moves a site from the
+    /// embedded store to etcd. Stop the head first.
+    Copy {
+        /// A head's state directory, or etcd://host:port[,host:port...][/prefix].
+        #[arg(long)]
+        from: String,
+        /// A state directory, or etcd://host:port[,host:port...][/prefix]; must hold no objects.
+        #[arg(long)]
+        to: String,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -81,6 +105,11 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Up { head, nodes } => serve(head, Some(nodes.unwrap_or_else(short_hostname))),
         Cmd::Mount { head } => serve(head, None),
+        Cmd::Store { cmd: StoreCmd::Copy { from, to } } => {
+            let n = head::copy_store(&from, &to)?;
+            println!("clusterfs: copied {n} objects and the cluster secret from {from} to {to}");
+            Ok(())
+        }
         Cmd::Nodeset { fold, expand, count, root, limit, sets } => nodeset(&sets, &root, limit, fold, expand, count),
     }
 }
@@ -99,6 +128,9 @@ fn serve(args: HeadArgs, nodes: Option<String>) -> anyhow::Result<()> {
     }
     if let Some(s) = args.state {
         cfg.head.state_dir = s;
+    }
+    if let Some(s) = args.store {
+        cfg.head.store = s;
     }
     let local = match &nodes {
         Some(n) => {

@@ -25,7 +25,7 @@ use cluster::Cluster;
 use hsm::Hsm;
 use images::Images;
 use jobs::Jobs;
-use store::Store;
+use store::{Location, Store};
 use vms::Vms;
 
 /// A running head: dropping it unmounts and stops serving agents.
@@ -75,8 +75,12 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         .create(&state)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))?;
-    let secret = Arc::new(Secret::load_or_create(&secret_path(&state))?);
-    let store = Store::open(&state.join("store.redb"))?;
+    let location = Location::parse(&cfg.store, &state).map_err(anyhow::Error::msg)?;
+    let store = Store::open_at(&location)?;
+    let secret = Arc::new(match location {
+        Location::Embedded(_) => Secret::load_or_create(&secret_path(&state))?,
+        Location::Etcd { .. } => shared_secret(&store, &secret_path(&state))?,
+    });
     let cluster = Arc::new(Cluster::load(cfg.clone(), store)?);
     let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), state.join("spool"), secret.clone())?);
     let images = Arc::new(Images::load(config.images.clone(), cluster.clone())?);
@@ -107,6 +111,77 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     ];
     jobs.resume_copies();
     Ok(Head { addr, cluster, jobs, images, hsm, vms, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
+}
+
+/// Copies every object of the store at `from` into the empty store at `to`, and the cluster
+/// secret with them; each is a state directory or an etcd URL. Returns how many objects.
+pub fn copy_store(from: &str, to: &str) -> anyhow::Result<usize> {
+    let place = |spec: &str| -> anyhow::Result<(Location, Option<PathBuf>)> {
+        if spec.starts_with("etcd://") {
+            return Ok((Location::parse(spec, Path::new("")).map_err(anyhow::Error::msg)?, None));
+        }
+        let dir = PathBuf::from(spec);
+        Ok((Location::Embedded(dir.join("store.redb")), Some(dir)))
+    };
+    let ((src, src_dir), (dst, dst_dir)) = (place(from)?, place(to)?);
+    if let (Location::Embedded(p), _) = (&src, &src_dir)
+        && !p.exists()
+    {
+        bail!("{from} holds no store ({} is missing)", p.display());
+    }
+    let source = Store::open_at(&src).with_context(|| format!("opening {from} (is a head still using it?)"))?;
+    let target = Store::open_at(&dst).with_context(|| format!("opening {to}"))?;
+    // The secret first: a target that has another cluster's secret is refused untouched.
+    let secret = match &src_dir {
+        Some(dir) => Secret::load(&secret_path(dir))?,
+        None => Secret::from_hex(
+            &String::from_utf8_lossy(&source.create_or_get(
+                "secret",
+                "cluster",
+                Secret::generate().to_hex().as_bytes(),
+            )?),
+            "the store's secret/cluster",
+        )?,
+    };
+    let objects: Vec<_> = source.all()?.into_iter().filter(|(k, _)| !k.starts_with("secret/")).collect();
+    if target.all()?.iter().any(|(k, _)| !k.starts_with("secret/")) {
+        bail!("{to} already holds objects: copy into an empty store only");
+    }
+    match &dst_dir {
+        Some(dir) => match Secret::load(&secret_path(dir)) {
+            Ok(have) if have.to_hex() != secret.to_hex() => bail!("{to} has another cluster's secret"),
+            Ok(_) => {}
+            Err(_) => secret.save(&secret_path(dir))?,
+        },
+        None => {
+            let stored = target.create_or_get("secret", "cluster", secret.to_hex().as_bytes())?;
+            if stored != secret.to_hex().as_bytes() {
+                bail!("{to} has another cluster's secret");
+            }
+        }
+    }
+    let count = objects.len();
+    for chunk in objects.chunks(64) {
+        target.write(chunk.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect())?;
+    }
+    Ok(count)
+}
+
+/// The secret of a cluster whose heads share a store: the first head to start puts its own in
+/// the store, every head takes the store's and writes it to its state directory, where local
+/// agents and admins read it.
+fn shared_secret(store: &Store, file: &Path) -> anyhow::Result<Secret> {
+    let stored = store.create_or_get("secret", "cluster", Secret::generate().to_hex().as_bytes())?;
+    let secret = Secret::from_hex(&String::from_utf8_lossy(&stored), "the store's secret/cluster")?;
+    match Secret::load(file) {
+        Ok(have) if have.to_hex() == secret.to_hex() => {}
+        Ok(_) => {
+            warn!(file = %file.display(), "the secret file differs from the cluster's secret in the store: replacing it");
+            secret.save(file)?;
+        }
+        Err(_) => secret.save(file)?,
+    }
+    Ok(secret)
 }
 
 /// Mounts the tree, on the state directory's loop device when `stable` and it can be had.

@@ -4,6 +4,7 @@
 //! elsewhere the tests that need it are skipped with a message.
 
 mod copy;
+mod etcd;
 mod faults;
 mod fsrules;
 mod groups;

@@ -1,0 +1,287 @@
+//! The etcd backend: every object a key under the cluster's prefix, written in transactions.
+//!
+//! Writers' groups are packed into transactions within etcd's default limits (128 operations,
+//! 1.5 MiB a request); a group is never split. Calls come from threads that may be the head's
+//! async workers, so they run on a runtime of the backend's own and are waited for here.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
+
+use super::{Backend, Change, Objects, StoreError};
+
+/// etcd's default `--max-txn-ops`.
+const MAX_OPS: usize = 128;
+/// Below etcd's default `--max-request-bytes` (1.5 MiB), with room for the request's framing.
+const MAX_BYTES: usize = 1 << 20;
+/// Keys a range read returns at once.
+const PAGE: i64 = 1000;
+/// How long one request may take.
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a call is tried again (on another member: the client spreads requests over all)
+/// before the store counts as unreachable. Every call is safe to repeat.
+const GIVE_UP: Duration = Duration::from_secs(6);
+
+pub struct Etcd {
+    /// One client a member: a request goes to the member that answered last, and on to the
+    /// next when it fails.
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
+    /// Every key starts with it, then `/`.
+    prefix: String,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd").field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+fn unreachable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("etcd: {e}"))
+}
+
+impl Etcd {
+    /// Connects to `endpoints` and checks that the cluster answers.
+    pub fn connect(endpoints: &[String], prefix: &str) -> Result<Etcd, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd-store")
+            .enable_all()
+            .build()
+            .map_err(unreachable)?;
+        let mut clients = Vec::new();
+        for endpoint in endpoints {
+            let options = ConnectOptions::new().with_timeout(TIMEOUT).with_connect_timeout(TIMEOUT);
+            let ep = endpoint.clone();
+            clients.push(wait(&rt, async move { Client::connect([ep], Some(options)).await })?.map_err(unreachable)?);
+        }
+        let etcd = Etcd { clients, current: Default::default(), prefix: format!("{prefix}/"), rt: Some(rt) };
+        // A linearizable read: fails unless a quorum answers.
+        etcd.scan_page(&etcd.key("version"), 1)?;
+        tracing::info!(endpoints = ?endpoints, prefix, "store: etcd");
+        Ok(etcd)
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    /// Runs the request `f` makes, again while it fails (a member down refuses at once) until
+    /// `GIVE_UP`.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl Fn(Client) -> futures::future::BoxFuture<'static, Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        use std::sync::atomic::Ordering;
+        let rt = self.rt.as_ref().expect("the runtime lives until drop");
+        let started = std::time::Instant::now();
+        let mut tries = 0;
+        loop {
+            let member = self.current.load(Ordering::Relaxed) % self.clients.len();
+            match wait(rt, f(self.clients[member].clone()))? {
+                Ok(v) => return Ok(v),
+                Err(e) if started.elapsed() >= GIVE_UP => return Err(unreachable(e)),
+                Err(e) => {
+                    tracing::debug!(member, error = %e, "etcd request failed; asking the next member");
+                    let next = (member + 1) % self.clients.len();
+                    let _ = self.current.compare_exchange(member, next, Ordering::Relaxed, Ordering::Relaxed);
+                    tries += 1;
+                    // Once round every member at once; then a pause between rounds.
+                    if tries % self.clients.len() == 0 {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Up to `limit` keys from `start` to the end of the prefix.
+    fn scan_page(&self, start: &str, limit: i64) -> Result<(Objects, bool), StoreError> {
+        let (start, end) = (start.to_string(), prefix_end(&self.prefix));
+        let resp = self.run(move |mut c| {
+            let (start, end) = (start.clone(), end.clone());
+            Box::pin(async move { c.get(start, Some(GetOptions::new().with_range(end).with_limit(limit))).await })
+        })?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            out.push((key[self.prefix.len()..].to_string(), kv.value().to_vec()));
+        }
+        Ok((out, resp.more()))
+    }
+}
+
+/// One operation of a transaction: a key and its new value, or none to delete it.
+type Op<'a> = (&'a str, Option<&'a Vec<u8>>);
+
+/// Packs writers' groups, in order, into transactions within etcd's limits, never splitting a
+/// group. etcd refuses a transaction that names a key twice: a later change of a key takes
+/// the place of the earlier one, which is what applying both in order would leave.
+fn pack(groups: &[Vec<Change>]) -> Vec<Vec<Op<'_>>> {
+    let mut txns = Vec::new();
+    let mut open: Vec<Op<'_>> = Vec::new();
+    let mut slot: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut bytes = 0;
+    for group in groups {
+        let size: usize = group.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 16).sum();
+        if !open.is_empty() && (open.len() + group.len() > MAX_OPS || bytes + size > MAX_BYTES) {
+            txns.push(std::mem::take(&mut open));
+            slot.clear();
+            bytes = 0;
+        }
+        bytes += size;
+        for (key, value) in group {
+            match slot.get(key.as_str()) {
+                Some(&i) => open[i] = (key, value.as_ref()),
+                None => {
+                    slot.insert(key, open.len());
+                    open.push((key, value.as_ref()));
+                }
+            }
+        }
+    }
+    if !open.is_empty() {
+        txns.push(open);
+    }
+    txns
+}
+
+/// Runs `fut` on `rt` and waits for it from any thread, async worker or not.
+fn wait<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| StoreError::Unavailable("etcd: the store's runtime stopped".into()))
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Backend for Etcd {
+    fn commit(&self, groups: &[Vec<Change>]) -> Result<(), StoreError> {
+        for ops in pack(groups) {
+            let ops: Vec<TxnOp> = ops
+                .into_iter()
+                .map(|(key, value)| match value {
+                    Some(v) => TxnOp::put(self.key(key), v.clone(), None),
+                    None => TxnOp::delete(self.key(key), None),
+                })
+                .collect();
+            self.run(move |mut c| {
+                let ops = ops.clone();
+                Box::pin(async move { c.txn(Txn::new().and_then(ops)).await.map(|_| ()) })
+            })?;
+        }
+        Ok(())
+    }
+
+    fn scan(&self, prefix: &str) -> Result<Objects, StoreError> {
+        let mut out = Objects::new();
+        let mut start = self.key(prefix);
+        loop {
+            let (page, more) = self.scan_page(&start, PAGE)?;
+            let done = !more || page.is_empty();
+            for (key, value) in page {
+                if !key.starts_with(prefix) {
+                    return Ok(out);
+                }
+                start = format!("{}\0", self.key(&key));
+                out.push((key, value));
+            }
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// One transaction: put when the key was never made, read it otherwise.
+    fn create_or_get(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let (key, value) = (self.key(key), value.to_vec());
+        let put = value.clone();
+        let resp = self.run(move |mut c| {
+            let (key, put) = (key.clone(), put.clone());
+            Box::pin(async move {
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.clone(), put, None)])
+                    .or_else([TxnOp::get(key, None)]);
+                c.txn(txn).await
+            })
+        })?;
+        if resp.succeeded() {
+            return Ok(value);
+        }
+        match resp.op_responses().into_iter().next() {
+            Some(TxnOpResponse::Get(get)) => match get.kvs().first() {
+                Some(kv) => Ok(kv.value().to_vec()),
+                None => Err(StoreError::Db("etcd: a key that exists read as none".into())),
+            },
+            _ => Err(StoreError::Db("etcd: a transaction answered without its read".into())),
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // Dropped from async code too, where a runtime may not block to shut down.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(key: &str, value: Option<&str>) -> Change {
+        (key.to_string(), value.map(|v| v.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn groups_pack_within_limits_whole_and_without_a_key_twice() {
+        let groups = vec![
+            vec![change("jobs/1", Some("a")), change("runs/1", Some("r"))],
+            vec![change("jobs/1", Some("b"))],
+            vec![change("jobs/2", None)],
+        ];
+        let txns = pack(&groups);
+        assert_eq!(txns.len(), 1);
+        let b = b"b".to_vec();
+        let r = b"r".to_vec();
+        assert_eq!(txns[0], vec![("jobs/1", Some(&b)), ("runs/1", Some(&r)), ("jobs/2", None)]);
+        // 300 one-key groups: three transactions of at most 128 operations.
+        let many: Vec<Vec<Change>> = (0..300).map(|i| vec![change(&format!("jobs/{i}"), Some("x"))]).collect();
+        let sizes: Vec<usize> = pack(&many).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [128, 128, 44]);
+        // A group is never split: 100 + 100 do not share a transaction.
+        let two: Vec<Vec<Change>> =
+            (0..2).map(|g| (0..100).map(|i| change(&format!("k/{g}-{i}"), Some("x"))).collect()).collect();
+        assert_eq!(pack(&two).iter().map(Vec::len).collect::<Vec<_>>(), [100, 100]);
+        // Nor are big values packed past the request limit.
+        let big = "x".repeat(600 << 10);
+        let heavy: Vec<Vec<Change>> = (0..3).map(|i| vec![change(&format!("b/{i}"), Some(&big))]).collect();
+        assert_eq!(pack(&heavy).len(), 3);
+    }
+
+    #[test]
+    fn a_prefix_ends_after_its_last_key() {
+        assert_eq!(prefix_end("/clusterfs/"), b"/clusterfs0");
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80");
+    }
+}

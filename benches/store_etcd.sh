@@ -2,11 +2,12 @@
 # The etcd store against the embedded one, in one run: submissions per second from 4 shells
 # (the node drained, so nothing runs) and `cat nodes/<n>/sitrep` latency; prints Markdown.
 #   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 benches/store_etcd.sh
+#   BENCH_STORE_TMP=/dev/shm puts both stores (and etcd's data) on tmpfs: no fsync cost either side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${BENCH_STORE_JOBS:-2000}
 READS=${BENCH_STORE_READS:-2000}
-work=$(mktemp -d /tmp/clusterfs-bench.XXXXXX)
+work=$(mktemp -d "${BENCH_STORE_TMP:-/tmp}/clusterfs-bench.XXXXXX")
 pids=()
 cleanup() {
   set +e

@@ -11,7 +11,8 @@ work=$(mktemp -d "${BENCH_STORE_TMP:-/tmp}/clusterfs-bench.XXXXXX")
 pids=()
 cleanup() {
   set +e
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  # Heads first (the last started), then the etcd members they use.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[$i]}" 2>/dev/null; wait "${pids[$i]}" 2>/dev/null; done
   for m in "$work"/mnt-*; do for _ in 1 2 3 4 5; do mountpoint -q "$m" && umount -l "$m"; sleep 0.2; done; done
   rm -rf "$work"
 }

@@ -160,6 +160,11 @@ fn a_head_keeps_its_state_in_a_three_member_etcd_and_refuses_writes_without_a_qu
     assert_eq!(c.read(&format!("jobs/{id2}/stdout")), "one member down\n");
     assert_eq!(c.read("nodes/all"), "cn[0-1]\n");
     eprintln!("etcd without a quorum: a write refused in {refused_in:?}");
+    // Without its store a head still stops when asked (stop_head kills it after 10 s).
+    let started = Instant::now();
+    c.stop_head();
+    assert!(started.elapsed() < Duration::from_secs(9), "SIGTERM took {:?}", started.elapsed());
+    assert!(!c.is_mounted(), "the mount stayed");
 }
 
 #[test]

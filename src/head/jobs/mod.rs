@@ -437,7 +437,7 @@ impl Jobs {
         } else {
             None
         };
-        self.update(id, |j| {
+        let amended = |j: &mut Job| {
             j.text = text.into();
             j.spec = spec;
             j.spread = spread;
@@ -447,8 +447,14 @@ impl Jobs {
             if release {
                 j.held = false;
             }
-        })
-        .map(|_| ())
+        };
+        if release {
+            // The writer has closed and waits for nothing; the next commit (the job's placement
+            // at the latest) carries this. A head that restarts first releases held jobs itself.
+            self.update_later(id, amended).map(|_| ())
+        } else {
+            self.update(id, amended).map(|_| ())
+        }
     }
 
     /// Returns once what `submit` stored under `ticket` is committed.
@@ -470,7 +476,8 @@ impl Jobs {
     /// The writer is done: the job may run.
     pub fn release(&self, id: u64) {
         if self.with(id, |j| j.held).unwrap_or(false) {
-            if let Err(e) = self.update(id, |j| j.held = false) {
+            // As in `amend`: nobody waits for this commit.
+            if let Err(e) = self.update_later(id, |j| j.held = false) {
                 warn!(job = id, error = %e, "could not release the job");
             }
         }

@@ -27,6 +27,10 @@ pub struct Etcd {
     /// next when it fails.
     clients: Vec<Client>,
     current: std::sync::atomic::AtomicUsize,
+    /// Set when a call gave up: until one succeeds, calls try each member once and give up
+    /// at once, so code that writes many objects in a row fails fast instead of waiting
+    /// `GIVE_UP` for each (a head must still stop promptly without its store).
+    down: std::sync::atomic::AtomicBool,
     /// Every key starts with it, then `/`.
     prefix: String,
     rt: Option<tokio::runtime::Runtime>,
@@ -57,7 +61,13 @@ impl Etcd {
             let ep = endpoint.clone();
             clients.push(wait(&rt, async move { Client::connect([ep], Some(options)).await })?.map_err(unreachable)?);
         }
-        let etcd = Etcd { clients, current: Default::default(), prefix: format!("{prefix}/"), rt: Some(rt) };
+        let etcd = Etcd {
+            clients,
+            current: Default::default(),
+            down: Default::default(),
+            prefix: format!("{prefix}/"),
+            rt: Some(rt),
+        };
         // A linearizable read: fails unless a quorum answers.
         etcd.scan_page(&etcd.key("version"), 1)?;
         tracing::info!(endpoints = ?endpoints, prefix, "store: etcd");
@@ -77,12 +87,19 @@ impl Etcd {
         use std::sync::atomic::Ordering;
         let rt = self.rt.as_ref().expect("the runtime lives until drop");
         let started = std::time::Instant::now();
+        let give_up = if self.down.load(Ordering::Relaxed) { Duration::ZERO } else { GIVE_UP };
         let mut tries = 0;
         loop {
             let member = self.current.load(Ordering::Relaxed) % self.clients.len();
             match wait(rt, f(self.clients[member].clone()))? {
-                Ok(v) => return Ok(v),
-                Err(e) if started.elapsed() >= GIVE_UP => return Err(unreachable(e)),
+                Ok(v) => {
+                    self.down.store(false, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) if started.elapsed() >= give_up && tries + 1 >= self.clients.len() => {
+                    self.down.store(true, Ordering::Relaxed);
+                    return Err(unreachable(e));
+                }
                 Err(e) => {
                     tracing::debug!(member, error = %e, "etcd request failed; asking the next member");
                     let next = (member + 1) % self.clients.len();

@@ -42,6 +42,14 @@ pub fn wait(c: &Cluster, id: u64) -> String {
     c.read(&format!("jobs/{id}/wait"))
 }
 
+/// The exit status of a job ended by `kill`: SIGTERM's (143), or SIGKILL's a second later (137)
+/// when the SIGTERM came before the job's shell had started its command: in its own PID
+/// namespace (the default isolation) that shell is the namespace's init, which the kernel lets
+/// ignore a SIGTERM it has no handler for.
+pub fn assert_killed(status: &str) {
+    assert!(status == "143\n" || status == "137\n", "not ended by kill: {status:?}");
+}
+
 #[test]
 fn a_job_runs_as_the_user_who_wrote_it() {
     if !crate::can_mount() {
@@ -146,8 +154,8 @@ fn kill_signal_and_timeout() {
     let start = Instant::now();
     let (rc, _, err) = sh_as("cfalice", &format!("echo kill > {}", c.path(&format!("jobs/{id}/ctl")).display()));
     assert_eq!(rc, 0, "{err}");
-    assert_eq!(wait(&c, id), "143\n");
-    assert!(start.elapsed() < Duration::from_secs(2), "killed in {:?}", start.elapsed());
+    assert_killed(&wait(&c, id));
+    assert!(start.elapsed() < Duration::from_secs(3), "killed in {:?}", start.elapsed());
     assert_eq!(c.read(&format!("jobs/{id}/state")), "killed by cfalice\n");
 
     // A job that ignores SIGTERM still dies (SIGKILL a second later).

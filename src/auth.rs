@@ -21,7 +21,7 @@ use crate::proto::{Conn, Message, PROTOCOL, ProtoError};
 type HmacSha256 = Hmac<Sha256>;
 
 /// The 32-byte cluster secret, kept hex-encoded in a mode-0600 file.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret([u8; 32]);
 
 impl std::fmt::Debug for Secret {

@@ -134,14 +134,7 @@ pub fn copy_store(from: &str, to: &str) -> anyhow::Result<usize> {
     // The secret first: a target that has another cluster's secret is refused untouched.
     let secret = match &src_dir {
         Some(dir) => Secret::load(&secret_path(dir))?,
-        None => Secret::from_hex(
-            &String::from_utf8_lossy(&source.create_or_get(
-                "secret",
-                "cluster",
-                Secret::generate().to_hex().as_bytes(),
-            )?),
-            "the store's secret/cluster",
-        )?,
+        None => stored_secret(&source, &Secret::generate())?,
     };
     let objects: Vec<_> = source.all()?.into_iter().filter(|(k, _)| !k.starts_with("secret/")).collect();
     if target.all()?.iter().any(|(k, _)| !k.starts_with("secret/")) {
@@ -149,16 +142,12 @@ pub fn copy_store(from: &str, to: &str) -> anyhow::Result<usize> {
     }
     match &dst_dir {
         Some(dir) => match Secret::load(&secret_path(dir)) {
-            Ok(have) if have.to_hex() != secret.to_hex() => bail!("{to} has another cluster's secret"),
+            Ok(have) if have != secret => bail!("{to} has another cluster's secret"),
             Ok(_) => {}
             Err(_) => secret.save(&secret_path(dir))?,
         },
-        None => {
-            let stored = target.create_or_get("secret", "cluster", secret.to_hex().as_bytes())?;
-            if stored != secret.to_hex().as_bytes() {
-                bail!("{to} has another cluster's secret");
-            }
-        }
+        None if stored_secret(&target, &secret)? != secret => bail!("{to} has another cluster's secret"),
+        None => {}
     }
     let count = objects.len();
     for chunk in objects.chunks(64) {
@@ -171,10 +160,9 @@ pub fn copy_store(from: &str, to: &str) -> anyhow::Result<usize> {
 /// the store, every head takes the store's and writes it to its state directory, where local
 /// agents and admins read it.
 fn shared_secret(store: &Store, file: &Path) -> anyhow::Result<Secret> {
-    let stored = store.create_or_get("secret", "cluster", Secret::generate().to_hex().as_bytes())?;
-    let secret = Secret::from_hex(&String::from_utf8_lossy(&stored), "the store's secret/cluster")?;
+    let secret = stored_secret(store, &Secret::generate())?;
     match Secret::load(file) {
-        Ok(have) if have.to_hex() == secret.to_hex() => {}
+        Ok(have) if have == secret => {}
         Ok(_) => {
             warn!(file = %file.display(), "the secret file differs from the cluster's secret in the store: replacing it");
             secret.save(file)?;
@@ -184,7 +172,14 @@ fn shared_secret(store: &Store, file: &Path) -> anyhow::Result<Secret> {
     Ok(secret)
 }
 
-/// Mounts the tree, on the state directory's loop device when `stable` and it can be had.
+/// The cluster secret kept in `store`, put there as `candidate` when it has none.
+fn stored_secret(store: &Store, candidate: &Secret) -> anyhow::Result<Secret> {
+    let stored = store.create_or_get("secret", "cluster", candidate.to_hex().as_bytes())?;
+    Ok(Secret::from_hex(&String::from_utf8_lossy(&stored), "the store's secret/cluster")?)
+}
+
+/// Mounts the tree, on the state directory's loop device when `stable` and it can be had,
+/// else plain fuse (whose NFS handles change at a restart).
 fn mount_tree(
     view: Arc<View>,
     fs_cfg: clusterfs_fs::Config,
@@ -192,39 +187,30 @@ fn mount_tree(
     state: &Path,
     stable: bool,
 ) -> anyhow::Result<clusterfs_fs::Mount> {
-    let rt = tokio::runtime::Handle::current();
-    let plain = |view, fs_cfg| {
-        let mount = clusterfs_fs::mount(clusterfs_fs::SynthFs::new(view, fs_cfg), mountpoint, rt.clone())
-            .with_context(|| format!("mounting {}", mountpoint.display()))?;
-        info!(mountpoint = %mountpoint.display(), "mounted");
-        Ok(mount)
+    let mount = |device: Option<PathBuf>| {
+        let fs = clusterfs_fs::SynthFs::new(view.clone(), clusterfs_fs::Config { device, ..fs_cfg.clone() });
+        clusterfs_fs::mount(fs, mountpoint, tokio::runtime::Handle::current())
     };
-    if !stable {
-        return plain(view, fs_cfg);
-    }
-    let device = match device::attach(state) {
-        Ok(d) => d,
-        Err(e) => {
-            warn!(error = %e, "no loop device for the mount: mounting plain fuse, whose NFS handles change at a restart");
-            return plain(view, fs_cfg);
+    let device = stable.then(|| device::attach(state)).and_then(|attached| {
+        attached.map_err(|e| warn!(error = %e, "no loop device for the mount: mounting plain fuse")).ok()
+    });
+    if let Some(device) = device {
+        let mounted = mount(Some(device.clone()));
+        // Busy from now on (or unused on failure): the kernel frees it when the mount goes.
+        if let Err(e) = device::release(&device) {
+            warn!(error = %e, device = %device.display(), "cannot mark the mount device to go with the mount");
         }
-    };
-    let on_device = clusterfs_fs::Config { device: Some(device.clone()), ..fs_cfg.clone() };
-    let mounted = clusterfs_fs::mount(clusterfs_fs::SynthFs::new(view.clone(), on_device), mountpoint, rt.clone());
-    // Busy from now on (or unused on failure): the kernel frees it when the mount goes.
-    if let Err(e) = device::release(&device) {
-        warn!(error = %e, device = %device.display(), "cannot mark the mount device to go with the mount");
-    }
-    match mounted {
-        Ok(mount) => {
-            info!(mountpoint = %mountpoint.display(), device = %device.display(), "mounted");
-            Ok(mount)
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot mount on the loop device: mounting plain fuse, whose NFS handles change at a restart");
-            plain(view, fs_cfg)
+        match mounted {
+            Ok(m) => {
+                info!(mountpoint = %mountpoint.display(), device = %device.display(), "mounted");
+                return Ok(m);
+            }
+            Err(e) => warn!(error = %e, "cannot mount on the loop device: mounting plain fuse"),
         }
     }
+    let m = mount(None).with_context(|| format!("mounting {}", mountpoint.display()))?;
+    info!(mountpoint = %mountpoint.display(), "mounted");
+    Ok(m)
 }
 
 /// A FUSE mount whose daemon died answers ENOTCONN; detach it so we can mount again.

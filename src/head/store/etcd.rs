@@ -18,8 +18,8 @@ const MAX_BYTES: usize = 1 << 20;
 const PAGE: i64 = 1000;
 /// How long one request may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a call is tried again (on another member: the client spreads requests over all)
-/// before the store counts as unreachable. Every call is safe to repeat.
+/// How long a call is tried again, member after member, before the store counts as
+/// unreachable. Every call is safe to repeat.
 const GIVE_UP: Duration = Duration::from_secs(6);
 
 pub struct Etcd {
@@ -69,7 +69,7 @@ impl Etcd {
             rt: Some(rt),
         };
         // A linearizable read: fails unless a quorum answers.
-        etcd.scan_page(&etcd.key("version"), 1)?;
+        etcd.scan_page(&etcd.key(""), &prefix_end(&etcd.prefix), 1)?;
         tracing::info!(endpoints = ?endpoints, prefix, "store: etcd");
         Ok(etcd)
     }
@@ -114,9 +114,9 @@ impl Etcd {
         }
     }
 
-    /// Up to `limit` keys from `start` to the end of the prefix.
-    fn scan_page(&self, start: &str, limit: i64) -> Result<(Objects, bool), StoreError> {
-        let (start, end) = (start.to_string(), prefix_end(&self.prefix));
+    /// Up to `limit` keys from `start` to before `end`.
+    fn scan_page(&self, start: &str, end: &[u8], limit: i64) -> Result<(Objects, bool), StoreError> {
+        let (start, end) = (start.to_string(), end.to_vec());
         let resp = self.run(move |mut c| {
             let (start, end) = (start.clone(), end.clone());
             Box::pin(async move { c.get(start, Some(GetOptions::new().with_range(end).with_limit(limit))).await })
@@ -209,18 +209,13 @@ impl Backend for Etcd {
 
     fn scan(&self, prefix: &str) -> Result<Objects, StoreError> {
         let mut out = Objects::new();
-        let mut start = self.key(prefix);
+        let (mut start, end) = (self.key(prefix), prefix_end(&self.key(prefix)));
         loop {
-            let (page, more) = self.scan_page(&start, PAGE)?;
-            let done = !more || page.is_empty();
-            for (key, value) in page {
-                if !key.starts_with(prefix) {
-                    return Ok(out);
-                }
-                start = format!("{}\0", self.key(&key));
-                out.push((key, value));
-            }
-            if done {
+            let (page, more) = self.scan_page(&start, &end, PAGE)?;
+            let Some(last) = page.last() else { return Ok(out) };
+            start = format!("{}\0", self.key(&last.0));
+            out.extend(page);
+            if !more {
                 return Ok(out);
             }
         }

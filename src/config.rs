@@ -208,6 +208,18 @@ pub struct HeadConfig {
     /// device number and UUID, and with them an NFS re-export's file handles, are the same
     /// after a restart. Without it, or without loop devices, the mount is plain `fuse`.
     pub stable_mount: bool,
+    /// This head's name among the heads of a cluster [default: the host's short name].
+    pub name: String,
+    /// Where other heads and agents reach this head, HOST:PORT [default: the listen address,
+    /// with this host's name for a wildcard address].
+    pub advertise: String,
+    /// With an etcd store: seconds a leading head's lease lasts without renewal, so how soon
+    /// another head takes over after it dies.
+    pub lease_ttl_s: u64,
+    /// Where job output, HSM reports and VM consoles are spooled [default: the state
+    /// directory]. With several heads, a directory every head mounts (NFS, Lustre), so the
+    /// head that takes over has what the last one wrote.
+    pub shared_dir: Option<PathBuf>,
 }
 
 impl Default for HeadConfig {
@@ -223,6 +235,10 @@ impl Default for HeadConfig {
             nodeset_limit: crate::nodeset::DEFAULT_LIMIT,
             ping_timeout_ms: 2000,
             stable_mount: true,
+            name: String::new(),
+            advertise: String::new(),
+            lease_ttl_s: 3,
+            shared_dir: None,
         }
     }
 }
@@ -269,6 +285,12 @@ impl Config {
         }
         if h.max_frame < 4096 {
             return Err("head.max_frame must be at least 4096".into());
+        }
+        if !(1..=600).contains(&h.lease_ttl_s) {
+            return Err("head.lease_ttl_s must be between 1 and 600".into());
+        }
+        if !h.name.is_empty() {
+            crate::names::check("head", &h.name).map_err(|e| format!("head.name: {e}"))?;
         }
         let i = &self.images;
         if i.fs_type != "ext4" {

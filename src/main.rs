@@ -141,21 +141,25 @@ fn serve(args: HeadArgs, nodes: Option<String>) -> anyhow::Result<()> {
     let mountpoint = std::path::absolute(&args.mountpoint)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let head = head::start(cfg.clone(), &mountpoint).await?;
+        let mut head = head::start(cfg.clone(), &mountpoint).await?;
         let mut agent = match &local {
             Some(set) if !set.is_empty() => Some(spawn_agent(&head.addr.to_string(), set, &cfg.head.state_dir)?),
             _ => None,
         };
         println!("clusterfs: mounted at {}, agents dial {}", mountpoint.display(), head.addr);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
-            _ = term.recv() => info!("SIGTERM: stopping"),
-        }
+        let lost = tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); false }
+            _ = term.recv() => { info!("SIGTERM: stopping"); false }
+            _ = head.lost() => true,
+        };
         if let Some(child) = agent.as_mut() {
             stop_child(child);
         }
         head.stop();
+        if lost {
+            bail!("this head leads no more and cannot go on: start it again to rejoin (systemd's Restart= does)");
+        }
         Ok(())
     })
 }

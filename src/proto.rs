@@ -156,6 +156,62 @@ pub enum Message {
     Vms { vms: Vec<VmStatus> },
     /// Head -> agent: send VM `id`'s console from this offset on.
     VmConsoleFrom { id: u64, from: u64 },
+    /// Head -> leading head, on a peer link: an operation on the tree, for a caller of its mount.
+    Tree { id: u64, call: Box<TreeCall> },
+    /// Leading head -> head: the outcome of tree call `id`.
+    TreeAnswer { id: u64, answer: TreeAnswer },
+}
+
+/// One operation of the filesystem's tree, made on the leading head for a caller of another
+/// head's mount. Paths are the components below the mount root.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreeCall {
+    pub path: Vec<String>,
+    pub caller: TreeCaller,
+    pub op: TreeOp,
+}
+
+/// Who is asking, as the calling head's kernel said, with the process's groups read there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeCaller {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum TreeOp {
+    Node,
+    List,
+    Render { nonblock: bool },
+    ReadLog { offset: u64, size: u32 },
+    Write { handle: u64, offset: u64, #[serde(with = "hex::serde")] data: Vec<u8> },
+    Flush { handle: u64 },
+    Release { handle: u64 },
+    Mkdir { mode: u32 },
+    Rmdir,
+    Create { mode: u32 },
+    Unlink,
+    Chmod { mode: u32 },
+}
+
+impl TreeOp {
+    /// Whether asking again, after the leading head went away mid-call, is safe.
+    pub fn is_read(&self) -> bool {
+        matches!(self, TreeOp::Node | TreeOp::List | TreeOp::Render { .. } | TreeOp::ReadLog { .. })
+    }
+}
+
+/// What a tree call answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum TreeAnswer {
+    Node { kind: String, perm: u16, uid: u32, gid: u32, mtime_ns: u64, size: u64, generation: u64 },
+    Names { names: Vec<String> },
+    Bytes { #[serde(with = "hex::serde")] data: Vec<u8> },
+    Done,
+    Failed { errno: i32, message: String },
 }
 
 impl Message {
@@ -181,6 +237,8 @@ impl Message {
             Message::HsmAck { .. } => "hsm_ack",
             Message::Vms { .. } => "vms",
             Message::VmConsoleFrom { .. } => "vm_console_from",
+            Message::Tree { .. } => "tree",
+            Message::TreeAnswer { .. } => "tree_answer",
         }
     }
 }

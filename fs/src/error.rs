@@ -27,6 +27,34 @@ pub enum Errno {
 }
 
 impl Errno {
+    /// Every errno, for lookups by code.
+    pub const ALL: [Errno; 19] = [
+        Errno::NoEnt,
+        Errno::Inval,
+        Errno::Acces,
+        Errno::Perm,
+        Errno::Busy,
+        Errno::Exist,
+        Errno::NotDir,
+        Errno::IsDir,
+        Errno::NotEmpty,
+        Errno::NoSpc,
+        Errno::Again,
+        Errno::HostDown,
+        Errno::Stale,
+        Errno::Io,
+        Errno::FBig,
+        Errno::RoFs,
+        Errno::NoSys,
+        Errno::TimedOut,
+        Errno::NameTooLong,
+    ];
+
+    /// The errno with libc code `code`, or EIO for one this filesystem never answers with.
+    pub fn from_code(code: i32) -> Errno {
+        Errno::ALL.into_iter().find(|e| e.code() == code).unwrap_or(Errno::Io)
+    }
+
     /// The libc code the kernel gets.
     pub fn code(self) -> i32 {
         match self {

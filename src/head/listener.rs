@@ -2,43 +2,52 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::{Secret, head_handshake};
-use crate::head::cluster::{Cluster, Link};
-use crate::head::hsm::Hsm;
-use crate::head::jobs::{Jobs, Stray};
-use crate::head::vms::Vms;
+use crate::head::Core;
+use crate::head::cluster::Link;
+use crate::head::jobs::Stray;
+use crate::head::lead::Candidate;
+use crate::head::peer::{self, PEER_PREFIX};
 use crate::names;
 use crate::proto::{Conn, Frame, Message, ProtoError};
 
 /// How long an agent has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a following head holds a new connection while it looks for the leading head
+/// (less than an agent's handshake timeout, so the agent redials rather than gives up).
+const HOLD_FOR_LEADER: Duration = Duration::from_secs(4);
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
-/// Serves agents on `listener` until the task is dropped.
-pub async fn serve(
-    cluster: Arc<Cluster>,
-    jobs: Arc<Jobs>,
-    hsm: Arc<Hsm>,
-    vms: Arc<Vms>,
-    listener: TcpListener,
-    secret: Arc<Secret>,
-) {
+/// What this head is to a new connection: its cluster once it leads; until then, where the
+/// leading head is.
+#[derive(Debug, Clone)]
+pub struct Roles {
+    pub core: watch::Receiver<Option<Arc<Core>>>,
+    pub leader: watch::Receiver<Option<Candidate>>,
+    /// Where this head is reached, to know itself in the election.
+    pub me: String,
+}
+
+/// Serves agents and following heads on `listener` until the task is dropped; while another
+/// head leads, connections are passed through to it.
+pub async fn serve(roles: Roles, listener: TcpListener, secret: Arc<Secret>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                 let span = info_span!("agent", conn, %peer);
-                tokio::spawn(
-                    handle(cluster.clone(), jobs.clone(), hsm.clone(), vms.clone(), stream, secret.clone(), conn)
-                        .instrument(span),
-                );
+                let core = roles.core.borrow().clone();
+                match core {
+                    Some(core) => tokio::spawn(handle(core, stream, secret.clone(), conn).instrument(span)),
+                    None => tokio::spawn(pass(roles.clone(), stream, secret.clone(), conn).instrument(span)),
+                };
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -48,25 +57,58 @@ pub async fn serve(
     }
 }
 
-async fn handle(
-    cluster: Arc<Cluster>,
-    jobs: Arc<Jobs>,
-    hsm: Arc<Hsm>,
-    vms: Arc<Vms>,
-    stream: TcpStream,
-    secret: Arc<Secret>,
-    conn_id: u64,
-) {
+/// A connection to a following head: passed through, byte for byte, to the leading head, until
+/// either side closes or another head leads. It is served here if this head leads meanwhile.
+async fn pass(mut roles: Roles, mut stream: TcpStream, secret: Arc<Secret>, conn: u64) {
+    let deadline = Instant::now() + HOLD_FOR_LEADER;
+    loop {
+        let core = roles.core.borrow().clone();
+        if let Some(core) = core {
+            return handle(core, stream, secret, conn).await;
+        }
+        let leader = roles.leader.borrow_and_update().clone();
+        if let Some(leader) = leader.filter(|l| l.addr != roles.me) {
+            let dialled = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&leader.addr)).await;
+            if let Ok(Ok(mut upstream)) = dialled {
+                let _ = upstream.set_nodelay(true);
+                debug!(leader = leader.name, "passing a connection to the leading head");
+                tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut stream, &mut upstream) => {
+                        debug!(result = ?r, "passed connection closed");
+                    }
+                    _ = roles.leader.changed() => debug!("another head leads: closing a passed connection"),
+                }
+                return;
+            }
+        }
+        if Instant::now() >= deadline {
+            return debug!("no leading head to pass a connection to");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// An agent's or a following head's connection to the leading head.
+async fn handle(core: Arc<Core>, stream: TcpStream, secret: Arc<Secret>, conn_id: u64) {
+    let (cluster, jobs, hsm, vms) = (&core.cluster, &core.jobs, &core.hsm, &core.vms);
     let _ = stream.set_nodelay(true);
     let mut conn = Conn::new(stream, cluster.cfg.max_frame);
-    let peer =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, head_handshake(&mut conn, &secret, |n| names::check("node", n)))
-            .await
-        {
-            Ok(Ok(peer)) => peer,
-            Ok(Err(e)) => return warn!(error = %e, "agent refused"),
-            Err(_) => return warn!("agent refused: handshake timed out"),
-        };
+    let valid = |n: &str| match n.strip_prefix(PEER_PREFIX) {
+        Some(head) => names::check("head", head),
+        None => names::check("node", n),
+    };
+    let peer = match tokio::time::timeout(HANDSHAKE_TIMEOUT, head_handshake(&mut conn, &secret, valid)).await {
+        Ok(Ok(peer)) => peer,
+        Ok(Err(e)) => return warn!(error = %e, "agent refused"),
+        Err(_) => return warn!("agent refused: handshake timed out"),
+    };
+    if let Some(head) = peer.node.strip_prefix(PEER_PREFIX) {
+        if conn.send(&Message::Welcome { interval_ms: cluster.cfg.interval_ms }).await.is_err() {
+            return;
+        }
+        info!(head, "following head connected");
+        return peer::serve(core.view.clone(), conn, conn_id, cluster.cfg.max_frame).await;
+    }
     let node = peer.node;
     let (tx, mut rx) = mpsc::channel::<Message>(256);
     if let Err(reason) = cluster.attach(&node, Link { conn: conn_id, tx }) {

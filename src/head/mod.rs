@@ -5,18 +5,22 @@ mod device;
 pub mod hsm;
 pub mod images;
 pub mod jobs;
+mod lead;
 pub mod listener;
+pub mod peer;
 pub mod store;
 pub mod vms;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, bail};
+use clusterfs_fs::{Answer, Caller, Node, Tree, Write};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 use crate::auth::Secret;
 use crate::config::Config;
@@ -25,6 +29,7 @@ use cluster::Cluster;
 use hsm::Hsm;
 use images::Images;
 use jobs::Jobs;
+use lead::{Candidate, Election};
 use store::{Location, Store};
 use vms::Vms;
 
@@ -32,14 +37,44 @@ use vms::Vms;
 #[derive(Debug)]
 pub struct Head {
     pub addr: SocketAddr,
-    pub cluster: Arc<Cluster>,
-    pub jobs: Arc<Jobs>,
-    pub images: Arc<Images>,
-    pub hsm: Arc<Hsm>,
-    pub vms: Arc<Vms>,
     mountpoint: PathBuf,
     mount: Option<clusterfs_fs::Mount>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The cluster this head runs, once it leads.
+    core: watch::Receiver<Option<Arc<Core>>>,
+    /// Set when this head must stop: etcd ended its lease, or it could not take the lead.
+    lost: watch::Receiver<bool>,
+}
+
+/// What the leading head runs: the cluster model, its keepers and the tree it renders.
+#[derive(Debug)]
+pub struct Core {
+    pub cluster: Arc<Cluster>,
+    pub jobs: Arc<Jobs>,
+    pub hsm: Arc<Hsm>,
+    pub vms: Arc<Vms>,
+    pub view: Arc<View>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Core {
+    /// Loads the cluster from `store` and starts scheduling; spools go under `shared`.
+    fn start(config: &Config, store: Store, secret: Arc<Secret>, shared: &Path) -> anyhow::Result<Core> {
+        let cluster = Arc::new(Cluster::load(config.head.clone(), store)?);
+        let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), shared.join("spool"), secret)?);
+        let images = Arc::new(Images::load(config.images.clone(), cluster.clone())?);
+        let hsm = Arc::new(Hsm::load(config.hsm.clone(), cluster.clone(), shared.join("hsm-reports"))?);
+        let vms = Arc::new(Vms::load(config.vms.clone(), cluster.clone(), shared.join("vm-consoles"))?);
+        let view = Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone(), vms.clone()));
+        let tasks = vec![
+            tokio::spawn(jobs.clone().scheduler()),
+            tokio::spawn(images.keeper()),
+            tokio::spawn(hsm.clone().keeper()),
+            tokio::spawn(vms.clone().keeper()),
+        ];
+        jobs.resume_copies();
+        Ok(Core { cluster, jobs, hsm, vms, view, tasks })
+    }
 }
 
 impl Head {
@@ -47,6 +82,11 @@ impl Head {
     pub fn stop(mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(core) = self.core.borrow().as_ref() {
+            for t in &core.tasks {
+                t.abort();
+            }
         }
         if let Some(m) = self.mount.take() {
             if let Err(e) = m.unmount() {
@@ -59,13 +99,21 @@ impl Head {
             }
         }
     }
+
+    /// Returns when this head must stop: another head may lead now (etcd ended this head's
+    /// lease), or it won the lead and could not load the cluster.
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|lost| *lost).await;
+    }
 }
 
 pub fn secret_path(state_dir: &Path) -> PathBuf {
     state_dir.join("secret")
 }
 
-/// Starts a head: opens the state, listens for agents, mounts the tree at `mountpoint`.
+/// Starts a head: opens the state, listens for agents, mounts the tree at `mountpoint`. With
+/// the embedded store it leads at once; with etcd it campaigns, serving the tree through the
+/// leading head until it leads itself.
 pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     let cfg = config.head.clone();
     let state = cfg.state_dir.clone();
@@ -75,23 +123,44 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         .create(&state)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))?;
+    let shared = cfg.shared_dir.clone().unwrap_or_else(|| state.clone());
     let location = Location::parse(&cfg.store, &state).map_err(anyhow::Error::msg)?;
     let store = Store::open_at(&location)?;
     let secret = Arc::new(match location {
         Location::Embedded(_) => Secret::load_or_create(&secret_path(&state))?,
         Location::Etcd { .. } => shared_secret(&store, &secret_path(&state))?,
     });
-    let cluster = Arc::new(Cluster::load(cfg.clone(), store)?);
-    let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), state.join("spool"), secret.clone())?);
-    let images = Arc::new(Images::load(config.images.clone(), cluster.clone())?);
-    let hsm = Arc::new(Hsm::load(config.hsm.clone(), cluster.clone(), state.join("hsm-reports"))?);
-    let vms = Arc::new(Vms::load(config.vms.clone(), cluster.clone(), state.join("vm-consoles"))?);
-
     let listener =
         TcpListener::bind(&cfg.listen).await.with_context(|| format!("listening for agents on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let me = Candidate { name: head_name(&cfg.name, addr), addr: advertised(&cfg.advertise, addr) };
+
+    let (core_tx, core) = watch::channel(None::<Arc<Core>>);
+    let (leader_tx, leader) = watch::channel(None::<Candidate>);
+    let (lost_tx, lost) = watch::channel(false);
+    let serving = Arc::new(Serving::default());
+    let mut tasks = Vec::new();
+    let election = match &location {
+        Location::Embedded(_) => {
+            let c = Arc::new(Core::start(&config, store, secret.clone(), &shared)?);
+            serving.set(c.view.clone());
+            core_tx.send_replace(Some(c));
+            None
+        }
+        Location::Etcd { endpoints, prefix } => {
+            let election = Election::join(endpoints, prefix, me.clone(), cfg.lease_ttl_s, lost_tx.clone()).await?;
+            let remote = peer::Remote::new(&me.name, secret.clone(), cfg.max_frame, leader.clone());
+            serving.set(Arc::new(peer::RemoteTree(Arc::new(remote))));
+            Some((Arc::new(election), store))
+        }
+    };
     std::fs::write(state.join("head.addr"), format!("{addr}\n"))?;
-    info!(%addr, "listening for agents");
+    info!(%addr, head = me.name, "listening for agents and heads");
+    tasks.push(tokio::spawn(listener::serve(
+        listener::Roles { core: core.clone(), leader: leader.clone(), me: me.addr.clone() },
+        listener,
+        secret.clone(),
+    )));
 
     clear_stale_mount(mountpoint)?;
     let fs_cfg = clusterfs_fs::Config {
@@ -99,18 +168,110 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         fsname: "clusterfs".into(),
         ..clusterfs_fs::Config::default()
     };
-    let view = Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone(), vms.clone()));
-    let mount = mount_tree(view, fs_cfg, mountpoint, &state, cfg.stable_mount)?;
+    let mount = mount_tree(serving.clone(), fs_cfg, mountpoint, &state, cfg.stable_mount)?;
 
-    let tasks = vec![
-        tokio::spawn(listener::serve(cluster.clone(), jobs.clone(), hsm.clone(), vms.clone(), listener, secret)),
-        tokio::spawn(jobs.clone().scheduler()),
-        tokio::spawn(images.clone().keeper()),
-        tokio::spawn(hsm.clone().keeper()),
-        tokio::spawn(vms.clone().keeper()),
-    ];
-    jobs.resume_copies();
-    Ok(Head { addr, cluster, jobs, images, hsm, vms, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks })
+    if let Some((election, store)) = election {
+        tasks.push(tokio::spawn(election.clone().follow(leader_tx)));
+        tasks.push(tokio::spawn(async move {
+            let fence = election.campaign().await;
+            store.fence(&fence.key, fence.revision);
+            match Core::start(&config, store, secret, &shared) {
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    serving.set(c.view.clone());
+                    core_tx.send_replace(Some(c));
+                }
+                Err(e) => {
+                    error!(error = %e, "this head won the lead but cannot load the cluster: stopping");
+                    lost_tx.send_replace(true);
+                }
+            }
+        }));
+    }
+    Ok(Head { addr, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks, core, lost })
+}
+
+/// This head's name among heads: `[head] name`, else the host's short name and the port.
+fn head_name(configured: &str, addr: SocketAddr) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let short = host.split('.').next().unwrap_or_default();
+    let name = format!("{short}-{}", addr.port());
+    if crate::names::check("head", &name).is_ok() { name } else { format!("head-{}", addr.port()) }
+}
+
+/// Where other heads and agents reach this head: `[head] advertise`, else the bound address,
+/// with this host's name in place of a wildcard address.
+fn advertised(configured: &str, addr: SocketAddr) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    if addr.ip().is_unspecified() {
+        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        return format!("{host}:{}", addr.port());
+    }
+    addr.to_string()
+}
+
+/// The tree the mount serves: the leading head's own, or the one asked of it.
+#[derive(Default)]
+struct Serving(RwLock<Option<Arc<dyn Tree>>>);
+
+impl std::fmt::Debug for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Serving")
+    }
+}
+
+impl Serving {
+    fn set(&self, tree: Arc<dyn Tree>) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tree);
+    }
+
+    fn now(&self) -> Arc<dyn Tree> {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone().expect("a tree is set before mounting")
+    }
+}
+
+impl Tree for Serving {
+    fn node(&self, path: &[&str]) -> clusterfs_fs::Result<Node> {
+        self.now().node(path)
+    }
+    fn list(&self, path: &[&str]) -> clusterfs_fs::Result<Vec<String>> {
+        self.now().list(path)
+    }
+    fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
+        self.now().render(path, caller, nonblock)
+    }
+    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> clusterfs_fs::Result<Vec<u8>> {
+        self.now().read_log(path, caller, offset, size)
+    }
+    fn write(&self, path: &[&str], caller: &Caller, write: Write<'_>) -> Answer<Vec<u8>> {
+        self.now().write(path, caller, write)
+    }
+    fn flush(&self, path: &[&str], caller: &Caller, handle: u64) -> Answer<()> {
+        self.now().flush(path, caller, handle)
+    }
+    fn release(&self, path: &[&str], caller: &Caller, handle: u64) {
+        self.now().release(path, caller, handle)
+    }
+    fn mkdir(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
+        self.now().mkdir(path, caller, mode)
+    }
+    fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        self.now().rmdir(path, caller)
+    }
+    fn create(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
+        self.now().create(path, caller, mode)
+    }
+    fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        self.now().unlink(path, caller)
+    }
+    fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> clusterfs_fs::Result<()> {
+        self.now().chmod(path, caller, mode)
+    }
 }
 
 /// Copies every object of the store at `from` into the empty store at `to`, and the cluster
@@ -181,7 +342,7 @@ fn stored_secret(store: &Store, candidate: &Secret) -> anyhow::Result<Secret> {
 /// Mounts the tree, on the state directory's loop device when `stable` and it can be had,
 /// else plain fuse (whose NFS handles change at a restart).
 fn mount_tree(
-    view: Arc<View>,
+    view: Arc<Serving>,
     fs_cfg: clusterfs_fs::Config,
     mountpoint: &Path,
     state: &Path,

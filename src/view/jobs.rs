@@ -778,18 +778,9 @@ fn user_name(uid: u32) -> String {
     nix::unistd::User::from_uid(uid.into()).ok().flatten().map_or_else(|| uid.to_string(), |u| u.name)
 }
 
-/// The submitter: uid and gid of the request, supplementary groups of the writing process
-/// when that process is the caller (an NFS server writing for a client gets only the gid).
+/// The submitter: uid and gid of the request, with the caller's groups.
 fn owner_of(caller: &Caller) -> Owner {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", caller.pid)).unwrap_or_default();
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
-    let process_uid: Option<u32> = field("Uid:").split_whitespace().nth(1).and_then(|u| u.parse().ok());
-    let groups = if process_uid == Some(caller.uid) {
-        field("Groups:").split_whitespace().filter_map(|g| g.parse().ok()).collect()
-    } else {
-        vec![caller.gid]
-    };
-    Owner { uid: caller.uid, gid: caller.gid, groups, user: user_name(caller.uid) }
+    Owner { uid: caller.uid, gid: caller.gid, groups: super::caller_groups(caller), user: user_name(caller.uid) }
 }
 
 fn spec_help() -> String {

@@ -8,8 +8,10 @@ mod nodes;
 mod vms;
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::SystemTime;
+
+use dashmap::DashMap;
 
 use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result, Tree, Write};
 
@@ -18,6 +20,49 @@ use crate::head::hsm::Hsm;
 use crate::head::images::Images;
 use crate::head::jobs::Jobs;
 use crate::head::vms::Vms;
+
+/// Callers of another head's mount, whose processes this head cannot read: their groups, by
+/// the stand-in pid (at or above `REMOTE_PID`) their calls carry here.
+static REMOTE_CALLERS: LazyLock<DashMap<u32, Vec<u32>>> = LazyLock::new(DashMap::new);
+/// Stand-in pids start here, above any real pid (`pid_max` is at most 2^22).
+const REMOTE_PID: u32 = 1 << 31;
+static NEXT_REMOTE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A caller of another head's mount, known here by a stand-in pid while its call runs.
+#[derive(Debug)]
+pub struct RemoteCaller(pub Caller);
+
+impl RemoteCaller {
+    pub fn new(uid: u32, gid: u32, groups: Vec<u32>) -> RemoteCaller {
+        let n = NEXT_REMOTE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = REMOTE_PID | (n & (REMOTE_PID - 1));
+        REMOTE_CALLERS.insert(pid, groups);
+        RemoteCaller(Caller { uid, gid, pid })
+    }
+}
+
+impl Drop for RemoteCaller {
+    fn drop(&mut self) {
+        REMOTE_CALLERS.remove(&self.0.pid);
+    }
+}
+
+/// The caller's groups: those of the calling process when it runs as the caller, those its
+/// head passed on for a caller of another head's mount, else its gid alone (an NFS server
+/// writing for a client gives only that).
+pub fn caller_groups(caller: &Caller) -> Vec<u32> {
+    if let Some(groups) = REMOTE_CALLERS.get(&caller.pid) {
+        return groups.clone();
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", caller.pid)).unwrap_or_default();
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
+    let process_uid: Option<u32> = field("Uid:").split_whitespace().nth(1).and_then(|u| u.parse().ok());
+    if process_uid == Some(caller.uid) {
+        field("Groups:").split_whitespace().filter_map(|g| g.parse().ok()).collect()
+    } else {
+        vec![caller.gid]
+    }
+}
 
 /// One file a directory always has: its name, kind, mode and what it holds.
 #[derive(Debug)]

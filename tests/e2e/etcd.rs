@@ -208,3 +208,125 @@ fn store_copy_moves_an_embedded_site_into_etcd() {
     let id2 = crate::jobs::submit_as(&c, "root", "echo after the move\n");
     assert_eq!(wait(&c, id2), "0\n");
 }
+
+/// Runs `tail -f` on `path` until stopped; what it printed.
+struct Tail(Child);
+
+impl Tail {
+    fn start(path: &std::path::Path) -> Tail {
+        Tail(Command::new("tail").arg("-f").arg(path).stdout(Stdio::piped()).spawn().expect("tail"))
+    }
+
+    fn stop(mut self) -> String {
+        let _ = self.0.kill();
+        let mut out = String::new();
+        self.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        let _ = self.0.wait();
+        out
+    }
+}
+
+fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).ino()
+}
+
+/// Writes `data` into `rel` of `c`, again while no head leads; how long it took.
+fn write_when_led(c: &Cluster, rel: &str, data: &[u8]) -> Duration {
+    let started = Instant::now();
+    loop {
+        match c.write(rel, data) {
+            Ok(()) => return started.elapsed(),
+            Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                assert!([libc::EAGAIN, libc::EHOSTDOWN, libc::EROFS].contains(&e), "errno {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("no head took writes for 30 s (errno {e}):\n{}", c.log()),
+        }
+    }
+}
+
+#[test]
+fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
+    if !crate::can_mount() {
+        return;
+    }
+    let Some(mut etcd) = Etcd::start(3) else { return };
+    // Job output is spooled where both heads see it.
+    let shared = tempfile::tempdir().unwrap();
+    let config =
+        format!("store = \"{}\"\nlease_ttl_s = 2\nshared_dir = \"{}\"\n", etcd.url("two"), shared.path().display());
+    let mut a = Cluster::up_with("", 200, &config);
+    let b = Cluster::up_with("", 200, &config);
+    assert_eq!(std::fs::read(a.secret_file()).unwrap(), std::fs::read(b.secret_file()).unwrap());
+    let heads = format!("{},{}", a.addr(), b.addr());
+    for n in 1..=3 {
+        a.agent_on(&[], &heads, &["--name", &format!("cn{n}")]);
+    }
+    for c in [&a, &b] {
+        let up = eventually(Duration::from_secs(20), || c.read("nodes/up") == "cn[1-3]\n");
+        assert!(up, "{}\n{}", c.read("nodes/up"), c.log());
+    }
+
+    // Submitted on one head: seen, waited for and followed on the other, and the same inodes.
+    let id = crate::jobs::submit_as(&a, "root", "for i in 1 2 3 4 5; do echo line $i; sleep 0.3; done\n");
+    let stdout = format!("jobs/{id}/stdout");
+    let tails = [Tail::start(&a.path(&stdout)), Tail::start(&b.path(&stdout))];
+    assert_eq!(wait(&b, id), "0\n", "{}", b.read(&format!("jobs/{id}/state")));
+    let lines: String = (1..=5).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(b.read(&stdout), lines);
+    std::thread::sleep(Duration::from_millis(1500));
+    for t in tails {
+        assert_eq!(t.stop(), lines, "tail -f of the job's stdout");
+    }
+    for rel in [stdout.as_str(), "jobs/new", "nodes/cn2/sitrep", "groups"] {
+        assert_eq!(inode(&a.path(rel)), inode(&b.path(rel)), "{rel}");
+    }
+    // Submitted on the other, killed from the first; bad input there gets its own error.
+    let long = crate::jobs::submit_as(&b, "root", "sleep 60\n");
+    crate::jobs::assert_running(&a, long);
+    a.write(&format!("jobs/{long}/ctl"), b"kill\n").unwrap();
+    crate::jobs::assert_killed(&wait(&b, long));
+    assert_eq!(b.write("groups/bad", b"cn[1-\n"), Err(libc::EINVAL));
+    assert!(b.read("groups/error").starts_with("EINVAL"), "{}", b.read("groups/error"));
+    assert_eq!(a.read("groups/error"), "", "an error is its caller's, on its own mount");
+
+    // 200 jobs, queued and running, when the leading head is SIGKILLed: each ends once.
+    let marks_file = shared.path().join("marks");
+    std::fs::write(&marks_file, "").unwrap();
+    let m = marks_file.display();
+    let ids: Vec<u64> = (0..200)
+        .map(|i| {
+            let on = if i % 2 == 0 { &a } else { &b };
+            crate::jobs::submit_as(on, "root", &format!("echo $CLUSTER_JOB_ID >> {m}; sleep 0.2\n"))
+        })
+        .collect();
+    a.crash_head();
+    let took = write_when_led(&b, "groups/after", b"cn[1-3]\n");
+    eprintln!("two heads: the other head took writes {took:?} after the leader's SIGKILL (lease_ttl_s = 2)");
+    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    let up = eventually(Duration::from_secs(20), || b.read("nodes/up") == "cn[1-3]\n");
+    assert!(up, "the agents did not come to the new leader: {}\n{}", b.read("nodes/up"), b.log());
+    for id in &ids {
+        assert_eq!(wait(&b, *id), "0\n", "job {id}: {}", b.read(&format!("jobs/{id}/state")));
+    }
+    let mut want = ids.clone();
+    want.sort_unstable();
+    assert_eq!(crate::faults::marks(&marks_file), want, "each job ran exactly once");
+    // Output the dead head spooled is read from the new leader.
+    assert_eq!(b.read(&stdout), lines);
+
+    // The killed head comes back as a follower, and serves the same tree.
+    a.start_head();
+    assert_eq!(a.read(&format!("jobs/{id}/state")), "done 0\n");
+    assert_eq!(a.read("groups/after"), "cn[1-3]\n");
+    // One etcd member down: nothing stops. Two: writes are refused on both heads, reads go on.
+    etcd.kill(0);
+    let id2 = crate::jobs::submit_as(&a, "root", "echo one member down\n");
+    assert_eq!(wait(&b, id2), "0\n");
+    etcd.kill(1);
+    assert_eq!(a.write("groups/g3", b"cn1\n"), Err(libc::EROFS));
+    assert!(a.read("groups/error").contains("store is unreachable"), "{}", a.read("groups/error"));
+    assert_eq!(b.read(&format!("jobs/{id2}/stdout")), "one member down\n");
+    assert_eq!(a.read(&format!("jobs/{id2}/stdout")), "one member down\n");
+}

@@ -7,7 +7,7 @@ use crate::jobs::{assert_running, submit_as, wait};
 use crate::net::Net;
 
 /// The job ids appended to `marks`, sorted: each job appends its own once per run.
-fn marks(path: &std::path::Path) -> Vec<u64> {
+pub fn marks(path: &std::path::Path) -> Vec<u64> {
     let mut ids: Vec<u64> =
         std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| l.parse().expect("a job id")).collect();
     ids.sort_unstable();

@@ -33,6 +33,9 @@ pub struct Etcd {
     down: std::sync::atomic::AtomicBool,
     /// Every key starts with it, then `/`.
     prefix: String,
+    /// The election key this head holds while it leads, and its creation revision: every
+    /// write requires it, so a head whose lease ended writes nothing more.
+    fence: std::sync::Mutex<Option<(Vec<u8>, i64)>>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
@@ -66,6 +69,7 @@ impl Etcd {
             current: Default::default(),
             down: Default::default(),
             prefix: format!("{prefix}/"),
+            fence: Default::default(),
             rt: Some(rt),
         };
         // A linearizable read: fails unless a quorum answers.
@@ -199,12 +203,27 @@ impl Backend for Etcd {
                     None => TxnOp::delete(self.key(key), None),
                 })
                 .collect();
-            self.run(move |mut c| {
+            let fence = self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            let held = self.run(move |mut c| {
                 let ops = ops.clone();
-                Box::pin(async move { c.txn(Txn::new().and_then(ops)).await.map(|_| ()) })
+                let when: Vec<Compare> = fence
+                    .iter()
+                    .map(|(key, rev)| Compare::create_revision(key.clone(), CompareOp::Equal, *rev))
+                    .collect();
+                Box::pin(async move { c.txn(Txn::new().when(when).and_then(ops)).await.map(|r| r.succeeded()) })
             })?;
+            if !held {
+                tracing::error!("a store write was refused: this head's election key is gone, so it leads no more");
+                return Err(StoreError::Unavailable(
+                    "this head no longer leads the cluster (its lease ended); another head takes over".into(),
+                ));
+            }
         }
         Ok(())
+    }
+
+    fn fence(&self, key: &[u8], revision: i64) {
+        *self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((key.to_vec(), revision));
     }
 
     fn scan(&self, prefix: &str) -> Result<Objects, StoreError> {

@@ -61,6 +61,11 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn scan(&self, prefix: &str) -> Result<Objects, StoreError>;
     /// Sets `key` to `value` unless it has a value already; returns the value it has now.
     fn create_or_get(&self, key: &str, value: &[u8]) -> Result<Vec<u8>, StoreError>;
+    /// From now on, commit only while the backend's own `key` has creation `revision` (the
+    /// election key of a leading head). Backends one head owns alone ignore it.
+    fn fence(&self, key: &[u8], revision: i64) {
+        let _ = (key, revision);
+    }
 }
 
 /// Which backend a head uses: `etcd://host:port,host:port[/prefix]`, or empty for the
@@ -228,6 +233,11 @@ impl Store {
     /// Every object of every kind, as stored: for `clusterfs store copy`.
     pub fn all(&self) -> Result<Objects, StoreError> {
         self.backend.scan("")
+    }
+
+    /// Commits only while the leading head's election key stands (see `Backend::fence`).
+    pub fn fence(&self, key: &[u8], revision: i64) {
+        self.backend.fence(key, revision);
     }
 
     /// `kind/name`'s value, set to `value` first if it has none: the first head to start

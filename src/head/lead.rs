@@ -1,0 +1,146 @@
+//! Which head leads a cluster whose heads share an etcd store: a lease each, etcd's election API.
+//!
+//! Every head campaigns with a lease of `lease_ttl_s`; the one elected leads (schedules and
+//! serves agents and the other heads' mounts) until its lease ends. The others follow: they
+//! learn where the leader is and wait their turn. A leader whose lease etcd has ended must stop
+//! at once: its store writes are fenced on its election key, so none of them lands after that.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, LeaderKey};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// What a head puts in the election: who it is and where peers and agents reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub name: String,
+    pub addr: String,
+}
+
+/// This head's place in the election.
+pub struct Election {
+    client: Client,
+    name: String,
+    lease: i64,
+    me: Candidate,
+}
+
+impl std::fmt::Debug for Election {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Election").field("name", &self.name).field("lease", &self.lease).finish_non_exhaustive()
+    }
+}
+
+/// The key this head holds while it leads: store writes are made only while it exists.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub revision: i64,
+}
+
+impl Election {
+    /// Joins the election of the cluster under `prefix` with a lease of `ttl_s` seconds, kept
+    /// alive from now on; `lost` is told when etcd says the lease has ended.
+    pub async fn join(
+        endpoints: &[String],
+        prefix: &str,
+        me: Candidate,
+        ttl_s: u64,
+        lost: watch::Sender<bool>,
+    ) -> anyhow::Result<Election> {
+        // No request timeout: a campaign waits as long as another head leads.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+        let mut client = Client::connect(endpoints, Some(options)).await?;
+        let ttl = i64::try_from(ttl_s).unwrap_or(i64::MAX);
+        let lease = client.lease_grant(ttl, None).await?.id();
+        tokio::spawn(keep_alive(client.clone(), lease, ttl_s, lost));
+        info!(lease, ttl_s, head = me.name, "joined the election");
+        Ok(Election { client, name: format!("{prefix}/leader"), lease, me })
+    }
+
+    /// Returns once this head leads, with the key it holds while it does.
+    pub async fn campaign(&self) -> Fence {
+        let value = serde_json::to_vec(&self.me).expect("a candidate serializes");
+        loop {
+            let mut client = self.client.clone();
+            match client.campaign(self.name.clone(), value.clone(), self.lease).await {
+                Ok(resp) => {
+                    if let Some(key) = resp.leader().map(LeaderKey::key) {
+                        let revision = resp.leader().map_or(0, LeaderKey::rev);
+                        info!(head = self.me.name, revision, "this head leads");
+                        return Fence { key: key.to_vec(), revision };
+                    }
+                    warn!("etcd answered a campaign without a key; campaigning again");
+                }
+                Err(e) => debug!(error = %e, "campaign interrupted; campaigning again"),
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Keeps `leader` set to where the leading head is, as etcd says, every 250 ms; while
+    /// etcd cannot say, the last answer stands.
+    pub async fn follow(self: std::sync::Arc<Self>, leader: watch::Sender<Option<Candidate>>) {
+        loop {
+            let mut client = self.client.clone();
+            let asked = tokio::time::timeout(Duration::from_secs(2), client.leader(self.name.clone())).await;
+            match asked {
+                Ok(Ok(resp)) => {
+                    let now = resp.kv().and_then(|kv| serde_json::from_slice::<Candidate>(kv.value()).ok());
+                    leader.send_if_modified(|was| {
+                        let changed = *was != now;
+                        if changed {
+                            info!(leader = ?now, "the leading head changed");
+                            *was = now;
+                        }
+                        changed
+                    });
+                }
+                // "election: no leader" while none holds the key.
+                Ok(Err(e)) if e.to_string().contains("no leader") => {
+                    leader.send_if_modified(|was| was.take().is_some());
+                }
+                Ok(Err(e)) => debug!(error = %e, "cannot ask etcd who leads"),
+                Err(_) => debug!("etcd did not say who leads in time"),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// Renews `lease` every third of its TTL; tells `lost` when etcd says it has ended. While etcd
+/// cannot be reached the head keeps its place: etcd renews leases when it gets a quorum back.
+async fn keep_alive(mut client: Client, lease: i64, ttl_s: u64, lost: watch::Sender<bool>) {
+    let every = Duration::from_millis(ttl_s * 1000 / 3).max(Duration::from_millis(100));
+    loop {
+        let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                debug!(error = %e, "cannot renew the lease; trying again");
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
+        loop {
+            if let Err(e) = keeper.keep_alive().await {
+                debug!(error = %e, "lease renewal failed");
+                break;
+            }
+            match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+                Ok(Ok(Some(resp))) if resp.ttl() <= 0 => {
+                    warn!(lease, "etcd ended this head's lease: it leads no more");
+                    let _ = lost.send(true);
+                    return;
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
+            }
+            tokio::time::sleep(every).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,426 @@
+//! Heads that do not lead serve the tree by asking the leading head: the client and server of that link.
+//!
+//! A following head's mount answers every operation through [`Remote`], which makes it on the
+//! leading head over an authenticated peer link (the agents' port, a node name starting with
+//! [`PEER_PREFIX`]). Reads are asked again when the leading head goes away mid-call; a change
+//! that was under way fails with EHOSTDOWN, since whether it took effect is unknown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result, Tree, Write};
+use dashmap::DashMap;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::auth::{Secret, agent_handshake};
+use crate::head::lead::Candidate;
+use crate::proto::{Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp};
+use crate::view::{RemoteCaller, View, caller_groups};
+
+/// Node names of peer links start with it; agents' names cannot.
+pub const PEER_PREFIX: &str = "+head:";
+/// How long a call waits for a leading head to be known and reachable.
+const FIND_LEADER: Duration = Duration::from_secs(15);
+/// Stand-in handles of a peer link's calls: high bits no local handle has.
+const HANDLE_BASE: u64 = 1 << 63;
+
+/// Answers waiting, by call id.
+type Waiting = DashMap<u64, oneshot::Sender<TreeAnswer>>;
+
+/// The tree of a following head: every operation made on the leading head.
+pub struct Remote {
+    /// This head's name on peer links.
+    name: String,
+    secret: Arc<Secret>,
+    max_frame: usize,
+    /// Where the leading head takes peer links, once known.
+    leader: watch::Receiver<Option<Candidate>>,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// One peer link to the leading head.
+#[derive(Debug)]
+struct Link {
+    addr: String,
+    tx: mpsc::Sender<Message>,
+    waiting: Arc<Waiting>,
+    next: AtomicU64,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Remote {
+    pub fn new(name: &str, secret: Arc<Secret>, max_frame: usize, leader: watch::Receiver<Option<Candidate>>) -> Remote {
+        Remote {
+            name: format!("{PEER_PREFIX}{name}"),
+            secret,
+            max_frame,
+            leader,
+            link: tokio::sync::Mutex::new(None),
+            rt: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// The link to the head that leads now, made when there is none or it leads no more.
+    async fn link(&self) -> std::result::Result<Arc<Link>, String> {
+        let mut held = self.link.lock().await;
+        let Some(addr) = self.leader.borrow().as_ref().map(|l| l.addr.clone()) else {
+            return Err("no head leads the cluster right now (an election is under way)".into());
+        };
+        if let Some(link) = held.as_ref()
+            && link.addr == addr
+            && !link.closed.load(Ordering::Relaxed)
+        {
+            return Ok(link.clone());
+        }
+        let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr))
+            .await
+            .map_err(|_| format!("the leading head at {addr} does not answer"))?
+            .map_err(|e| format!("the leading head at {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn::new(stream, self.max_frame);
+        tokio::time::timeout(Duration::from_secs(5), agent_handshake(&mut conn, &self.secret, &self.name))
+            .await
+            .map_err(|_| format!("the leading head at {addr} did not finish the handshake"))?
+            .map_err(|e| format!("the leading head at {addr}: {e}"))?;
+        info!(leader = addr, "peer link to the leading head");
+        let (tx, rx) = mpsc::channel(256);
+        let link = Arc::new(Link {
+            addr,
+            tx,
+            waiting: Arc::default(),
+            next: AtomicU64::new(1),
+            closed: Arc::default(),
+        });
+        tokio::spawn(pump(conn, rx, link.waiting.clone(), link.closed.clone()));
+        *held = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Makes `op` on the leading head, finding it first; reads are asked again when it goes
+    /// away mid-call.
+    async fn call(self: Arc<Self>, path: Vec<String>, caller: TreeCaller, op: TreeOp) -> Result<TreeAnswer> {
+        let deadline = Instant::now() + FIND_LEADER;
+        let read = op.is_read();
+        let call = Box::new(TreeCall { path, caller, op });
+        loop {
+            let link = match self.link().await {
+                Ok(link) => link,
+                Err(why) if Instant::now() < deadline => {
+                    debug!(why, "waiting for the leading head");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(why) => return Err(FsError::new(Errno::Again, format!("{why}; try again in a few seconds"))),
+            };
+            let id = link.next.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            link.waiting.insert(id, tx);
+            let sent = link.tx.send(Message::Tree { id, call: call.clone() }).await.is_ok();
+            match rx.await {
+                Ok(answer) => return Ok(answer),
+                Err(_) if (read || !sent) && Instant::now() < deadline => {
+                    link.closed.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                Err(_) => {
+                    link.closed.store(true, Ordering::Relaxed);
+                    return Err(FsError::new(
+                        Errno::HostDown,
+                        "the leading head went away during this change; whether it was made is unknown: \
+                         look before trying again",
+                    ));
+                }
+            }
+        }
+    }
+
+    fn ask(self: &Arc<Self>, path: &[&str], caller: &Caller, op: TreeOp) -> CallFuture {
+        let path = path.iter().map(|s| s.to_string()).collect();
+        let caller = TreeCaller { uid: caller.uid, gid: caller.gid, groups: caller_groups(caller) };
+        Box::pin(self.clone().call(path, caller, op))
+    }
+
+    /// Runs a call to its end for a method the layer wants answered now, from a FUSE thread
+    /// or from the runtime's worker finishing a slow answer (which hands its other tasks on
+    /// while it waits, the call's own among them).
+    fn block(&self, fut: CallFuture) -> Result<TreeAnswer> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        let wait = || rx.recv().unwrap_or_else(|_| Err(FsError::new(Errno::Io, "the head is stopping")));
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
+    }
+}
+
+type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<TreeAnswer>> + Send>>;
+
+/// Carries calls out and answers in until the link fails; then every waiting call learns it.
+async fn pump(
+    mut conn: Conn<TcpStream>,
+    mut rx: mpsc::Receiver<Message>,
+    waiting: Arc<Waiting>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let why = loop {
+        tokio::select! {
+            frame = conn.recv_frame() => match frame {
+                Ok(Frame::Message(Message::TreeAnswer { id, answer })) => {
+                    if let Some((_, tx)) = waiting.remove(&id) {
+                        let _ = tx.send(answer);
+                    }
+                }
+                Ok(_) => break "protocol violation: not a tree answer".to_string(),
+                Err(e) => break e.to_string(),
+            },
+            out = rx.recv() => match out {
+                Some(msg) => if let Err(e) = conn.send(&msg).await {
+                    break e.to_string();
+                },
+                None => break "no longer used".to_string(),
+            },
+        }
+    };
+    debug!(why, "peer link to the leading head closed");
+    closed.store(true, Ordering::Relaxed);
+    waiting.clear();
+}
+
+fn node_of(answer: TreeAnswer) -> Result<Node> {
+    match answer {
+        TreeAnswer::Node { kind, perm, uid, gid, mtime_ns, size, generation } => Ok(Node {
+            kind: kind_of(&kind).ok_or_else(|| FsError::new(Errno::Io, format!("the leading head named kind {kind:?}")))?,
+            perm,
+            uid,
+            gid,
+            mtime: SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns),
+            size,
+            generation,
+        }),
+        other => unexpected(other),
+    }
+}
+
+fn bytes_of(answer: TreeAnswer) -> Result<Vec<u8>> {
+    match answer {
+        TreeAnswer::Bytes { data } => Ok(data),
+        other => unexpected(other),
+    }
+}
+
+fn done_of(answer: TreeAnswer) -> Result<()> {
+    match answer {
+        TreeAnswer::Done => Ok(()),
+        other => unexpected(other),
+    }
+}
+
+fn unexpected<T>(answer: TreeAnswer) -> Result<T> {
+    match answer {
+        TreeAnswer::Failed { errno, message } => Err(FsError::new(Errno::from_code(errno), message)),
+        other => Err(FsError::new(Errno::Io, format!("the leading head answered out of turn: {other:?}"))),
+    }
+}
+
+const KINDS: [(Kind, &str); 6] = [
+    (Kind::Dir, "dir"),
+    (Kind::Snapshot, "snapshot"),
+    (Kind::Log, "log"),
+    (Kind::Control, "control"),
+    (Kind::Error, "error"),
+    (Kind::Blocking, "blocking"),
+];
+
+fn kind_of(name: &str) -> Option<Kind> {
+    KINDS.iter().find(|(_, n)| *n == name).map(|(k, _)| *k)
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    KINDS.iter().find(|(k, _)| *k == kind).map_or("snapshot", |(_, n)| n)
+}
+
+/// The tree of a following head, for the FUSE layer.
+#[derive(Debug, Clone)]
+pub struct RemoteTree(pub Arc<Remote>);
+
+impl Tree for RemoteTree {
+    fn node(&self, path: &[&str]) -> Result<Node> {
+        node_of(self.0.block(self.0.ask(path, &Caller::ROOT, TreeOp::Node))?)
+    }
+
+    fn list(&self, path: &[&str]) -> Result<Vec<String>> {
+        match self.0.block(self.0.ask(path, &Caller::ROOT, TreeOp::List))? {
+            TreeAnswer::Names { names } => Ok(names),
+            other => unexpected(other),
+        }
+    }
+
+    fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
+        let fut = self.0.ask(path, caller, TreeOp::Render { nonblock });
+        Answer::later(async move { bytes_of(fut.await?) })
+    }
+
+    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
+        bytes_of(self.0.block(self.0.ask(path, caller, TreeOp::ReadLog { offset, size }))?)
+    }
+
+    fn write(&self, path: &[&str], caller: &Caller, write: Write<'_>) -> Answer<Vec<u8>> {
+        let op = TreeOp::Write { handle: write.handle, offset: write.offset, data: write.data.to_vec() };
+        let fut = self.0.ask(path, caller, op);
+        Answer::later(async move { bytes_of(fut.await?) })
+    }
+
+    fn flush(&self, path: &[&str], caller: &Caller, handle: u64) -> Answer<()> {
+        let fut = self.0.ask(path, caller, TreeOp::Flush { handle });
+        Answer::later(async move { done_of(fut.await?) })
+    }
+
+    fn release(&self, path: &[&str], caller: &Caller, handle: u64) {
+        let fut = self.0.ask(path, caller, TreeOp::Release { handle });
+        self.0.rt.spawn(async move {
+            if let Err(e) = fut.await {
+                debug!(error = %e, "a release did not reach the leading head (its link ends the handle)");
+            }
+        });
+    }
+
+    fn mkdir(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
+        let fut = self.0.ask(path, caller, TreeOp::Mkdir { mode });
+        Answer::later(async move { done_of(fut.await?) })
+    }
+
+    fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        let fut = self.0.ask(path, caller, TreeOp::Rmdir);
+        Answer::later(async move { done_of(fut.await?) })
+    }
+
+    fn create(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
+        let fut = self.0.ask(path, caller, TreeOp::Create { mode });
+        Answer::later(async move { done_of(fut.await?) })
+    }
+
+    fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        let fut = self.0.ask(path, caller, TreeOp::Unlink);
+        Answer::later(async move { done_of(fut.await?) })
+    }
+
+    fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> Result<()> {
+        done_of(self.0.block(self.0.ask(path, caller, TreeOp::Chmod { mode }))?)
+    }
+}
+
+/// Serves a following head's peer link on the leading head until it closes; the control
+/// handles it left open are released then.
+pub async fn serve(view: Arc<View>, mut conn: Conn<TcpStream>, link: u64, max_frame: usize) {
+    let (tx, mut rx) = mpsc::channel::<Message>(256);
+    let open: Arc<DashMap<u64, (Vec<String>, TreeCaller)>> = Arc::default();
+    let why = loop {
+        tokio::select! {
+            frame = conn.recv_frame() => match frame {
+                Ok(Frame::Message(Message::Tree { id, call })) => {
+                    let (view, tx, open) = (view.clone(), tx.clone(), open.clone());
+                    tokio::spawn(async move {
+                        let answer = answer(&view, *call, link, &open, max_frame).await;
+                        let _ = tx.send(Message::TreeAnswer { id, answer }).await;
+                    });
+                }
+                Ok(_) => break "protocol violation: not a tree call".to_string(),
+                Err(ProtoError::Closed) => break "closed".to_string(),
+                Err(e) => break e.to_string(),
+            },
+            out = rx.recv() => if let Some(msg) = out && let Err(e) = conn.send(&msg).await {
+                break e.to_string();
+            },
+        }
+    };
+    info!(why, handles = open.len(), "peer link closed");
+    let left: Vec<(u64, (Vec<String>, TreeCaller))> = open.iter().map(|e| (*e.key(), e.value().clone())).collect();
+    for (handle, (path, caller)) in left {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        let who = RemoteCaller::new(caller.uid, caller.gid, caller.groups);
+        view.release(&path, &who.0, handle);
+    }
+}
+
+/// Makes one call of a peer link on this head's own tree.
+async fn answer(
+    view: &View,
+    call: TreeCall,
+    link: u64,
+    open: &DashMap<u64, (Vec<String>, TreeCaller)>,
+    max_frame: usize,
+) -> TreeAnswer {
+    let TreeCall { path, caller, op } = call;
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    let who = RemoteCaller::new(caller.uid, caller.gid, caller.groups.clone());
+    let me = &who.0;
+    // Handles of the link's writers, kept apart from this head's own and other links'.
+    let handle = |h: u64| HANDLE_BASE | (link << 40) | (h & ((1 << 40) - 1));
+    let result = match op {
+        TreeOp::Node => view.node(&parts).map(|n| TreeAnswer::Node {
+            kind: kind_name(n.kind).to_string(),
+            perm: n.perm,
+            uid: n.uid,
+            gid: n.gid,
+            mtime_ns: n.mtime.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+            size: n.size,
+            generation: n.generation,
+        }),
+        TreeOp::List => view.list(&parts).map(|names| TreeAnswer::Names { names }),
+        TreeOp::Render { nonblock } => finish(view.render(&parts, me, nonblock)).await.map(|data| TreeAnswer::Bytes { data }),
+        TreeOp::ReadLog { offset, size } => view.read_log(&parts, me, offset, size).map(|data| TreeAnswer::Bytes { data }),
+        TreeOp::Write { handle: h, offset, data } => {
+            open.insert(handle(h), (path.clone(), caller.clone()));
+            let write = Write { handle: handle(h), offset, data: &data };
+            finish(view.write(&parts, me, write)).await.map(|data| TreeAnswer::Bytes { data })
+        }
+        TreeOp::Flush { handle: h } => finish(view.flush(&parts, me, handle(h))).await.map(|()| TreeAnswer::Done),
+        TreeOp::Release { handle: h } => {
+            open.remove(&handle(h));
+            view.release(&parts, me, handle(h));
+            Ok(TreeAnswer::Done)
+        }
+        TreeOp::Mkdir { mode } => finish(view.mkdir(&parts, me, mode)).await.map(|()| TreeAnswer::Done),
+        TreeOp::Rmdir => finish(view.rmdir(&parts, me)).await.map(|()| TreeAnswer::Done),
+        TreeOp::Create { mode } => finish(view.create(&parts, me, mode)).await.map(|()| TreeAnswer::Done),
+        TreeOp::Unlink => finish(view.unlink(&parts, me)).await.map(|()| TreeAnswer::Done),
+        TreeOp::Chmod { mode } => view.chmod(&parts, me, mode).map(|()| TreeAnswer::Done),
+    };
+    match result {
+        Ok(TreeAnswer::Bytes { data }) if data.len() * 2 + 4096 > max_frame => TreeAnswer::Failed {
+            errno: libc::EFBIG,
+            message: format!(
+                "{} is {} bytes, too big to pass between heads (head.max_frame): read it on the leading head",
+                path.join("/"),
+                data.len()
+            ),
+        },
+        Ok(answer) => answer,
+        Err(e) => {
+            if !e.is_routine() {
+                warn!(path = path.join("/"), error = %e, "a peer's call failed");
+            }
+            TreeAnswer::Failed { errno: e.errno.code(), message: e.message }
+        }
+    }
+}
+
+async fn finish<T>(answer: Answer<T>) -> Result<T> {
+    match answer {
+        Answer::Now(r) => r,
+        Answer::Later(fut) => fut.await,
+    }
+}

@@ -184,16 +184,36 @@ pub struct TreeCaller {
 pub enum TreeOp {
     Node,
     List,
-    Render { nonblock: bool },
-    ReadLog { offset: u64, size: u32 },
-    Write { handle: u64, offset: u64, #[serde(with = "hex::serde")] data: Vec<u8> },
-    Flush { handle: u64 },
-    Release { handle: u64 },
-    Mkdir { mode: u32 },
+    Render {
+        nonblock: bool,
+    },
+    ReadLog {
+        offset: u64,
+        size: u32,
+    },
+    Write {
+        handle: u64,
+        offset: u64,
+        #[serde(with = "hex::serde")]
+        data: Vec<u8>,
+    },
+    Flush {
+        handle: u64,
+    },
+    Release {
+        handle: u64,
+    },
+    Mkdir {
+        mode: u32,
+    },
     Rmdir,
-    Create { mode: u32 },
+    Create {
+        mode: u32,
+    },
     Unlink,
-    Chmod { mode: u32 },
+    Chmod {
+        mode: u32,
+    },
 }
 
 impl TreeOp {
@@ -207,11 +227,27 @@ impl TreeOp {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "snake_case")]
 pub enum TreeAnswer {
-    Node { kind: String, perm: u16, uid: u32, gid: u32, mtime_ns: u64, size: u64, generation: u64 },
-    Names { names: Vec<String> },
-    Bytes { #[serde(with = "hex::serde")] data: Vec<u8> },
+    Node {
+        kind: String,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+        mtime_ns: u64,
+        size: u64,
+        generation: u64,
+    },
+    Names {
+        names: Vec<String>,
+    },
+    Bytes {
+        #[serde(with = "hex::serde")]
+        data: Vec<u8>,
+    },
     Done,
-    Failed { errno: i32, message: String },
+    Failed {
+        errno: i32,
+        message: String,
+    },
 }
 
 impl Message {

@@ -5,6 +5,8 @@
 //! restarted head's mount may differ, and every handle a login host holds goes stale. Mounted
 //! as `fuseblk` on a loop device of a small ext2 image in the state directory, the mount has
 //! that image's UUID, the same at every start (nfs-ganesha takes a device's UUID first).
+//! Heads sharing an etcd store give their images the cluster's one UUID, so a handle taken
+//! through one head's export holds through another's.
 
 use std::path::{Path, PathBuf};
 
@@ -18,11 +20,14 @@ const IMAGE: &str = "mount.img";
 const IMAGE_BYTES: u64 = 1 << 20;
 
 /// Attaches the state directory's mount image to a free loop device, making the image the
-/// first time; returns the device.
-pub fn attach(state_dir: &Path) -> Result<PathBuf, String> {
+/// first time, with filesystem UUID `uuid` when one is given; returns the device.
+pub fn attach(state_dir: &Path, uuid: Option<&str>) -> Result<PathBuf, String> {
     let image = state_dir.join(IMAGE);
     if !image.exists() {
         make_image(&image)?;
+    }
+    if let Some(uuid) = uuid {
+        check(command("tune2fs", &["-U", uuid, &image.to_string_lossy()])?, "tune2fs -U")?;
     }
     let out = command("losetup", &["--find", "--show", &image.to_string_lossy()])?;
     check(out.clone(), "losetup --find")?;
@@ -35,6 +40,13 @@ pub fn attach(state_dir: &Path) -> Result<PathBuf, String> {
 /// free the device when the mount goes, even after a crash.
 pub fn release(device: &Path) -> Result<(), String> {
     check(command("losetup", &["--detach", &device.to_string_lossy()])?, "losetup --detach")
+}
+
+/// A fresh random UUID, as mkfs prints them.
+pub fn new_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
 }
 
 /// Makes a fresh ext2 image (with a random UUID) and puts it in place whole.

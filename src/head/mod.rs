@@ -103,7 +103,10 @@ impl Head {
     /// Returns when this head must stop: another head may lead now (etcd ended this head's
     /// lease), or it won the lead and could not load the cluster.
     pub async fn lost(&mut self) {
-        let _ = self.lost.wait_for(|lost| *lost).await;
+        if self.lost.wait_for(|lost| *lost).await.is_err() {
+            // Nothing can end this head's lead (the embedded store): never.
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -168,7 +171,13 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         fsname: "clusterfs".into(),
         ..clusterfs_fs::Config::default()
     };
-    let mount = mount_tree(serving.clone(), fs_cfg, mountpoint, &state, cfg.stable_mount)?;
+    // Heads of one store mount with the cluster's filesystem UUID, so NFS handles taken
+    // through one head's export hold through another's.
+    let uuid = match &location {
+        Location::Embedded(_) => None,
+        Location::Etcd { .. } => shared_uuid(&election)?,
+    };
+    let mount = mount_tree(serving.clone(), fs_cfg, mountpoint, &state, cfg.stable_mount, uuid.as_deref())?;
 
     if let Some((election, store)) = election {
         tasks.push(tokio::spawn(election.clone().follow(leader_tx)));
@@ -189,6 +198,18 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         }));
     }
     Ok(Head { addr, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks, core, lost })
+}
+
+/// The filesystem UUID every head of the cluster mounts with, kept in the store.
+fn shared_uuid(election: &Option<(Arc<Election>, Store)>) -> anyhow::Result<Option<String>> {
+    let Some((_, store)) = election else { return Ok(None) };
+    let uuid =
+        String::from_utf8_lossy(&store.create_or_get("cluster", "fsid", device::new_uuid().as_bytes())?).into_owned();
+    let valid = uuid.len() == 36 && uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    if !valid {
+        bail!("the store's cluster/fsid {uuid:?} is not a UUID: put one there, or delete it to have one made");
+    }
+    Ok(Some(uuid))
 }
 
 /// This head's name among heads: `[head] name`, else the host's short name and the port.
@@ -347,12 +368,13 @@ fn mount_tree(
     mountpoint: &Path,
     state: &Path,
     stable: bool,
+    uuid: Option<&str>,
 ) -> anyhow::Result<clusterfs_fs::Mount> {
     let mount = |device: Option<PathBuf>| {
         let fs = clusterfs_fs::SynthFs::new(view.clone(), clusterfs_fs::Config { device, ..fs_cfg.clone() });
         clusterfs_fs::mount(fs, mountpoint, tokio::runtime::Handle::current())
     };
-    let device = stable.then(|| device::attach(state)).and_then(|attached| {
+    let device = stable.then(|| device::attach(state, uuid)).and_then(|attached| {
         attached.map_err(|e| warn!(error = %e, "no loop device for the mount: mounting plain fuse")).ok()
     });
     if let Some(device) = device {

@@ -59,7 +59,12 @@ struct Link {
 }
 
 impl Remote {
-    pub fn new(name: &str, secret: Arc<Secret>, max_frame: usize, leader: watch::Receiver<Option<Candidate>>) -> Remote {
+    pub fn new(
+        name: &str,
+        secret: Arc<Secret>,
+        max_frame: usize,
+        leader: watch::Receiver<Option<Candidate>>,
+    ) -> Remote {
         Remote {
             name: format!("{PEER_PREFIX}{name}"),
             secret,
@@ -94,13 +99,8 @@ impl Remote {
             .map_err(|e| format!("the leading head at {addr}: {e}"))?;
         info!(leader = addr, "peer link to the leading head");
         let (tx, rx) = mpsc::channel(256);
-        let link = Arc::new(Link {
-            addr,
-            tx,
-            waiting: Arc::default(),
-            next: AtomicU64::new(1),
-            closed: Arc::default(),
-        });
+        let link =
+            Arc::new(Link { addr, tx, waiting: Arc::default(), next: AtomicU64::new(1), closed: Arc::default() });
         tokio::spawn(pump(conn, rx, link.waiting.clone(), link.closed.clone()));
         *held = Some(link.clone());
         Ok(link)
@@ -202,7 +202,8 @@ async fn pump(
 fn node_of(answer: TreeAnswer) -> Result<Node> {
     match answer {
         TreeAnswer::Node { kind, perm, uid, gid, mtime_ns, size, generation } => Ok(Node {
-            kind: kind_of(&kind).ok_or_else(|| FsError::new(Errno::Io, format!("the leading head named kind {kind:?}")))?,
+            kind: kind_of(&kind)
+                .ok_or_else(|| FsError::new(Errno::Io, format!("the leading head named kind {kind:?}")))?,
             perm,
             uid,
             gid,
@@ -380,8 +381,12 @@ async fn answer(
             generation: n.generation,
         }),
         TreeOp::List => view.list(&parts).map(|names| TreeAnswer::Names { names }),
-        TreeOp::Render { nonblock } => finish(view.render(&parts, me, nonblock)).await.map(|data| TreeAnswer::Bytes { data }),
-        TreeOp::ReadLog { offset, size } => view.read_log(&parts, me, offset, size).map(|data| TreeAnswer::Bytes { data }),
+        TreeOp::Render { nonblock } => {
+            finish(view.render(&parts, me, nonblock)).await.map(|data| TreeAnswer::Bytes { data })
+        }
+        TreeOp::ReadLog { offset, size } => {
+            view.read_log(&parts, me, offset, size).map(|data| TreeAnswer::Bytes { data })
+        }
         TreeOp::Write { handle: h, offset, data } => {
             open.insert(handle(h), (path.clone(), caller.clone()));
             let write = Write { handle: handle(h), offset, data: &data };

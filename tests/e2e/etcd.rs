@@ -282,6 +282,10 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     for rel in [stdout.as_str(), "jobs/new", "nodes/cn2/sitrep", "groups"] {
         assert_eq!(inode(&a.path(rel)), inode(&b.path(rel)), "{rel}");
     }
+    // And the same filesystem UUID, which an NFS server puts in its handles with the inode.
+    let uuid = mount_uuid(&a);
+    assert_eq!(uuid.len(), 36, "{uuid:?}");
+    assert_eq!(mount_uuid(&b), uuid);
     // Submitted on the other, killed from the first; bad input there gets its own error.
     let long = crate::jobs::submit_as(&b, "root", "sleep 60\n");
     crate::jobs::assert_running(&a, long);
@@ -329,4 +333,10 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     assert!(a.read("groups/error").contains("store is unreachable"), "{}", a.read("groups/error"));
     assert_eq!(b.read(&format!("jobs/{id2}/stdout")), "one member down\n");
     assert_eq!(a.read(&format!("jobs/{id2}/stdout")), "one member down\n");
+}
+
+/// The filesystem UUID of a head's mount image.
+fn mount_uuid(c: &Cluster) -> String {
+    let out = Command::new("blkid").args(["-p", "-o", "value", "-s", "UUID"]).arg(c.state.join("mount.img")).output();
+    String::from_utf8_lossy(&out.expect("blkid").stdout).trim().to_string()
 }

@@ -219,7 +219,7 @@ pub struct HeadConfig {
     /// Where job output, HSM reports and VM consoles are spooled [default: the state
     /// directory]. With several heads, a directory every head mounts (NFS, Lustre), so the
     /// head that takes over has what the last one wrote.
-    pub shared_dir: Option<PathBuf>,
+    pub shared_dir: PathBuf,
 }
 
 impl Default for HeadConfig {
@@ -238,7 +238,7 @@ impl Default for HeadConfig {
             name: String::new(),
             advertise: String::new(),
             lease_ttl_s: 3,
-            shared_dir: None,
+            shared_dir: PathBuf::new(),
         }
     }
 }
@@ -285,6 +285,9 @@ impl Config {
         }
         if h.max_frame < 4096 {
             return Err("head.max_frame must be at least 4096".into());
+        }
+        if !h.shared_dir.as_os_str().is_empty() && !h.shared_dir.is_absolute() {
+            return Err("head.shared_dir must be an absolute path".into());
         }
         if !(1..=600).contains(&h.lease_ttl_s) {
             return Err("head.lease_ttl_s must be between 1 and 600".into());

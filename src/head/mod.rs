@@ -126,7 +126,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         .create(&state)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))?;
-    let shared = cfg.shared_dir.clone().unwrap_or_else(|| state.clone());
+    let shared = if cfg.shared_dir.as_os_str().is_empty() { state.clone() } else { cfg.shared_dir.clone() };
     let location = Location::parse(&cfg.store, &state).map_err(anyhow::Error::msg)?;
     let store = Store::open_at(&location)?;
     let secret = Arc::new(match location {

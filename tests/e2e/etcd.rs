@@ -263,8 +263,14 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     for n in 1..=3 {
         a.agent_on(&[], &heads, &["--name", &format!("cn{n}")]);
     }
+    // An HSM mover (an lhsmtool_cmd-style command) that records each request it runs.
+    let ran = shared.path().join("hsm-ran");
+    let cmd = format!("echo $CLUSTER_HSM_COOKIE >> {}; sleep 0.02", ran.display());
+    a.agent_on(&[], &heads, &["--name", "m1", "--mover", "--mover-command", &cmd, "--max-archive", "4"]);
+    let mover_up = eventually(Duration::from_secs(20), || b.try_read("hsm/movers/m1/state").as_deref() == Some("up\n"));
+    assert!(mover_up, "{:?}", b.try_read("hsm/movers/m1/state"));
     for c in [&a, &b] {
-        let up = eventually(Duration::from_secs(20), || c.read("nodes/up") == "cn[1-3]\n");
+        let up = eventually(Duration::from_secs(20), || c.read("nodes/up") == "cn[1-3],m1\n");
         assert!(up, "{}\n{}", c.read("nodes/up"), c.log());
     }
 
@@ -305,11 +311,15 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
             crate::jobs::submit_as(on, "root", &format!("echo $CLUSTER_JOB_ID >> {m}; sleep 0.2\n"))
         })
         .collect();
+    let requests: String = (1..=300u32)
+        .map(|i| format!("{{\"fid\":\"0x200000401:{i:#x}:0x0\",\"cookie\":{i},\"action\":\"archive\"}}\n"))
+        .collect();
+    b.write("hsm/queue", requests.as_bytes()).unwrap();
     a.crash_head();
     let took = write_when_led(&b, "groups/after", b"cn[1-3]\n");
     eprintln!("two heads: the other head took writes {took:?} after the leader's SIGKILL (lease_ttl_s = 2)");
     assert!(took < Duration::from_secs(10), "failover took {took:?}");
-    let up = eventually(Duration::from_secs(20), || b.read("nodes/up") == "cn[1-3]\n");
+    let up = eventually(Duration::from_secs(20), || b.read("nodes/up") == "cn[1-3],m1\n");
     assert!(up, "the agents did not come to the new leader: {}\n{}", b.read("nodes/up"), b.log());
     for id in &ids {
         assert_eq!(wait(&b, *id), "0\n", "job {id}: {}", b.read(&format!("jobs/{id}/state")));
@@ -317,6 +327,23 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     let mut want = ids.clone();
     want.sort_unstable();
     assert_eq!(crate::faults::marks(&marks_file), want, "each job ran exactly once");
+    let all_ran =
+        eventually(Duration::from_secs(60), || std::fs::read_to_string(&ran).is_ok_and(|l| l.lines().count() >= 300));
+    assert!(
+        all_ran,
+        "HSM requests ran: {:?}; hsm/status:\n{}\n{}",
+        std::fs::read_to_string(&ran).map(|l| l.lines().count()),
+        b.read("hsm/status"),
+        b.log()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut cookies: Vec<u64> = std::fs::read_to_string(&ran)
+        .unwrap()
+        .lines()
+        .map(|l| u64::from_str_radix(l.trim_start_matches("0x"), 16).expect("a cookie"))
+        .collect();
+    cookies.sort_unstable();
+    assert_eq!(cookies, (1..=300).collect::<Vec<_>>(), "each HSM request ran exactly once");
     // Output the dead head spooled is read from the new leader.
     assert_eq!(b.read(&stdout), lines);
 

@@ -138,14 +138,30 @@ impl Etcd {
 type Op<'a> = (&'a str, Option<&'a Vec<u8>>);
 
 /// Packs writers' groups, in order, into transactions within etcd's limits, never splitting a
-/// group. etcd refuses a transaction that names a key twice: a later change of a key takes
+/// group that fits in one (one that does not, such as 300 HSM requests of one write, goes in
+/// as few pieces as fit, in order). etcd refuses a transaction that names a key twice: a later change of a key takes
 /// the place of the earlier one, which is what applying both in order would leave.
 fn pack(groups: &[Vec<Change>]) -> Vec<Vec<Op<'_>>> {
     let mut txns = Vec::new();
     let mut open: Vec<Op<'_>> = Vec::new();
     let mut slot: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     let mut bytes = 0;
-    for group in groups {
+    // A group beyond the limits cannot be one transaction: its pieces go in order, each whole.
+    let pieces = groups.iter().flat_map(|g| {
+        let mut out: Vec<&[Change]> = Vec::new();
+        let (mut from, mut bytes) = (0, 0);
+        for (i, (k, v)) in g.iter().enumerate() {
+            let size = k.len() + v.as_ref().map_or(0, Vec::len) + 16;
+            if i > from && (i - from >= MAX_OPS || bytes + size > MAX_BYTES) {
+                out.push(&g[from..i]);
+                (from, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        out.push(&g[from..]);
+        out
+    });
+    for group in pieces {
         let size: usize = group.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len) + 16).sum();
         if !open.is_empty() && (open.len() + group.len() > MAX_OPS || bytes + size > MAX_BYTES) {
             txns.push(std::mem::take(&mut open));
@@ -308,6 +324,11 @@ mod tests {
         let big = "x".repeat(600 << 10);
         let heavy: Vec<Vec<Change>> = (0..3).map(|i| vec![change(&format!("b/{i}"), Some(&big))]).collect();
         assert_eq!(pack(&heavy).len(), 3);
+        // A group beyond the limits goes in pieces that fit, in order.
+        let big_group: Vec<Vec<Change>> = vec![(0..300).map(|i| change(&format!("h/{i}"), Some("x"))).collect()];
+        let txns = pack(&big_group);
+        assert_eq!(txns.iter().map(Vec::len).collect::<Vec<_>>(), [128, 128, 44]);
+        assert_eq!(txns[2][43].0, "h/299");
     }
 
     #[test]

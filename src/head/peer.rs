@@ -229,6 +229,16 @@ fn done_of(answer: TreeAnswer) -> Result<()> {
     }
 }
 
+/// A call whose answer is bytes, for the layer to finish from a task.
+fn bytes_later(fut: CallFuture) -> Answer<Vec<u8>> {
+    Answer::later(async move { bytes_of(fut.await?) })
+}
+
+/// A call whose answer is that it was done, for the layer to finish from a task.
+fn done_later(fut: CallFuture) -> Answer<()> {
+    Answer::later(async move { done_of(fut.await?) })
+}
+
 fn unexpected<T>(answer: TreeAnswer) -> Result<T> {
     match answer {
         TreeAnswer::Failed { errno, message } => Err(FsError::new(Errno::from_code(errno), message)),
@@ -270,8 +280,7 @@ impl Tree for RemoteTree {
     }
 
     fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
-        let fut = self.0.ask(path, caller, TreeOp::Render { nonblock });
-        Answer::later(async move { bytes_of(fut.await?) })
+        bytes_later(self.0.ask(path, caller, TreeOp::Render { nonblock }))
     }
 
     fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -280,13 +289,11 @@ impl Tree for RemoteTree {
 
     fn write(&self, path: &[&str], caller: &Caller, write: Write<'_>) -> Answer<Vec<u8>> {
         let op = TreeOp::Write { handle: write.handle, offset: write.offset, data: write.data.to_vec() };
-        let fut = self.0.ask(path, caller, op);
-        Answer::later(async move { bytes_of(fut.await?) })
+        bytes_later(self.0.ask(path, caller, op))
     }
 
     fn flush(&self, path: &[&str], caller: &Caller, handle: u64) -> Answer<()> {
-        let fut = self.0.ask(path, caller, TreeOp::Flush { handle });
-        Answer::later(async move { done_of(fut.await?) })
+        done_later(self.0.ask(path, caller, TreeOp::Flush { handle }))
     }
 
     fn release(&self, path: &[&str], caller: &Caller, handle: u64) {
@@ -299,23 +306,19 @@ impl Tree for RemoteTree {
     }
 
     fn mkdir(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
-        let fut = self.0.ask(path, caller, TreeOp::Mkdir { mode });
-        Answer::later(async move { done_of(fut.await?) })
+        done_later(self.0.ask(path, caller, TreeOp::Mkdir { mode }))
     }
 
     fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
-        let fut = self.0.ask(path, caller, TreeOp::Rmdir);
-        Answer::later(async move { done_of(fut.await?) })
+        done_later(self.0.ask(path, caller, TreeOp::Rmdir))
     }
 
     fn create(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
-        let fut = self.0.ask(path, caller, TreeOp::Create { mode });
-        Answer::later(async move { done_of(fut.await?) })
+        done_later(self.0.ask(path, caller, TreeOp::Create { mode }))
     }
 
     fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
-        let fut = self.0.ask(path, caller, TreeOp::Unlink);
-        Answer::later(async move { done_of(fut.await?) })
+        done_later(self.0.ask(path, caller, TreeOp::Unlink))
     }
 
     fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> Result<()> {

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Cluster, bin, eventually};
+use crate::harness::{Cluster, bin, eventually, sh_as};
 use crate::jobs::wait;
 
 /// An etcd cluster of `n` members, each a process with its own data directory; killed on drop.
@@ -254,8 +254,14 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     let Some(mut etcd) = Etcd::start(3) else { return };
     // Job output is spooled where both heads see it.
     let shared = tempfile::tempdir().unwrap();
-    let config =
-        format!("store = \"{}\"\nlease_ttl_s = 2\nshared_dir = \"{}\"\n", etcd.url("two"), shared.path().display());
+    let volumes = crate::images::Volumes::new();
+    crate::jobs::users();
+    let config = format!(
+        "store = \"{}\"\nlease_ttl_s = 2\nshared_dir = \"{}\"\n{}",
+        etcd.url("two"),
+        shared.path().display(),
+        volumes.config("spares = 0")
+    );
     let mut a = Cluster::up_with("", 200, &config);
     let b = Cluster::up_with("", 200, &config);
     assert_eq!(std::fs::read(a.secret_file()).unwrap(), std::fs::read(b.secret_file()).unwrap());
@@ -301,6 +307,15 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     assert!(b.read("groups/error").starts_with("EINVAL"), "{}", b.read("groups/error"));
     assert_eq!(a.read("groups/error"), "", "an error is its caller's, on its own mount");
 
+    // An image made and mounted by its user through the head that does not lead.
+    let (code, _, err) = sh_as("cfalice", &format!("mkdir {}", b.path("images/cfalice").display()));
+    assert_eq!(code, 0, "{err}");
+    let ctl = b.path("images/cfalice/ctl");
+    let (code, _, err) = sh_as("cfalice", &format!("echo 'mount cn1' > {}", ctl.display()));
+    assert_eq!(code, 0, "{err}: {}", b.read("images/cfalice/error"));
+    assert!(a.read("images/cfalice/state").starts_with("mounted on cn1\n"), "{}", a.read("images/cfalice/state"));
+    assert!(volumes.is_mounted("cfalice"));
+
     // 200 jobs, queued and running, when the leading head is SIGKILLed: each ends once.
     let marks_file = shared.path().join("marks");
     std::fs::write(&marks_file, "").unwrap();
@@ -344,6 +359,12 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
         .collect();
     cookies.sort_unstable();
     assert_eq!(cookies, (1..=300).collect::<Vec<_>>(), "each HSM request ran exactly once");
+    // The image's lease holds across the failover: still mounted on cn1, once.
+    assert!(b.read("images/cfalice/state").starts_with("mounted on cn1\n"), "{}", b.read("images/cfalice/state"));
+    assert_eq!(b.write("images/cfalice/ctl", b"mount cn2\n"), Err(libc::EBUSY));
+    assert_eq!(volumes.loops().len(), 1, "{:?}", volumes.loops());
+    assert_eq!(b.write("images/cfalice/ctl", b"umount\n"), Ok(()), "{}", b.read("images/cfalice/error"));
+    assert!(!volumes.is_mounted("cfalice"));
     // Output the dead head spooled is read from the new leader.
     assert_eq!(b.read(&stdout), lines);
 

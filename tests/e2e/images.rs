@@ -11,12 +11,12 @@ use crate::jobs::users;
 
 /// Two volume directories and a mount root; dropping it unmounts and detaches whatever a
 /// failed test left under them.
-struct Volumes {
+pub struct Volumes {
     dir: tempfile::TempDir,
 }
 
 impl Volumes {
-    fn new() -> Volumes {
+    pub fn new() -> Volumes {
         let dir = tempfile::Builder::new().prefix("clusterfs-images").tempdir().expect("tempdir");
         for d in ["vol01", "vol02", "mnt"] {
             std::fs::create_dir(dir.path().join(d)).expect("volume dir");
@@ -24,12 +24,12 @@ impl Volumes {
         Volumes { dir }
     }
 
-    fn path(&self, rel: &str) -> PathBuf {
+    pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
 
     /// The `[images]` table: vol01 twice the quota of vol02.
-    fn config(&self, extra: &str) -> String {
+    pub fn config(&self, extra: &str) -> String {
         format!(
             "[images]\ndefault_size = \"64M\"\nmount_root = \"{}\"\nhealth_interval_s = 1\n{extra}\n\
              [images.volumes.vol01]\npath = \"{}\"\ncapacity = \"6400M\"\n\
@@ -42,7 +42,7 @@ impl Volumes {
     }
 
     /// Loop devices backing files under these volumes.
-    fn loops(&self) -> Vec<(String, String)> {
+    pub fn loops(&self) -> Vec<(String, String)> {
         let root = self.dir.path().to_string_lossy().to_string();
         let mut out = Vec::new();
         for e in std::fs::read_dir("/sys/block").expect("sysfs").flatten() {
@@ -67,7 +67,7 @@ impl Volumes {
             .collect()
     }
 
-    fn is_mounted(&self, user: &str) -> bool {
+    pub fn is_mounted(&self, user: &str) -> bool {
         self.mounts().contains(&self.path("mnt").join(user).to_string_lossy().to_string())
     }
 }

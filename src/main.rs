@@ -156,7 +156,7 @@ fn serve(args: HeadArgs, nodes: Option<String>) -> anyhow::Result<()> {
         if let Some(child) = agent.as_mut() {
             stop_child(child);
         }
-        head.stop();
+        head.shutdown().await;
         if lost {
             bail!("this head leads no more and cannot go on: start it again to rejoin (systemd's Restart= does)");
         }

@@ -82,6 +82,16 @@ impl Election {
         }
     }
 
+    /// Ends this head's lease, and with it its place in the election (its key goes with it).
+    pub async fn leave(&self) {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(self.lease)).await {
+            Ok(Ok(_)) => info!(head = self.me.name, "left the election"),
+            Ok(Err(e)) => warn!(error = %e, "cannot end the lease: another head leads once it runs out"),
+            Err(_) => warn!("etcd did not end the lease in time: another head leads once it runs out"),
+        }
+    }
+
     /// Keeps `leader` set to where the leading head is, as etcd says, every 250 ms; while
     /// etcd cannot say, the last answer stands.
     pub async fn follow(self: std::sync::Arc<Self>, leader: watch::Sender<Option<Candidate>>) {

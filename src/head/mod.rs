@@ -44,6 +44,8 @@ pub struct Head {
     core: watch::Receiver<Option<Arc<Core>>>,
     /// Set when this head must stop: etcd ended its lease, or it could not take the lead.
     lost: watch::Receiver<bool>,
+    /// Its place in the election, with an etcd store.
+    election: Option<Arc<Election>>,
 }
 
 /// What the leading head runs: the cluster model, its keepers and the tree it renders.
@@ -97,6 +99,16 @@ impl Head {
                     warn!(error = %e, "lazy detach failed");
                 }
             }
+        }
+    }
+
+    /// Stops, then leaves the election, so that another head leads at once rather than after
+    /// the lease's TTL.
+    pub async fn shutdown(self) {
+        let election = self.election.clone();
+        self.stop();
+        if let Some(e) = election {
+            e.leave().await;
         }
     }
 
@@ -179,6 +191,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     };
     let mount = mount_tree(serving.clone(), fs_cfg, mountpoint, &state, cfg.stable_mount, uuid.as_deref())?;
 
+    let place = election.as_ref().map(|(e, _)| e.clone());
     if let Some((election, store)) = election {
         tasks.push(tokio::spawn(election.clone().follow(leader_tx)));
         tasks.push(tokio::spawn(async move {
@@ -197,7 +210,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
             }
         }));
     }
-    Ok(Head { addr, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks, core, lost })
+    Ok(Head { addr, mountpoint: mountpoint.to_path_buf(), mount: Some(mount), tasks, core, lost, election: place })
 }
 
 /// The filesystem UUID every head of the cluster mounts with, kept in the store.

@@ -263,7 +263,7 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
         volumes.config("spares = 0")
     );
     let mut a = Cluster::up_with("", 200, &config);
-    let b = Cluster::up_with("", 200, &config);
+    let mut b = Cluster::up_with("", 200, &config);
     assert_eq!(std::fs::read(a.secret_file()).unwrap(), std::fs::read(b.secret_file()).unwrap());
     let heads = format!("{},{}", a.addr(), b.addr());
     for n in 1..=3 {
@@ -372,15 +372,24 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     a.start_head();
     assert_eq!(a.read(&format!("jobs/{id}/state")), "done 0\n");
     assert_eq!(a.read("groups/after"), "cn[1-3]\n");
-    // One etcd member down: nothing stops. Two: writes are refused on both heads, reads go on.
+    // One etcd member down: nothing stops.
     etcd.kill(0);
     let id2 = crate::jobs::submit_as(&a, "root", "echo one member down\n");
     assert_eq!(wait(&b, id2), "0\n");
+    // The leader stopped with SIGTERM leaves the election: the other leads without waiting
+    // for the lease to run out.
+    b.stop_head();
+    let took = write_when_led(&a, "groups/graceful", b"cn1\n");
+    eprintln!("two heads: after the leader's SIGTERM the other took writes in {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let up = eventually(Duration::from_secs(20), || a.read("nodes/up") == "cn[1-3],m1\n");
+    assert!(up, "{}\n{}", a.read("nodes/up"), a.log());
+    // Two members down: writes are refused with a sentence, reads go on.
     etcd.kill(1);
     assert_eq!(a.write("groups/g3", b"cn1\n"), Err(libc::EROFS));
     assert!(a.read("groups/error").contains("store is unreachable"), "{}", a.read("groups/error"));
-    assert_eq!(b.read(&format!("jobs/{id2}/stdout")), "one member down\n");
     assert_eq!(a.read(&format!("jobs/{id2}/stdout")), "one member down\n");
+    assert_eq!(a.read(&format!("jobs/{id}/stdout")), lines);
 }
 
 /// The filesystem UUID of a head's mount image.

@@ -92,32 +92,33 @@ impl Election {
         }
     }
 
-    /// Keeps `leader` set to where the leading head is, as etcd says, every 250 ms; while
-    /// etcd cannot say, the last answer stands.
+    /// Keeps `leader` set to where the leading head is, from etcd's observe stream (a watch
+    /// on the election): each change arrives as it happens. While etcd cannot say, the last
+    /// answer stands.
     pub async fn follow(self: std::sync::Arc<Self>, leader: watch::Sender<Option<Candidate>>) {
         loop {
             let mut client = self.client.clone();
-            let asked = tokio::time::timeout(Duration::from_secs(2), client.leader(self.name.clone())).await;
-            match asked {
-                Ok(Ok(resp)) => {
-                    let now = resp.kv().and_then(|kv| serde_json::from_slice::<Candidate>(kv.value()).ok());
-                    leader.send_if_modified(|was| {
-                        let changed = *was != now;
-                        if changed {
-                            info!(leader = ?now, "the leading head changed");
-                            *was = now;
+            match client.observe(self.name.clone()).await {
+                Ok(mut stream) => loop {
+                    match stream.message().await {
+                        Ok(Some(resp)) => {
+                            let now = resp.kv().and_then(|kv| serde_json::from_slice::<Candidate>(kv.value()).ok());
+                            leader.send_if_modified(|was| {
+                                let changed = *was != now;
+                                if changed {
+                                    info!(leader = ?now, "the leading head changed");
+                                    *was = now;
+                                }
+                                changed
+                            });
                         }
-                        changed
-                    });
-                }
-                // "election: no leader" while none holds the key.
-                Ok(Err(e)) if e.to_string().contains("no leader") => {
-                    leader.send_if_modified(|was| was.take().is_some());
-                }
-                Ok(Err(e)) => debug!(error = %e, "cannot ask etcd who leads"),
-                Err(_) => debug!("etcd did not say who leads in time"),
+                        Ok(None) => break debug!("etcd ended the observe stream; observing again"),
+                        Err(e) => break debug!(error = %e, "observing the election failed; observing again"),
+                    }
+                },
+                Err(e) => debug!(error = %e, "cannot observe the election; trying again"),
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
 }

@@ -24,6 +24,8 @@ use crate::view::{RemoteCaller, View, caller_groups};
 pub const PEER_PREFIX: &str = "+head:";
 /// How long a call waits for a leading head to be known and reachable.
 const FIND_LEADER: Duration = Duration::from_secs(15);
+/// How long a render is waited for before it is left to finish later.
+const QUICK: Duration = Duration::from_millis(200);
 /// Stand-in handles of a peer link's calls: high bits no local handle has.
 const HANDLE_BASE: u64 = 1 << 63;
 
@@ -150,19 +152,22 @@ impl Remote {
         Box::pin(self.clone().call(path, caller, op))
     }
 
-    /// Runs a call to its end for a method the layer wants answered now, from a FUSE thread
-    /// or from the runtime's worker finishing a slow answer (which hands its other tasks on
-    /// while it waits, the call's own among them).
+    /// Runs a call to its end for a method the layer wants answered now.
     fn block(&self, fut: CallFuture) -> Result<TreeAnswer> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.rt.spawn(async move {
             let _ = tx.send(fut.await);
         });
-        let wait = || rx.recv().unwrap_or_else(|_| Err(FsError::new(Errno::Io, "the head is stopping")));
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
-            _ => wait(),
-        }
+        on_this_thread(|| rx.recv().unwrap_or_else(|_| Err(FsError::new(Errno::Io, "the head is stopping"))))
+    }
+}
+
+/// Runs `wait` on this thread: a FUSE thread, or a runtime worker finishing a slow answer,
+/// which hands its other tasks on while it waits (the call it waits for among them).
+fn on_this_thread<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+        _ => wait(),
     }
 }
 
@@ -279,8 +284,23 @@ impl Tree for RemoteTree {
         }
     }
 
+    /// Answered now when the leading head answers within `QUICK`, as nearly every render is,
+    /// so that `stat` sizes a file by what a read gives; a render that waits (a `wait` file)
+    /// is finished later.
     fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
-        bytes_later(self.0.ask(path, caller, TreeOp::Render { nonblock }))
+        let fut = self.0.ask(path, caller, TreeOp::Render { nonblock });
+        let (tx, mut rx) = oneshot::channel();
+        self.0.rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        let quick = on_this_thread(|| futures::executor::block_on(tokio::time::timeout(QUICK, &mut rx)));
+        match quick {
+            Ok(Ok(answer)) => Answer::Now(answer.and_then(bytes_of)),
+            Ok(Err(_)) => Answer::Now(Err(FsError::new(Errno::Io, "the head is stopping"))),
+            Err(_) => Answer::later(async move {
+                rx.await.unwrap_or_else(|_| Err(FsError::new(Errno::Io, "the head is stopping"))).and_then(bytes_of)
+            }),
+        }
     }
 
     fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {

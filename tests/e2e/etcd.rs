@@ -287,6 +287,10 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     assert_eq!(wait(&b, id), "0\n", "{}", b.read(&format!("jobs/{id}/state")));
     let lines: String = (1..=5).map(|i| format!("line {i}\n")).collect();
     assert_eq!(b.read(&stdout), lines);
+    // `stat` on the other head sizes a file by what a read gives.
+    let state = format!("jobs/{id}/state");
+    assert_eq!(std::fs::metadata(b.path(&state)).unwrap().len(), b.read(&state).len() as u64);
+    assert_eq!(std::fs::metadata(b.path(&stdout)).unwrap().len(), lines.len() as u64);
     std::thread::sleep(Duration::from_millis(1500));
     for t in tails {
         assert_eq!(t.stop(), lines, "tail -f of the job's stdout");

@@ -61,13 +61,23 @@ pub struct Core {
 
 impl Core {
     /// Loads the cluster from `store` and starts scheduling; spools go under `shared`.
-    fn start(config: &Config, store: Store, secret: Arc<Secret>, shared: &Path) -> anyhow::Result<Core> {
+    fn start(
+        config: &Config,
+        store: Store,
+        secret: Arc<Secret>,
+        shared: &Path,
+        me: &Candidate,
+    ) -> anyhow::Result<Core> {
         let cluster = Arc::new(Cluster::load(config.head.clone(), store)?);
         let jobs = Arc::new(Jobs::load(config.jobs.clone(), cluster.clone(), shared.join("spool"), secret)?);
         let images = Arc::new(Images::load(config.images.clone(), cluster.clone())?);
         let hsm = Arc::new(Hsm::load(config.hsm.clone(), cluster.clone(), shared.join("hsm-reports"))?);
         let vms = Arc::new(Vms::load(config.vms.clone(), cluster.clone(), shared.join("vm-consoles"))?);
-        let view = Arc::new(View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone(), vms.clone()));
+        let kind = if config.head.store.trim().is_empty() { "embedded" } else { "etcd" };
+        let view = Arc::new(
+            View::new(cluster.clone(), jobs.clone(), images.clone(), hsm.clone(), vms.clone())
+                .led_by(&me.name, &me.addr, kind),
+        );
         let tasks = vec![
             tokio::spawn(jobs.clone().scheduler()),
             tokio::spawn(images.keeper()),
@@ -157,7 +167,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     let mut tasks = Vec::new();
     let election = match &location {
         Location::Embedded(_) => {
-            let c = Arc::new(Core::start(&config, store, secret.clone(), &shared)?);
+            let c = Arc::new(Core::start(&config, store, secret.clone(), &shared, &me)?);
             serving.set(c.view.clone());
             core_tx.send_replace(Some(c));
             None
@@ -197,7 +207,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         tasks.push(tokio::spawn(async move {
             let fence = election.campaign().await;
             store.fence(&fence.key, fence.revision);
-            match Core::start(&config, store, secret, &shared) {
+            match Core::start(&config, store, secret, &shared, &me) {
                 Ok(c) => {
                     let c = Arc::new(c);
                     serving.set(c.view.clone());

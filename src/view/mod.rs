@@ -200,6 +200,8 @@ pub struct View {
     images: images::ImagesView,
     hsm: hsm::HsmView,
     vms: vms::VmsView,
+    /// The first line of `status`: the head that runs the cluster.
+    leader: String,
 }
 
 impl View {
@@ -210,7 +212,14 @@ impl View {
             images: images::ImagesView::new(images),
             hsm: hsm::HsmView::new(hsm),
             vms: vms::VmsView::new(vms),
+            leader: String::new(),
         }
+    }
+
+    /// Names the head that renders this tree, for `status`: `leader <name> addr=<addr> store=<kind>`.
+    pub fn led_by(mut self, name: &str, addr: &str, store: &str) -> View {
+        self.leader = format!("leader {name} addr={addr} store={store}\n");
+        self
     }
 }
 
@@ -254,7 +263,8 @@ impl Tree for View {
                  shows the reader's own last failure there as `ERRNO: sentence`.\n",
             ))),
             ["version"] => Answer::Now(Ok(format!("clusterfs {}\n", env!("CARGO_PKG_VERSION")).into_bytes())),
-            ["status"] => Answer::Now(Ok((self.cluster.status()
+            ["status"] => Answer::Now(Ok((self.leader.clone()
+                + &self.cluster.status()
                 + &self.jobs.status()
                 + &self.images.status()
                 + &self.hsm.status()

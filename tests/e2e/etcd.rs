@@ -209,6 +209,13 @@ fn store_copy_moves_an_embedded_site_into_etcd() {
     assert_eq!(wait(&c, id2), "0\n");
 }
 
+/// A head's default name: the host's short name and its port.
+fn head_name(c: &Cluster) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let port = c.addr().rsplit_once(':').unwrap().1.to_string();
+    format!("{}-{port}", host.trim().split('.').next().unwrap())
+}
+
 /// Runs `tail -f` on `path` until stopped; what it printed.
 struct Tail(Child);
 
@@ -287,6 +294,10 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     assert_eq!(wait(&b, id), "0\n", "{}", b.read(&format!("jobs/{id}/state")));
     let lines: String = (1..=5).map(|i| format!("line {i}\n")).collect();
     assert_eq!(b.read(&stdout), lines);
+    // Both heads name the one that leads.
+    let leader = format!("leader {} addr={} store=etcd\n", head_name(&a), a.addr());
+    assert!(b.read("status").starts_with(&leader), "{}", b.read("status"));
+    assert!(a.read("status").starts_with(&leader), "{}", a.read("status"));
     // `stat` on the other head sizes a file by what a read gives.
     let state = format!("jobs/{id}/state");
     assert_eq!(std::fs::metadata(b.path(&state)).unwrap().len(), b.read(&state).len() as u64);

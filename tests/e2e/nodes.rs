@@ -45,7 +45,14 @@ fn sitrep_has_every_key_in_order_in_three_formats() {
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
     assert!(metrics.contains("clusterfs_node_state{node=\"cn1\",state=\"up\"} 1\n"));
-    assert!(c.read("status").starts_with("nodes all=3 up=3 down=0 drained=0\n"));
+    let status = c.read("status");
+    let mut lines = status.lines();
+    let leader = lines.next().unwrap_or_default();
+    assert!(
+        leader.starts_with("leader ") && leader.ends_with(&format!(" addr={} store=embedded", c.addr())),
+        "{status}"
+    );
+    assert_eq!(lines.next(), Some("nodes all=3 up=3 down=0 drained=0"), "{status}");
     assert_eq!(c.read("version"), format!("clusterfs {}\n", env!("CARGO_PKG_VERSION")));
 }
 

@@ -94,6 +94,7 @@ impl Remote {
             .map_err(|_| format!("the leading head at {addr} does not answer"))?
             .map_err(|e| format!("the leading head at {addr}: {e}"))?;
         let _ = stream.set_nodelay(true);
+        bound_silence(&stream);
         let mut conn = Conn::new(stream, self.max_frame);
         tokio::time::timeout(Duration::from_secs(5), agent_handshake(&mut conn, &self.secret, &self.name))
             .await
@@ -103,7 +104,7 @@ impl Remote {
         let (tx, rx) = mpsc::channel(256);
         let link =
             Arc::new(Link { addr, tx, waiting: Arc::default(), next: AtomicU64::new(1), closed: Arc::default() });
-        tokio::spawn(pump(conn, rx, link.waiting.clone(), link.closed.clone()));
+        tokio::spawn(pump(conn, rx, link.waiting.clone(), link.closed.clone(), self.leader.clone()));
         *held = Some(link.clone());
         Ok(link)
     }
@@ -162,6 +163,22 @@ impl Remote {
     }
 }
 
+/// A peer link whose other end is gone without a word fails within seconds instead of hours:
+/// keepalive probes while it is idle, a bound on unacknowledged data while it is not.
+fn bound_silence(stream: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let set = [
+        setsockopt(stream, sockopt::KeepAlive, &true),
+        setsockopt(stream, sockopt::TcpKeepIdle, &5),
+        setsockopt(stream, sockopt::TcpKeepInterval, &2),
+        setsockopt(stream, sockopt::TcpKeepCount, &3),
+        setsockopt(stream, sockopt::TcpUserTimeout, &10_000),
+    ];
+    if let Some(Err(e)) = set.into_iter().find(Result::is_err) {
+        warn!(error = %e, "cannot bound how long the peer link may stay silent");
+    }
+}
+
 /// Runs `wait` on this thread: a FUSE thread, or a runtime worker finishing a slow answer,
 /// which hands its other tasks on while it waits (the call it waits for among them).
 fn on_this_thread<T>(wait: impl FnOnce() -> T) -> T {
@@ -179,9 +196,20 @@ async fn pump(
     mut rx: mpsc::Receiver<Message>,
     waiting: Arc<Waiting>,
     closed: Arc<std::sync::atomic::AtomicBool>,
+    mut leader: watch::Receiver<Option<Candidate>>,
 ) {
+    let to = leader.borrow_and_update().as_ref().map(|l| l.addr.clone());
     let why = loop {
         tokio::select! {
+            // A head that went without a word (powered off) answers nothing more: its calls
+            // are asked again of the head that leads now.
+            changed = leader.changed() => match changed {
+                Ok(()) if leader.borrow().as_ref().map(|l| &l.addr) != to.as_ref() => {
+                    break "another head leads".to_string();
+                }
+                Ok(()) => {}
+                Err(_) => break "the head is stopping".to_string(),
+            },
             frame = conn.recv_frame() => match frame {
                 Ok(Frame::Message(Message::TreeAnswer { id, answer })) => {
                     if let Some((_, tx)) = waiting.remove(&id) {

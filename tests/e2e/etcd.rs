@@ -412,3 +412,44 @@ fn mount_uuid(c: &Cluster) -> String {
     let out = Command::new("blkid").args(["-p", "-o", "value", "-s", "UUID"]).arg(c.state.join("mount.img")).output();
     String::from_utf8_lossy(&out.expect("blkid").stdout).trim().to_string()
 }
+
+#[test]
+fn a_frozen_leader_is_replaced_and_stops_when_it_wakes() {
+    if !crate::can_mount() {
+        return;
+    }
+    let Some(etcd) = Etcd::start(3) else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let config =
+        format!("store = \"{}\"\nlease_ttl_s = 2\nshared_dir = \"{}\"\n", etcd.url("frozen"), shared.path().display());
+    let mut a = Cluster::up_with("", 200, &config);
+    let b = Cluster::up_with("", 200, &config);
+    // The agent reaches the leader through the other head, which closes the connection when
+    // another head leads.
+    a.agent_on(&[], &format!("{},{}", b.addr(), a.addr()), &["--name", "cn1"]);
+    assert!(eventually(Duration::from_secs(20), || b.read("nodes/up") == "cn1\n"), "{}", b.read("nodes/up"));
+    assert!(b.read("status").starts_with(&format!("leader {} ", head_name(&a))), "{}", b.read("status"));
+
+    // The leader stops answering without closing anything: its lease runs out and the other
+    // head leads, and its mount's calls that were waiting on the frozen head are made again.
+    crate::harness::signal(a.head_pid(), libc::SIGSTOP);
+    let took = write_when_led(&b, "groups/while_frozen", b"cn1\n");
+    eprintln!("frozen leader: the other head took writes {took:?} after SIGSTOP (lease_ttl_s = 2)");
+    assert!(b.read("status").starts_with(&format!("leader {} ", head_name(&b))), "{}", b.read("status"));
+    assert!(eventually(Duration::from_secs(20), || b.read("nodes/up") == "cn1\n"), "{}", b.read("nodes/up"));
+    let id = crate::jobs::submit_as(&b, "root", "echo after the freeze\n");
+    assert_eq!(wait(&b, id), "0\n");
+
+    // Woken, the old leader finds its lease gone and exits (its writes would be refused: they
+    // require the election key it no longer holds).
+    crate::harness::signal(a.head_pid(), libc::SIGCONT);
+    let exited = eventually(Duration::from_secs(20), || {
+        std::fs::read_to_string(format!("/proc/{}/stat", a.head_pid()))
+            .map_or(true, |s| s.split(' ').nth(2) == Some("Z"))
+    });
+    assert!(exited, "the woken leader did not stop:\n{}", a.log());
+    assert!(a.log().contains("leads no more"), "{}", a.log());
+    assert_eq!(b.read("groups/while_frozen"), "cn1\n");
+    assert_eq!(b.read(&format!("jobs/{id}/stdout")), "after the freeze\n");
+    a.crash_head();
+}

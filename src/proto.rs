@@ -18,8 +18,12 @@ use crate::jobs::{Exit, Run, RunStatus};
 use crate::sitrep::Report;
 use crate::vms::{Launch, VmStatus};
 
-/// The protocol version both sides must speak.
-pub const PROTOCOL: u32 = 1;
+/// The protocol version both sides must speak (2: the head beats every interval).
+pub const PROTOCOL: u32 = 2;
+/// An agent that hears nothing from its head for this many report intervals (and at least
+/// `SILENCE_MIN`) takes it for dead and redials: a head that froze closes nothing.
+pub const SILENCE_INTERVALS: u32 = 10;
+pub const SILENCE_MIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The longest an agent waits between redials (plus up to a quarter of it as jitter).
@@ -156,6 +160,8 @@ pub enum Message {
     Vms { vms: Vec<VmStatus> },
     /// Head -> agent: send VM `id`'s console from this offset on.
     VmConsoleFrom { id: u64, from: u64 },
+    /// Head -> agent, every report interval: the head is alive.
+    Beat,
     /// Head -> leading head, on a peer link: an operation on the tree, for a caller of its mount.
     Tree { id: u64, call: Box<TreeCall> },
     /// Leading head -> head: the outcome of tree call `id`.
@@ -273,6 +279,7 @@ impl Message {
             Message::HsmAck { .. } => "hsm_ack",
             Message::Vms { .. } => "vms",
             Message::VmConsoleFrom { .. } => "vm_console_from",
+            Message::Beat => "beat",
             Message::Tree { .. } => "tree",
             Message::TreeAnswer { .. } => "tree_answer",
         }

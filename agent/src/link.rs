@@ -159,91 +159,114 @@ async fn session(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sync = tokio::time::interval(SYNC_EVERY);
     sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let mut report = probe.lock().expect("probe lock is never poisoned: sampling does not panic").report(interval / 2);
-                report.jobs = runner.running();
-                conn.send(&Message::Sitrep { report }).await?;
-                let v = vms.clone();
-                let list = tokio::task::spawn_blocking(move || v.status()).await.unwrap_or_default();
-                if !list.is_empty() {
-                    conn.send(&Message::Vms { vms: list }).await?;
-                }
-            }
-            _ = sync.tick() => {
-                for (run, cursor) in cursors.iter_mut() {
-                    if let Some(bytes) = cfg.relay.bytes(*run).filter(|b| *b != cursor.copied) {
-                        conn.send(&Message::Progress { run: *run, bytes }).await?;
-                        cursor.copied = bytes;
-                    }
-                    send_output(&mut conn, runner, *run, cursor).await?;
-                }
-                for (id, (name, sent)) in consoles.iter_mut() {
-                    while let Some(data) = vms.console(name, *sent, CHUNK).filter(|d| !d.is_empty()) {
-                        let n = data.len() as u64;
-                        let stream = clusterfs::vms::CONSOLE_STREAM | *id;
-                        conn.send_frame(&Frame::Bulk { stream, offset: *sent, data: Bytes::from(data) }).await?;
-                        *sent += n;
+    // The head beats every interval. One not heard from for a while is taken for dead, even
+    // when its connection stays open (a frozen or hung head): this link redials, to the next
+    // head of the list. It is watched beside the work, which may be stuck sending to that head.
+    let silence = (interval * clusterfs::proto::SILENCE_INTERVALS).max(clusterfs::proto::SILENCE_MIN);
+    let start = tokio::time::Instant::now();
+    // When the head was last heard from, in milliseconds since `start`.
+    let heard = std::sync::atomic::AtomicU64::new(0);
+    let last = || start + Duration::from_millis(heard.load(std::sync::atomic::Ordering::Relaxed));
+    let watch = async {
+        while last().elapsed() < silence {
+            tokio::time::sleep_until(last() + silence).await;
+        }
+    };
+    let work = async {
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let mut report = probe.lock().expect("probe lock is never poisoned: sampling does not panic").report(interval / 2);
+                    report.jobs = runner.running();
+                    conn.send(&Message::Sitrep { report }).await?;
+                    let v = vms.clone();
+                    let list = tokio::task::spawn_blocking(move || v.status()).await.unwrap_or_default();
+                    if !list.is_empty() {
+                        conn.send(&Message::Vms { vms: list }).await?;
                     }
                 }
-                for news in mover.map(|m| m.news()).unwrap_or_default() {
-                    conn.send(&news).await?;
-                }
-            }
-            // A run ended: its last output and exit go now, not at the next tick.
-            _ = runner.ended.notified() => {
-                for (run, cursor) in cursors.iter_mut() {
-                    send_output(&mut conn, runner, *run, cursor).await?;
-                }
-            }
-            Some((id, answer)) = answered.recv() => {
-                done.put(id, answer.clone());
-                conn.send(&Message::Response { id, result: answer }).await?;
-            }
-            msg = conn.recv() => match msg? {
-                Message::Request { id, op } if is_blocking_op(&op) && done.get(id).is_none() => {
-                    let (images, vms, answers) = (cfg.images.clone(), vms.clone(), answers.clone());
-                    tokio::spawn(async move {
-                        let answer = tokio::task::spawn_blocking(move || blocking_op(&images, &vms, op))
-                            .await
-                            .unwrap_or_else(|e| Err(format!("internal error: {e}")));
-                        let _ = answers.send((id, answer)).await;
-                    });
-                }
-                Message::Request { id, op } => {
-                    let answer = match done.get(id) {
-                        Some(a) => a,
-                        None => {
-                            let a = execute(op, runner, &cfg.relay, mover, &mut cursors).await;
-                            done.put(id, a.clone());
-                            a
+                _ = sync.tick() => {
+                    for (run, cursor) in cursors.iter_mut() {
+                        if let Some(bytes) = cfg.relay.bytes(*run).filter(|b| *b != cursor.copied) {
+                            conn.send(&Message::Progress { run: *run, bytes }).await?;
+                            cursor.copied = bytes;
                         }
-                    };
+                        send_output(&mut conn, runner, *run, cursor).await?;
+                    }
+                    for (id, (name, sent)) in consoles.iter_mut() {
+                        while let Some(data) = vms.console(name, *sent, CHUNK).filter(|d| !d.is_empty()) {
+                            let n = data.len() as u64;
+                            let stream = clusterfs::vms::CONSOLE_STREAM | *id;
+                            conn.send_frame(&Frame::Bulk { stream, offset: *sent, data: Bytes::from(data) }).await?;
+                            *sent += n;
+                        }
+                    }
+                    for news in mover.map(|m| m.news()).unwrap_or_default() {
+                        conn.send(&news).await?;
+                    }
+                }
+                // A run ended: its last output and exit go now, not at the next tick.
+                _ = runner.ended.notified() => {
+                    for (run, cursor) in cursors.iter_mut() {
+                        send_output(&mut conn, runner, *run, cursor).await?;
+                    }
+                }
+                Some((id, answer)) = answered.recv() => {
+                    done.put(id, answer.clone());
                     conn.send(&Message::Response { id, result: answer }).await?;
                 }
-                Message::VmConsoleFrom { id, from } => {
-                    match consoles.get_mut(&id) {
-                        Some(c) => c.1 = from,
-                        None => {
-                            let v = vms.clone();
-                            if let Ok(Some(name)) = tokio::task::spawn_blocking(move || v.name_of(id)).await {
-                                consoles.insert(id, (name, from));
+                msg = conn.recv() => match msg.inspect(|_| {
+                    let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    heard.store(ms, std::sync::atomic::Ordering::Relaxed);
+                })? {
+                    Message::Request { id, op } if is_blocking_op(&op) && done.get(id).is_none() => {
+                        let (images, vms, answers) = (cfg.images.clone(), vms.clone(), answers.clone());
+                        tokio::spawn(async move {
+                            let answer = tokio::task::spawn_blocking(move || blocking_op(&images, &vms, op))
+                                .await
+                                .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+                            let _ = answers.send((id, answer)).await;
+                        });
+                    }
+                    Message::Request { id, op } => {
+                        let answer = match done.get(id) {
+                            Some(a) => a,
+                            None => {
+                                let a = execute(op, runner, &cfg.relay, mover, &mut cursors).await;
+                                done.put(id, a.clone());
+                                a
+                            }
+                        };
+                        conn.send(&Message::Response { id, result: answer }).await?;
+                    }
+                    Message::VmConsoleFrom { id, from } => {
+                        match consoles.get_mut(&id) {
+                            Some(c) => c.1 = from,
+                            None => {
+                                let v = vms.clone();
+                                if let Ok(Some(name)) = tokio::task::spawn_blocking(move || v.name_of(id)).await {
+                                    consoles.insert(id, (name, from));
+                                }
                             }
                         }
                     }
-                }
-                Message::HsmAck { cookies } => {
-                    if let Some(m) = mover {
-                        m.ack(&cookies);
+                    Message::HsmAck { cookies } => {
+                        if let Some(m) = mover {
+                            m.ack(&cookies);
+                        }
                     }
-                }
-                Message::Resume { run, from } => {
-                    cursors.insert(run, Cursor { sent: from, exited_sent: false, copied: 0 });
-                }
-                other => return Err(ProtoError::Unexpected { expected: "a request", got: other.name().into() }),
-            },
+                    Message::Resume { run, from } => {
+                        cursors.insert(run, Cursor { sent: from, exited_sent: false, copied: 0 });
+                    }
+                    Message::Beat => {}
+                    other => return Err(ProtoError::Unexpected { expected: "a request", got: other.name().into() }),
+                },
+            }
         }
+    };
+    tokio::select! {
+        r = work => r,
+        () = watch => Err(ProtoError::Timeout("a beat from the head")),
     }
 }
 

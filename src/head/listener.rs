@@ -129,8 +129,14 @@ async fn handle(core: Arc<Core>, stream: TcpStream, secret: Arc<Secret>, conn_id
         }
         Vec::new()
     };
+    // The agent takes a head it does not hear from for a while for dead.
+    let mut beat = tokio::time::interval(Duration::from_millis(cluster.cfg.interval_ms));
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let why = loop {
         tokio::select! {
+            _ = beat.tick() => if let Err(e) = conn.send(&Message::Beat).await {
+                break format!("connection error: {e}");
+            },
             frame = conn.recv_frame() => {
                 let answer = match frame {
                     Ok(Frame::Message(Message::Sitrep { report })) => {

@@ -424,9 +424,9 @@ fn a_frozen_leader_is_replaced_and_stops_when_it_wakes() {
         format!("store = \"{}\"\nlease_ttl_s = 2\nshared_dir = \"{}\"\n", etcd.url("frozen"), shared.path().display());
     let mut a = Cluster::up_with("", 200, &config);
     let b = Cluster::up_with("", 200, &config);
-    // The agent reaches the leader through the other head, which closes the connection when
-    // another head leads.
-    a.agent_on(&[], &format!("{},{}", b.addr(), a.addr()), &["--name", "cn1"]);
+    // The agent dials the leader itself: a frozen head keeps the connection open, so the
+    // agent must notice that it hears nothing.
+    a.agent_on(&[], &format!("{},{}", a.addr(), b.addr()), &["--name", "cn1"]);
     assert!(eventually(Duration::from_secs(20), || b.read("nodes/up") == "cn1\n"), "{}", b.read("nodes/up"));
     assert!(b.read("status").starts_with(&format!("leader {} ", head_name(&a))), "{}", b.read("status"));
 
@@ -436,7 +436,9 @@ fn a_frozen_leader_is_replaced_and_stops_when_it_wakes() {
     let took = write_when_led(&b, "groups/while_frozen", b"cn1\n");
     eprintln!("frozen leader: the other head took writes {took:?} after SIGSTOP (lease_ttl_s = 2)");
     assert!(b.read("status").starts_with(&format!("leader {} ", head_name(&b))), "{}", b.read("status"));
+    let back = Instant::now();
     assert!(eventually(Duration::from_secs(20), || b.read("nodes/up") == "cn1\n"), "{}", b.read("nodes/up"));
+    eprintln!("frozen leader: its agent was up on the other head {:?} later", back.elapsed());
     let id = crate::jobs::submit_as(&b, "root", "echo after the freeze\n");
     assert_eq!(wait(&b, id), "0\n");
 

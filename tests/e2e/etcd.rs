@@ -134,7 +134,10 @@ fn a_head_keeps_its_state_in_a_three_member_etcd_and_refuses_writes_without_a_qu
     c.crash_head();
     c.start_head();
     assert_eq!(c.read("groups/g1"), "cn[0-1]\n");
-    assert_eq!(c.read(&format!("jobs/{id}/state")), "done 0\n");
+    // `wait` answers as the end arrives, its commit follows; the agent keeps the run until the
+    // head has stored its end: an end the crash took is reported again when the agent is back.
+    let state = format!("jobs/{id}/state");
+    assert!(eventually(Duration::from_secs(10), || c.read(&state) == "done 0\n"), "{}", c.read(&state));
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), "from etcd\n");
     assert_eq!(std::fs::read_to_string(c.state.join("secret")).unwrap(), secret);
 

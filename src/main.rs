@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn short_hostname() -> String {
-    let name = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = clusterfs::names::hostname();
     let short = name.split('.').next().unwrap_or_default().to_string();
     if clusterfs::names::check("node", &short).is_ok() { short } else { "node0".into() }
 }

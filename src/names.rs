@@ -54,6 +54,11 @@ pub fn check(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// This host's name as the kernel has it (empty if it cannot be read).
+pub fn hostname() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::check;

@@ -195,10 +195,7 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
     };
     // Heads of one store mount with the cluster's filesystem UUID, so NFS handles taken
     // through one head's export hold through another's.
-    let uuid = match &location {
-        Location::Embedded(_) => None,
-        Location::Etcd { .. } => shared_uuid(&election)?,
-    };
+    let uuid = shared_uuid(&election)?;
     let mount = mount_tree(serving.clone(), fs_cfg, mountpoint, &state, cfg.stable_mount, uuid.as_deref())?;
 
     let place = election.as_ref().map(|(e, _)| e.clone());
@@ -240,7 +237,7 @@ fn head_name(configured: &str, addr: SocketAddr) -> String {
     if !configured.is_empty() {
         return configured.to_string();
     }
-    let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let host = crate::names::hostname();
     let short = host.split('.').next().unwrap_or_default();
     let name = format!("{short}-{}", addr.port());
     if crate::names::check("head", &name).is_ok() { name } else { format!("head-{}", addr.port()) }
@@ -253,7 +250,7 @@ fn advertised(configured: &str, addr: SocketAddr) -> String {
         return configured.to_string();
     }
     if addr.ip().is_unspecified() {
-        let host = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+        let host = crate::names::hostname();
         return format!("{host}:{}", addr.port());
     }
     addr.to_string()

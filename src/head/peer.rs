@@ -149,7 +149,9 @@ impl Remote {
 
     fn ask(self: &Arc<Self>, path: &[&str], caller: &Caller, op: TreeOp) -> CallFuture {
         let path = path.iter().map(|s| s.to_string()).collect();
-        let caller = TreeCaller { uid: caller.uid, gid: caller.gid, groups: caller_groups(caller) };
+        // Groups name a submission's owner; a read needs none (and a read of /proc each lookup).
+        let groups = if op.is_read() { Vec::new() } else { caller_groups(caller) };
+        let caller = TreeCaller { uid: caller.uid, gid: caller.gid, groups };
         Box::pin(self.clone().call(path, caller, op))
     }
 

@@ -276,9 +276,11 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     let mut b = Cluster::up_with("", 200, &config);
     assert_eq!(std::fs::read(a.secret_file()).unwrap(), std::fs::read(b.secret_file()).unwrap());
     let heads = format!("{},{}", a.addr(), b.addr());
-    for n in 1..=3 {
+    for n in 1..=2 {
         a.agent_on(&[], &heads, &["--name", &format!("cn{n}")]);
     }
+    // cn3 dials the head that does not lead first: that head passes its connection through.
+    a.agent_on(&[], &format!("{},{}", b.addr(), a.addr()), &["--name", "cn3"]);
     // An HSM mover (an lhsmtool_cmd-style command) that records each request it runs.
     let ran = shared.path().join("hsm-ran");
     let cmd = format!("echo $CLUSTER_HSM_COOKIE >> {}; sleep 0.02", ran.display());
@@ -316,6 +318,10 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     let uuid = mount_uuid(&a);
     assert_eq!(uuid.len(), 36, "{uuid:?}");
     assert_eq!(mount_uuid(&b), uuid);
+    // The leader's commands reach cn3 through the head that holds its connection.
+    let on3 = crate::jobs::submit_as(&b, "root", "#CLUSTER nodes=cn3\necho $CLUSTER_NODE\n");
+    assert_eq!(wait(&a, on3), "0\n", "{}", a.read(&format!("jobs/{on3}/state")));
+    assert_eq!(a.read(&format!("jobs/{on3}/nodes/cn3/stdout")), "cn3\n");
     // Submitted on the other, killed from the first; bad input there gets its own error.
     let long = crate::jobs::submit_as(&b, "root", "sleep 60\n");
     crate::jobs::assert_running(&a, long);

@@ -321,36 +321,49 @@ impl Cluster {
         }
     }
 
+    /// The link a request to `name` goes out on, or why none goes out now.
+    fn link(&self, name: &str) -> Result<(mpsc::Sender<Message>, u64), FsError> {
+        let e = self.nodes.get(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
+        // A node that has just connected and not reported yet can be asked already.
+        match (self.state_of(&e), &e.link) {
+            (_, Some(link)) if e.seen.is_none() => Ok((link.tx.clone(), link.conn)),
+            (NodeState::Down(reason), _) => {
+                Err(FsError::new(Errno::HostDown, format!("node {name} is down ({reason})")))
+            }
+            (_, Some(link)) => Ok((link.tx.clone(), link.conn)),
+            (_, None) => Err(FsError::new(Errno::HostDown, format!("node {name} is down"))),
+        }
+    }
+
+    /// Whether a request to `name` would go out now.
+    pub fn reachable(&self, name: &str) -> bool {
+        self.link(name).is_ok()
+    }
+
     /// Sends `op` to `name`'s agent and waits for its answer.
     pub async fn request(&self, name: &str, op: Op, timeout: Duration) -> Result<Reply, FsError> {
-        let (tx, link) = {
-            let e = self.nodes.get(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
-            // A node that has just connected and not reported yet can be asked already.
-            match (self.state_of(&e), &e.link) {
-                (_, Some(link)) if e.seen.is_none() => (link.tx.clone(), link.conn),
-                (NodeState::Down(reason), _) => {
-                    return Err(FsError::new(Errno::HostDown, format!("node {name} is down ({reason})")));
-                }
-                (_, Some(link)) => (link.tx.clone(), link.conn),
-                (_, None) => return Err(FsError::new(Errno::HostDown, format!("node {name} is down"))),
-            }
-        };
+        self.try_request(name, op, timeout).await?
+    }
+
+    /// As [`Cluster::request`], but tells apart a request that never left (the outer error:
+    /// the agent surely did not get it) from one sent whose answer did not come.
+    pub async fn try_request(&self, name: &str, op: Op, timeout: Duration) -> Result<Result<Reply, FsError>, FsError> {
+        let (tx, link) = self.link(name)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (done, answer) = oneshot::channel();
         self.pending.insert(id, (link, done));
-        let sent = tx.send(Message::Request { id, op }).await;
-        if sent.is_err() {
+        if tx.send(Message::Request { id, op }).await.is_err() {
             self.pending.remove(&id);
             return Err(FsError::new(Errno::HostDown, format!("node {name}: the connection (#{link}) closed")));
         }
         let out = tokio::time::timeout(timeout, answer).await;
         self.pending.remove(&id);
-        match out {
+        Ok(match out {
             Ok(Ok(Ok(reply))) => Ok(reply),
             Ok(Ok(Err(message))) => Err(FsError::new(Errno::Io, format!("node {name}: {message}"))),
             Ok(Err(_)) => Err(FsError::new(Errno::HostDown, format!("node {name}: the connection closed"))),
             Err(_) => Err(FsError::new(Errno::TimedOut, format!("node {name} did not answer within {timeout:?}"))),
-        }
+        })
     }
 
     /// Sends `msg` to `name`'s agent if it is connected, without waiting for an answer.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::can_mount;
-use crate::harness::{Cluster, eventually, sh_as};
+use crate::harness::{Cluster, eventually, sh_as, signal};
 
 const HEADER: &str = "mdt.lustre0-MDT0000.hsm.active_requests=\n";
 
@@ -62,14 +62,15 @@ impl Tree {
     }
 }
 
-fn start_mover(c: &mut Cluster, args: &[String]) {
+fn start_mover(c: &mut Cluster, args: &[String]) -> usize {
     let name = args[1].clone();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    c.agent_with(&args);
+    let i = c.agent_with(&args);
     let up = eventually(Duration::from_secs(20), || {
         c.try_read(&format!("hsm/movers/{name}/state")).is_some_and(|s| s == "up\n")
     });
     assert!(up, "mover {name} never came up; head log:\n{}", c.log());
+    i
 }
 
 fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
@@ -377,4 +378,46 @@ fn running_requests_cancel_move_after_the_grace_and_owners_share_fairly() {
     assert!(eventually(Duration::from_secs(20), || quiet(&c)));
     let ran: Vec<String> = fs::read_to_string(&log).unwrap().lines().map(str::to_string).collect();
     assert_eq!(ran, ["0x2", "0xa", "0x14", "0xb", "0x15", "0xc", "0xd"], "not served in fair turns");
+}
+
+#[test]
+fn a_mover_whose_node_stops_reporting_is_given_nothing_and_runs_each_request_once_when_back() {
+    if !can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn1", 100);
+    let t = Tree::new(&c);
+    let log = t.archive.join("ran.log");
+    let cmd = format!("echo $CLUSTER_HSM_COOKIE >> {}", log.display());
+    let args: Vec<String> =
+        ["--name", "m1", "--mover", "--mover-command", &cmd, "--max-archive", "4"].map(String::from).to_vec();
+    let m1 = start_mover(&mut c, &args);
+    // Stopped, not dead: its connection stays open, its reports stop, its node goes down.
+    signal(c.agent_pid(m1), libc::SIGSTOP);
+    assert!(
+        eventually(Duration::from_secs(5), || c.read("nodes/m1/state").starts_with("down")),
+        "{}",
+        c.read("nodes/m1/state")
+    );
+    let json: String = (1..=20u32)
+        .map(|i| format!("{{\"fid\":\"0x200000401:{i:#x}:0x0\",\"cookie\":{i},\"action\":\"archive\"}}\n"))
+        .collect();
+    c.write("hsm/queue", json.as_bytes()).unwrap();
+    // Dispatch rounds come every 250 ms: none of them may hand requests to the down node.
+    std::thread::sleep(Duration::from_millis(1000));
+    let status = c.read("hsm/status");
+    assert!(status.contains("archive queued 20 running 0 "), "requests went to a down node:\n{status}");
+    signal(c.agent_pid(m1), libc::SIGCONT);
+    let ok = eventually(Duration::from_secs(30), || {
+        quiet(&c) && fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 20)
+    });
+    assert!(ok, "not all requests ran once the mover was back; status:\n{}", c.read("hsm/status"));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ran: Vec<u64> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| u64::from_str_radix(l.trim_start_matches("0x"), 16).expect("a cookie"))
+        .collect();
+    ran.sort_unstable();
+    assert_eq!(ran, (1..=20).collect::<Vec<u64>>(), "each request runs exactly once");
 }

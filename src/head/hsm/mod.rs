@@ -516,9 +516,10 @@ impl Hsm {
         }
         for action in Action::ALL {
             let open = |core: &Core| {
-                core.movers.values().any(|m| {
+                core.movers.iter().any(|(name, m)| {
                     m.conn.is_some()
                         && !m.drained
+                        && self.cluster.reachable(name)
                         && m.info.slots(action).is_none_or(|s| m.running.get(&action).copied().unwrap_or(0) < s)
                 })
             };
@@ -537,6 +538,7 @@ impl Hsm {
                     .filter(|(name, m)| {
                         m.conn.is_some()
                             && !m.drained
+                            && self.cluster.reachable(name)
                             && m.info.serves(req.archive_id)
                             && m.info.slots(action).is_none_or(|s| m.running.get(&action).copied().unwrap_or(0) < s)
                             && match &placement {
@@ -615,13 +617,18 @@ impl Hsm {
             return self.requeue_all(&requests);
         }
         let n = requests.len();
-        match self.cluster.request(&mover, Op::Hsm { requests: requests.clone() }, SEND_TIMEOUT).await {
-            Ok(_) => {}
-            // The mover went away: it says what it holds when it comes back.
-            Err(e) if matches!(e.errno, Errno::HostDown | Errno::TimedOut) => {
+        match self.cluster.try_request(&mover, Op::Hsm { requests: requests.clone() }, SEND_TIMEOUT).await {
+            Ok(Ok(_)) => {}
+            // Its node stopped reporting, or its connection closed, before they left.
+            Err(e) => {
+                warn!(mover, requests = n, error = %e.message, "requests not sent to their mover: queued again");
+                self.requeue_all(&requests);
+            }
+            // The mover went away with them: it says what it holds when it comes back.
+            Ok(Err(e)) if matches!(e.errno, Errno::HostDown | Errno::TimedOut) => {
                 warn!(mover, requests = n, error = %e.message, "requests not confirmed by their mover");
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 warn!(mover, requests = n, error = %e.message, "the mover refused requests: queued again");
                 self.requeue_all(&requests);
             }

@@ -833,6 +833,9 @@ mod tests {
         assert_eq!(again, 0, "a known cookie is not queued twice");
         let info = MoverInfo { archive_ids: vec![], max_archive: Some(1), max_restore: Some(1), max_remove: None };
         h.mover_hello("m1", 7, info, vec![]);
+        assert!(h.dispatch(0).is_empty(), "a mover whose node has no connection is given nothing");
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        h.cluster.attach("m1", crate::head::cluster::Link { conn: 7, tx }).unwrap();
         let sent: Vec<(u64, Action)> =
             h.dispatch(0).into_iter().flat_map(|(_, reqs, _)| reqs).map(|r| (r.cookie, r.action)).collect();
         assert_eq!(sent, [(3, Action::Restore), (2, Action::Remove), (1, Action::Archive)]);

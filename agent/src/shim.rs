@@ -3,6 +3,7 @@
 
 use std::ffi::CString;
 use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -86,7 +87,7 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     // under root's state, which the job's user cannot (and need not) traverse.
     let script = fs::File::open(dir.join("script"))
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.join("script").display())))?;
-    let script_fd = std::os::fd::AsRawFd::as_raw_fd(&script);
+    let script_fd = script.as_raw_fd();
     let script_path = format!("/proc/self/fd/{SCRIPT_FD}");
     let mut cmd = if run.script.starts_with("#!") {
         Command::new(&script_path)
@@ -160,6 +161,7 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
             kill_at = Some(Instant::now() + KILL_AFTER_TERM);
         }
     }
+    let ended = pidfd(pid);
     let status = loop {
         if exited_unreaped(pid)? {
             // The job is a zombie: its pid, and so its process group, cannot be reused yet.
@@ -176,12 +178,36 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
         if kill_at.is_some_and(|k| now >= k) {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Until the job ends, or the next deadline (a SIGKILL is sent again every second).
+        let next = [deadline.filter(|_| !timed_out), kill_at.filter(|k| *k > now)].into_iter().flatten().min();
+        let max = next.map_or(Duration::from_secs(1), |n| n.saturating_duration_since(now).min(Duration::from_secs(1)));
+        wait_for_exit(ended.as_ref(), max);
     };
     let signal = std::os::unix::process::ExitStatusExt::signal(&status);
     let code = status.code().unwrap_or_else(|| 128 + signal.unwrap_or(0));
     let reason = timed_out.then(|| format!("timeout after {} s", run.timeout_s.unwrap_or(0)));
     Ok(Exit { code, signal, reason })
+}
+
+/// A descriptor that becomes readable when process `pid` ends (`pidfd_open`, Linux 5.3).
+fn pidfd(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: a non-negative result is a descriptor nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Returns when the process behind `ended` ends or after `max`; without a pidfd, after
+/// 20 ms at most.
+fn wait_for_exit(ended: Option<&OwnedFd>, max: Duration) {
+    let Some(fd) = ended else {
+        return std::thread::sleep(max.min(Duration::from_millis(20)));
+    };
+    let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = i32::try_from(max.as_millis()).unwrap_or(i32::MAX).max(1);
+    // SAFETY: poll reads and writes only the one pollfd, which lives for the call.
+    unsafe { libc::poll(&mut poll, 1, ms) };
 }
 
 /// Whether the child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`).

@@ -9,6 +9,7 @@ mod relay;
 mod runner;
 mod shim;
 mod vms;
+mod zygote;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -127,6 +128,8 @@ fn main() -> anyhow::Result<()> {
     };
     let secret = Secret::load(&args.secret_file)?;
     let mover = mover_config(&args)?;
+    // Forked while this process has one thread: later forks of it are safe.
+    zygote::start();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let relay = relay::Relay::start(&args.relay_listen, secret.clone(), args.max_frame)

@@ -34,7 +34,11 @@ pub enum Started {
 impl Runner {
     pub fn new(dir: PathBuf) -> std::io::Result<Runner> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        Ok(Runner { dir, ended: Arc::default() })
+        let ended: Arc<tokio::sync::Notify> = Arc::default();
+        if let Some(z) = crate::zygote::get() {
+            z.watch(&dir, ended.clone());
+        }
+        Ok(Runner { dir, ended })
     }
 
     pub fn run_dir(&self, run: u64) -> PathBuf {
@@ -72,6 +76,16 @@ impl Runner {
             record_shim(&dir, std::process::id()).map_err(|e| format!("cannot record run {}: {e}", run.run))?;
             info!(run = run.run, user = run.user, dest = run.copy.as_deref().unwrap_or(""), "copy run expected");
             return Ok(Started::Now);
+        }
+        // The shim records its pid first thing: until then a run is known as starting.
+        if let Some(z) = crate::zygote::get() {
+            match z.spawn(&dir) {
+                Ok(()) => {
+                    info!(run = run.run, user = run.user, "run started");
+                    return Ok(Started::Now);
+                }
+                Err(e) => warn!(run = run.run, error = %e, "the zygote is gone: starting the run by exec"),
+            }
         }
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = std::process::Command::new(exe);

@@ -219,6 +219,11 @@ impl Cluster {
         })
     }
 
+    /// Node `name`'s state and when it last changed, without copying its report.
+    pub fn state(&self, name: &str) -> Option<(NodeState, SystemTime)> {
+        self.nodes.get(name).map(|e| (self.state_of(&e), e.changed))
+    }
+
     /// The up, undrained node with the lowest load index (ties go to the first name).
     pub fn best(&self) -> Option<String> {
         self.names()

@@ -373,13 +373,13 @@ impl Jobs {
     /// passed (over all attempts), else failed naming the nodes that did not; its exit status
     /// is the largest of its nodes' (`clush -S`).
     pub(super) fn settle_spread(&self, id: u64) {
-        let Some(spread) = self.with(id, |j| j.spread.clone()).flatten() else { return };
-        let Some(last) = spread.attempts.last() else { return };
-        let running =
-            (0..last.hosts.len() as u64).any(|pos| !self.with(last.base + pos, |r| r.state.ended()).unwrap_or(false));
-        if running {
+        // Checked every pass while the job runs: only the latest attempt's run ids are read.
+        let last = self.with(id, |j| j.spread.as_ref()?.attempts.last().map(|a| (a.base, a.hosts.len() as u64)));
+        let Some((base, hosts)) = last.flatten() else { return };
+        if (0..hosts).rev().any(|pos| !self.with(base + pos, |r| r.state.ended()).unwrap_or(false)) {
             return;
         }
+        let Some(spread) = self.with(id, |j| j.spread.clone()).flatten() else { return };
         let runs = self.spread_runs(&spread, None);
         let mut bad = NodeSet::new();
         let mut worst = 0;

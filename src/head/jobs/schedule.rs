@@ -156,6 +156,9 @@ impl Jobs {
         for id in spreads {
             self.settle_spread(id);
         }
+        if starts.is_empty() {
+            return self.expire_all(ended);
+        }
         starts.sort_unstable();
         let mut free = self.free_nodes();
         for (_, id, shape) in starts {
@@ -165,6 +168,10 @@ impl Jobs {
                 Shape::Spread => self.start_spread(id, &mut free),
             }
         }
+        self.expire_all(ended);
+    }
+
+    fn expire_all(&self, ended: Vec<u64>) {
         for id in ended {
             self.expire(id);
         }
@@ -300,7 +307,7 @@ impl Jobs {
             Some(Dispatch::Failed(at)) => at.elapsed() >= REDISPATCH_AFTER,
             None => true,
         };
-        let connected = self.cluster.view(&node).is_some_and(|v| !matches!(v.state, NodeState::Down(_)));
+        let connected = self.cluster.state(&node).is_some_and(|(s, _)| !matches!(s, NodeState::Down(_)));
         if due
             && connected
             && let Some(job) = self.get(id)
@@ -337,9 +344,9 @@ impl Jobs {
 
     fn check_lost(&self, id: u64) {
         let Some(node) = self.with(id, |j| j.node.clone()).flatten() else { return };
-        let Some(v) = self.cluster.view(&node) else { return };
-        let down_for = v.changed.elapsed().unwrap_or_default();
-        if matches!(v.state, NodeState::Down(_)) && down_for > Duration::from_secs(self.cfg.lost_after_s) {
+        let Some((state, changed)) = self.cluster.state(&node) else { return };
+        let down_for = changed.elapsed().unwrap_or_default();
+        if matches!(state, NodeState::Down(_)) && down_for > Duration::from_secs(self.cfg.lost_after_s) {
             let reason = format!("node {node} down for {} s", down_for.as_secs());
             warn!(job = id, node, "job lost");
             let _ = self.update(id, |j| {

@@ -35,6 +35,15 @@ pub(super) struct Free {
     no_fit: HashMap<(u32, Option<u64>), String>,
 }
 
+/// How a job that waits for free cpus is told so: this, the count, " free cpus".
+const WAIT_CPUS: &str = "waiting for a node with ";
+
+/// Whether `reason` says the job waits for `cpus` free cpus, which is what a pass that finds
+/// every node full would say again.
+fn waits_for_cpus(reason: &str, cpus: u32) -> bool {
+    reason.strip_prefix(WAIT_CPUS).and_then(|r| r.strip_suffix(" free cpus")).and_then(|n| n.parse().ok()) == Some(cpus)
+}
+
 impl Free {
     /// The up node with the lowest load index that fits, with the room taken; else why none.
     pub(super) fn place(&mut self, cpus: u32, mem: Option<u64>) -> Result<String, String> {
@@ -59,11 +68,16 @@ impl Free {
             if self.nodes.is_empty() {
                 "waiting for a node to be up".to_string()
             } else if self.nodes.iter().all(|n| n.1 < cpus) {
-                format!("waiting for a node with {cpus} free cpus")
+                format!("{WAIT_CPUS}{cpus} free cpus")
             } else {
                 format!("waiting for a node with {mem} bytes of free memory")
             }
         })
+    }
+
+    /// Whether nodes are up and none has a free cpu (every job takes at least one).
+    pub(super) fn full(&self) -> bool {
+        !self.nodes.is_empty() && self.nodes.iter().all(|n| n.1 == 0)
     }
 
     /// Whether `node` is up with this much room.
@@ -142,7 +156,15 @@ impl Jobs {
             let shape = j.shape();
             match (j.state, shape) {
                 (State::Queued, _) if j.held => {}
-                (State::Queued, _) | (State::Running, Shape::Array) => starts.push((-j.spec.priority, j.id, shape)),
+                (State::Queued, _) | (State::Running, Shape::Array) => {
+                    // Told why it waits, and waiting for nothing but room: nothing to do while
+                    // every node is full.
+                    let room_only = shape == Shape::One
+                        && waits_for_cpus(&j.reason, j.spec.cpus)
+                        && j.spec.after.is_empty()
+                        && j.spec.afterany.is_empty();
+                    starts.push((-j.spec.priority, j.id, shape, room_only));
+                }
                 (State::Running, Shape::Spread) => spreads.push(j.id),
                 (State::Running, Shape::One) => running.push(j.id),
                 _ if j.task.is_none() && j.ended_ms.unwrap_or(j.submitted_ms) < expired_before => ended.push(j.id),
@@ -159,9 +181,13 @@ impl Jobs {
         if starts.is_empty() {
             return self.expire_all(ended);
         }
-        starts.sort_unstable();
         let mut free = self.free_nodes();
-        for (_, id, shape) in starts {
+        // With thousands queued, a pass that finds no room must not touch each of them.
+        if free.full() {
+            starts.retain(|s| !s.3);
+        }
+        starts.sort_unstable();
+        for (_, id, shape, _) in starts {
             match shape {
                 Shape::One => self.try_start(id, &mut free),
                 Shape::Array => self.advance_array(id, tally.remove(&id).unwrap_or_default(), &mut free),
@@ -382,5 +408,24 @@ impl Jobs {
                 tokio::time::sleep_until((pass + PASS_GAP).into()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_cluster_is_seen_and_the_reason_it_repeats_is_recognized() {
+        let mut free = Free { nodes: vec![("cn1".into(), 1, 1 << 30, 0.0)], no_fit: HashMap::new() };
+        assert!(!free.full());
+        assert_eq!(free.place(1, None), Ok("cn1".to_string()));
+        assert!(free.full());
+        let why = free.place(2, None).unwrap_err();
+        assert!(waits_for_cpus(&why, 2), "{why}");
+        assert!(!waits_for_cpus(&why, 1));
+        assert!(!waits_for_cpus("waiting for a node", 1));
+        assert!(!waits_for_cpus("waiting for a node with 512 bytes of free memory", 1));
+        assert!(!Free { nodes: Vec::new(), no_fit: HashMap::new() }.full(), "no node up is not full");
     }
 }

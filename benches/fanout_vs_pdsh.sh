@@ -3,12 +3,13 @@
 # clush (exec mode, fanout 64), and forks the same count of bare `sh -c hostname` (the floor),
 # in one run; prints a Markdown table with each time as a ratio of the floor.
 #   BENCH_FANOUT_NODES=1000 BENCH_ROUNDS=3 benches/fanout_vs_pdsh.sh
+#   BENCH_TMP=/dev/shm puts the head's and the agent's state on tmpfs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${BENCH_FANOUT_NODES:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
 set_="sim[0-$((N - 1))]"
-work=$(mktemp -d /tmp/clusterfs-bench.XXXXXX)
+work=$(mktemp -d "${BENCH_TMP:-/tmp}/clusterfs-bench.XXXXXX")
 chmod 755 "$work"
 cleanup() {
   set +e

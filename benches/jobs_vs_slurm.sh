@@ -2,13 +2,14 @@
 # Submits BENCH_JOBS trivial jobs from 4 parallel shells to Slurm (sbatch --wrap) and to
 # clusterfs (echo > jobs/new), same node count and cpus, in one run; prints a Markdown table.
 #   BENCH_JOBS=5000 BENCH_NODES=4 BENCH_WAIT_S=900 benches/jobs_vs_slurm.sh
+#   BENCH_TMP=/dev/shm puts both sides' state (clusterfs' head and agents, Slurm's spool) on tmpfs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${BENCH_JOBS:-5000}
 NODES=${BENCH_NODES:-4}
 WAIT_S=${BENCH_WAIT_S:-900}
 CPUS=$(nproc)
-work=$(mktemp -d /tmp/clusterfs-bench.XXXXXX)
+work=$(mktemp -d "${BENCH_TMP:-/tmp}/clusterfs-bench.XXXXXX")
 chmod 755 "$work"
 cleanup() {
   set +e

@@ -412,3 +412,31 @@ fn a_spec_file_copied_into_jobs_is_submitted_as_its_writer_and_goes() {
     }
     assert_eq!(ids(), vec![id]);
 }
+
+#[test]
+fn runs_are_forked_by_the_agents_zygote_and_start_by_exec_once_it_is_gone() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 200);
+    let children = |pid: i32| -> Vec<i32> {
+        sh(&format!("pgrep -P {pid} -x clusterfs-agent")).1.lines().filter_map(|l| l.trim().parse().ok()).collect()
+    };
+    let agent = children(c.head_pid());
+    assert_eq!(agent.len(), 1, "one local agent: {agent:?}");
+    let zygote = children(agent[0]);
+    assert_eq!(zygote.len(), 1, "the agent forks one zygote: {zygote:?}");
+    // A run's shim is the zygote's child, shown as `clusterfs-agent --shim DIR`.
+    let id = submit_as(&c, "root", "sleep 30\n");
+    assert_running(&c, id);
+    let shims = sh(&format!("pgrep -P {} -f -- '--shim .*/{id}$'", zygote[0])).1;
+    assert_eq!(shims.lines().count(), 1, "the shim of job {id} under the zygote: {}", sh("ps -ef").1);
+    assert_eq!(c.write(&format!("jobs/{id}/ctl"), b"kill\n"), Ok(()));
+    assert_killed(&wait(&c, id));
+    // Without its zygote the agent starts shims itself; the jobs run all the same.
+    crate::harness::signal(zygote[0], libc::SIGKILL);
+    assert!(eventually(Duration::from_secs(5), || children(agent[0]).is_empty()), "the zygote stayed");
+    let id = submit_as(&c, "root", "echo after\n");
+    assert_eq!(wait(&c, id), "0\n");
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), "after\n");
+}

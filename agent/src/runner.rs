@@ -1,7 +1,7 @@
 //! Runs on this node, kept as files: each run has a directory the shim writes and the link reads.
 //!
-//! `<runs>/<run>/` holds `run.json` (what the head asked, with the script), `stdout`, `stderr`,
-//! `shim.pid` and `pid` (written by the shim), `signal` (a kill that came before the pid) and `exit.json` (written
+//! `<runs>/<run>/` holds `run.json` (what the head asked), `script`, `stdout`, `stderr`, `pid`
+//! (written by the shim), `signal` (a kill that came before the pid) and `exit.json` (written
 //! by the shim when the run ends). A run whose directory exists has been started: a resent
 //! request never starts it again. The files, not the agent's memory, are the truth, so runs
 //! outlive an agent restart.
@@ -57,8 +57,11 @@ impl Runner {
         }
         let setup = || -> std::io::Result<()> {
             // Only the request is synced: the rest is remade from it or written by the run.
-            // It holds the script too, which the shim hands the job in memory.
             write_new(&dir.join("run.json"), &serde_json::to_vec(run).expect("runs serialize"), 0o600, true)?;
+            // The script is read by the job's user; everything else stays root's.
+            let script = dir.join("script");
+            write_new(&script, run.script.as_bytes(), 0o500, false)?;
+            nix::unistd::chown(&script, Some(run.uid.into()), Some(run.gid.into()))?;
             for f in ["stdout", "stderr"] {
                 write_new(&dir.join(f), b"", 0o600, false)?;
             }

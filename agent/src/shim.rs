@@ -85,7 +85,8 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     };
     // The job reads its script through an inherited descriptor: the run directory lives
     // under root's state, which the job's user cannot (and need not) traverse.
-    let script = script_in_memory(&run.script)?;
+    let script = fs::File::open(dir.join("script"))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.join("script").display())))?;
     let script_fd = script.as_raw_fd();
     let script_path = format!("/proc/self/fd/{SCRIPT_FD}");
     let mut cmd = if run.script.starts_with("#!") {
@@ -188,27 +189,6 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     Ok(Exit { code, signal, reason })
 }
 
-/// The script in an anonymous in-memory file the job reads and may exec (a `#!` script):
-/// no file is made on disk for it, as a run makes hundreds a second.
-fn script_in_memory(script: &str) -> std::io::Result<fs::File> {
-    let name = c"clusterfs-job-script";
-    // MFD_EXEC keeps it executable where the kernel would otherwise seal it (vm.memfd_noexec);
-    // kernels before 6.3 do not know the flag.
-    // SAFETY: memfd_create takes a NUL-terminated name and flags, and returns a new descriptor or -1.
-    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_EXEC) };
-    if fd < 0 {
-        // SAFETY: as above.
-        fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    }
-    if fd < 0 {
-        return Err(std::io::Error::other(format!("script: memfd_create: {}", std::io::Error::last_os_error())));
-    }
-    // SAFETY: a new descriptor that nothing else owns.
-    let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    std::io::Write::write_all(&mut file, script.as_bytes())?;
-    Ok(file)
-}
-
 /// A descriptor that becomes readable when process `pid` ends (`pidfd_open`, Linux 5.3).
 fn pidfd(pid: i32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
@@ -259,6 +239,7 @@ mod tests {
             let script = "exec sleep 30\n";
             let dir = tempfile::tempdir().unwrap();
             let run = Run { script: script.into(), ..crate::runner::tests::run(1) };
+            fs::write(dir.path().join("script"), script).unwrap();
             for f in ["stdout", "stderr"] {
                 fs::write(dir.path().join(f), "").unwrap();
             }

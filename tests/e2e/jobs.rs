@@ -76,6 +76,10 @@ fn a_job_runs_as_the_user_who_wrote_it() {
     assert_eq!(c.read(&format!("jobs/{id}/stderr")), "oops\n");
     assert_eq!(c.read(&format!("jobs/{id}/state")), "done 0\n");
     assert_eq!(c.read(&format!("jobs/{id}/exit")), "0\n");
+    // A script with its own interpreter (`#!`) is run by it, as the user.
+    let id = submit_as(&c, "cfalice", "#!/usr/bin/python3\nimport os\nprint('python', os.getuid())\n");
+    assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("jobs/{id}/stderr")));
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), format!("python {}\n", uid.trim()));
     // Root's jobs run as root.
     let id = submit_as(&c, "root", "id -u\n");
     assert_eq!(wait(&c, id), "0\n");

@@ -305,7 +305,9 @@ fn over_nfs_a_job_is_submitted_its_output_read_as_it_grows_and_read_again_after_
     let Some(mut nfs) = Ganesha::export(&c.mnt) else { return };
     let client = Libnfs::mount(&nfs);
     // A script without binaries on a login host: `echo spec > jobs/new` over NFS.
-    client.write("jobs/new", b"for i in $(seq 1 10); do echo line $i; sleep 0.3; done\n").unwrap();
+    // 10 s long: the partial read below comes after another submission, which a loaded
+    // machine may take seconds to run.
+    client.write("jobs/new", b"for i in $(seq 1 10); do echo line $i; sleep 1; done\n").unwrap();
     let mut ids = Vec::new();
     assert!(eventually(Duration::from_secs(10), || {
         ids = job_ids(&nfs);
@@ -336,7 +338,7 @@ fn over_nfs_a_job_is_submitted_its_output_read_as_it_grows_and_read_again_after_
     });
     assert!(grew, "stdout never seen partly written: {partial:?}");
     let all: String = (1..=10).map(|i| format!("line {i}\n")).collect();
-    assert!(eventually(Duration::from_secs(20), || client.read(&stdout).unwrap() == all), "{:?}", client.read(&stdout));
+    assert!(eventually(Duration::from_secs(30), || client.read(&stdout).unwrap() == all), "{:?}", client.read(&stdout));
     // (Read to EOF with libnfs: nfs-cat reads until the size it was told at open, so it
     // loops forever on a file that shrank in between, whoever serves it.)
     let state_now = || client.read(&client.open(&format!("jobs/{id}/state")));

@@ -25,8 +25,11 @@ static ZYGOTE: OnceLock<Zygote> = OnceLock::new();
 /// The agent's side: the socket, and who to wake per runs directory.
 pub struct Zygote {
     sock: UnixDatagram,
-    woken: DashMap<PathBuf, Arc<tokio::sync::Notify>>,
+    woken: Woken,
 }
+
+/// Who to wake when a shim of a run under a runs directory ends.
+type Woken = Arc<DashMap<PathBuf, Arc<tokio::sync::Notify>>>;
 
 /// Forks the zygote. Call while the process has a single thread (before the runtime starts).
 pub fn start() {
@@ -54,8 +57,9 @@ fn fork_zygote() -> std::io::Result<Zygote> {
         }
         ForkResult::Parent { child } => {
             drop(theirs);
-            let zygote = Zygote { sock: ours.try_clone()?, woken: DashMap::new() };
-            std::thread::Builder::new().name("zygote-reader".into()).spawn(move || read_notes(&ours))?;
+            let woken = Woken::default();
+            let zygote = Zygote { sock: ours.try_clone()?, woken: woken.clone() };
+            std::thread::Builder::new().name("zygote-reader".into()).spawn(move || read_notes(&ours, &woken))?;
             std::thread::Builder::new().name("zygote-reaper".into()).spawn(move || {
                 let _ = nix::sys::wait::waitpid(child, None);
                 warn!("the zygote ended: runs are started by exec from now on");
@@ -79,7 +83,7 @@ impl Zygote {
 }
 
 /// Agent side: wakes the runner of each shim that ended.
-fn read_notes(sock: &UnixDatagram) {
+fn read_notes(sock: &UnixDatagram, woken: &Woken) {
     let mut buf = vec![0u8; 8192];
     loop {
         let n = match sock.recv(&mut buf) {
@@ -87,9 +91,7 @@ fn read_notes(sock: &UnixDatagram) {
             Ok(n) => n,
         };
         let dir = Path::new(std::ffi::OsStr::from_bytes(&buf[..n]));
-        if let Some(z) = ZYGOTE.get()
-            && let Some(n) = dir.parent().and_then(|runs| z.woken.get(runs))
-        {
+        if let Some(n) = dir.parent().and_then(|runs| woken.get(runs)) {
             n.notify_one();
         }
     }
@@ -119,7 +121,6 @@ fn serve(sock: &UnixDatagram, agent: nix::unistd::Pid) -> i32 {
             _ => return 0,
         };
         let dir = PathBuf::from(std::ffi::OsStr::from_bytes(&buf[..n]));
-        // SAFETY: the zygote has one thread, so the child may run any code.
         // SAFETY: the zygote has one thread, so the child may run any code.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => std::process::exit(shim(sock, &dir, base)),

@@ -501,6 +501,8 @@ impl Hsm {
         let present: BTreeSet<String> =
             core.movers.iter().filter(|(_, m)| self.present(m)).map(|(n, _)| n.clone()).collect();
         let is_present = |n: &str| present.contains(n);
+        // Movers whose node takes requests now (connected, reporting): asked once a round.
+        let reachable: BTreeSet<String> = core.movers.keys().filter(|n| self.cluster.reachable(n)).cloned().collect();
         let mut uid_running: HashMap<u32, u64> = HashMap::new();
         if self.cfg.fair_share {
             let waiting: BTreeSet<u32> =
@@ -519,7 +521,7 @@ impl Hsm {
                 core.movers.iter().any(|(name, m)| {
                     m.conn.is_some()
                         && !m.drained
-                        && self.cluster.reachable(name)
+                        && reachable.contains(name)
                         && m.info.slots(action).is_none_or(|s| m.running.get(&action).copied().unwrap_or(0) < s)
                 })
             };
@@ -538,7 +540,7 @@ impl Hsm {
                     .filter(|(name, m)| {
                         m.conn.is_some()
                             && !m.drained
-                            && self.cluster.reachable(name)
+                            && reachable.contains(*name)
                             && m.info.serves(req.archive_id)
                             && m.info.slots(action).is_none_or(|s| m.running.get(&action).copied().unwrap_or(0) < s)
                             && match &placement {

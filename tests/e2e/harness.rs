@@ -65,12 +65,10 @@ impl Watchdog {
             if cancelled.recv_timeout(deadline) != Err(mpsc::RecvTimeoutError::Timeout) {
                 return;
             }
-            let log = fs::read_to_string(dir.join("head.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!(
                 "watchdog: the test cluster in {} outlived {deadline:?}: killing it. Head log, last lines:\n{}",
                 dir.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                log_tail(&dir, 60)
             );
             kill_cluster(&dir);
         });
@@ -299,6 +297,10 @@ fn detach(p: &Path) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failed test shows what its head said last.
+        if std::thread::panicking() {
+            eprintln!("head log, last lines:\n{}", log_tail(self.dir.path(), 80));
+        }
         for a in &mut self.agents {
             let _ = a.kill();
             let _ = a.wait();
@@ -316,6 +318,13 @@ impl Drop for Cluster {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The last `n` lines of the head log of the cluster in `dir`.
+fn log_tail(dir: &Path, n: usize) -> String {
+    let log = fs::read_to_string(dir.join("head.log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(n).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// SIGKILLs every process of the cluster in `dir`: its jobs (the members of its run

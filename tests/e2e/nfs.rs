@@ -305,8 +305,6 @@ fn over_nfs_a_job_is_submitted_its_output_read_as_it_grows_and_read_again_after_
     let Some(mut nfs) = Ganesha::export(&c.mnt) else { return };
     let client = Libnfs::mount(&nfs);
     // A script without binaries on a login host: `echo spec > jobs/new` over NFS.
-    // 10 s long: the partial read below comes after another submission, which a loaded
-    // machine may take seconds to run.
     client.write("jobs/new", b"for i in $(seq 1 10); do echo line $i; sleep 1; done\n").unwrap();
     let mut ids = Vec::new();
     assert!(eventually(Duration::from_secs(10), || {
@@ -315,6 +313,14 @@ fn over_nfs_a_job_is_submitted_its_output_read_as_it_grows_and_read_again_after_
     }));
     assert_eq!(ids.len(), 1, "one job: {ids:?}");
     let id = ids[0];
+    let stdout = client.open(&format!("jobs/{id}/stdout"));
+    // Read while it runs: some lines, not all; then all of them, through the same handle.
+    let mut partial = String::new();
+    let grew = eventually(Duration::from_secs(10), || {
+        partial = client.read(&stdout).unwrap();
+        partial.starts_with("line 1\n") && !partial.contains("line 10")
+    });
+    assert!(grew, "stdout never seen partly written: {partial:?}");
     // A client that can only create new files (nfs-cp never writes over jobs/new) copies its
     // spec in under a name of its own; the name goes once the job is made.
     let spec = c.dir.path().join("spec.sh");
@@ -326,17 +332,11 @@ fn over_nfs_a_job_is_submitted_its_output_read_as_it_grows_and_read_again_after_
         copied = job_ids(&nfs).into_iter().filter(|j| *j != id).collect();
         copied.len() == 1
     }));
-    let out = || client.read(&client.open(&format!("jobs/{}/stdout", copied[0])));
-    assert!(eventually(Duration::from_secs(10), || out() == Ok("copied in\n".into())), "{:?}", out());
+    let read = |file: &str| client.read(&client.open(&format!("jobs/{}/{file}", copied[0])));
+    let ran = eventually(Duration::from_secs(60), || read("state") == Ok("done 0\n".into()));
+    assert!(ran, "the copied-in job: state {:?}, stderr {:?}", read("state"), read("stderr"));
+    assert_eq!(read("stdout"), Ok("copied in\n".into()));
     assert!(!nfs.ls("jobs").iter().any(|(n, _)| n == "spec.sh"), "the spec file stayed");
-    let stdout = client.open(&format!("jobs/{id}/stdout"));
-    // Read while it runs: some lines, not all; then all of them, through the same handle.
-    let mut partial = String::new();
-    let grew = eventually(Duration::from_secs(10), || {
-        partial = client.read(&stdout).unwrap();
-        partial.starts_with("line 1\n") && !partial.contains("line 10")
-    });
-    assert!(grew, "stdout never seen partly written: {partial:?}");
     let all: String = (1..=10).map(|i| format!("line {i}\n")).collect();
     assert!(eventually(Duration::from_secs(30), || client.read(&stdout).unwrap() == all), "{:?}", client.read(&stdout));
     // (Read to EOF with libnfs: nfs-cat reads until the size it was told at open, so it

@@ -33,6 +33,8 @@ pub(super) struct Free {
     nodes: Vec<(String, u64, u64, f64)>,
     /// Sizes found not to fit in this pass (room only shrinks within a pass), with why.
     no_fit: HashMap<(u32, Option<u64>), String>,
+    /// How many of `nodes` have a free cpu.
+    with_cpus: usize,
 }
 
 /// How a job that waits for free cpus is told so: this, the count, " free cpus".
@@ -45,6 +47,22 @@ fn waits_for_cpus(reason: &str, cpus: u32) -> bool {
 }
 
 impl Free {
+    fn new(nodes: Vec<(String, u64, u64, f64)>) -> Free {
+        let with_cpus = nodes.iter().filter(|n| n.1 > 0).count();
+        Free { nodes, no_fit: HashMap::new(), with_cpus }
+    }
+
+    /// Sets a node's free cpus and memory, keeping the count of nodes with a free cpu.
+    fn set(with_cpus: &mut usize, node: &mut (String, u64, u64, f64), cpus: u64, mem: u64) {
+        match (node.1 > 0, cpus > 0) {
+            (true, false) => *with_cpus -= 1,
+            (false, true) => *with_cpus += 1,
+            _ => {}
+        }
+        node.1 = cpus;
+        node.2 = mem;
+    }
+
     /// The up node with the lowest load index that fits, with the room taken; else why none.
     pub(super) fn place(&mut self, cpus: u32, mem: Option<u64>) -> Result<String, String> {
         if let Some(why) = self.no_fit.get(&(cpus, mem)) {
@@ -58,10 +76,11 @@ impl Free {
     }
 
     fn fit(&mut self, cpus: u64, mem: u64) -> Result<String, String> {
+        let with_cpus = &mut self.with_cpus;
         let best =
             self.nodes.iter_mut().filter(|n| n.1 >= cpus && n.2 >= mem).min_by(|a, b| a.3.total_cmp(&b.3)).map(|n| {
-                n.1 -= cpus;
-                n.2 -= mem;
+                let (c, m) = (n.1 - cpus, n.2 - mem);
+                Free::set(with_cpus, n, c, m);
                 n.0.clone()
             });
         best.ok_or_else(|| {
@@ -77,7 +96,7 @@ impl Free {
 
     /// Whether nodes are up and none has a free cpu (every job takes at least one).
     pub(super) fn full(&self) -> bool {
-        !self.nodes.is_empty() && self.nodes.iter().all(|n| n.1 == 0)
+        !self.nodes.is_empty() && self.with_cpus == 0
     }
 
     /// Whether `node` is up with this much room.
@@ -88,8 +107,8 @@ impl Free {
     /// Takes room on `node` (which has it).
     pub(super) fn take(&mut self, node: &str, cpus: u32, mem: Option<u64>) {
         if let Some(n) = self.nodes.iter_mut().find(|n| n.0 == node) {
-            n.1 = n.1.saturating_sub(u64::from(cpus));
-            n.2 = n.2.saturating_sub(mem.unwrap_or(0));
+            let (c, m) = (n.1.saturating_sub(u64::from(cpus)), n.2.saturating_sub(mem.unwrap_or(0)));
+            Free::set(&mut self.with_cpus, n, c, m);
         }
     }
 
@@ -97,11 +116,13 @@ impl Free {
     pub(super) fn hold(&mut self, node: &str) {
         self.no_fit.clear();
         self.nodes.retain(|n| n.0 != node);
+        self.with_cpus = self.nodes.iter().filter(|n| n.1 > 0).count();
     }
 
     /// `count` distinct nodes with room, the least loaded first, with the room taken; else why not.
     pub(super) fn pick(&mut self, count: u32, cpus: u32, mem: Option<u64>) -> Result<Vec<String>, String> {
         let (c, m) = (u64::from(cpus), mem.unwrap_or(0));
+        let with_cpus = &mut self.with_cpus;
         let mut fit: Vec<&mut (String, u64, u64, f64)> =
             self.nodes.iter_mut().filter(|n| n.1 >= c && n.2 >= m).collect();
         if fit.len() < count as usize {
@@ -112,8 +133,8 @@ impl Free {
             .into_iter()
             .take(count as usize)
             .map(|n| {
-                n.1 -= c;
-                n.2 -= m;
+                let (nc, nm) = (n.1 - c, n.2 - m);
+                Free::set(with_cpus, n, nc, nm);
                 n.0.clone()
             })
             .collect())
@@ -123,8 +144,8 @@ impl Free {
     pub(super) fn give_back(&mut self, node: &str, cpus: u32, mem: Option<u64>) {
         self.no_fit.clear();
         if let Some(n) = self.nodes.iter_mut().find(|n| n.0 == node) {
-            n.1 += u64::from(cpus);
-            n.2 += mem.unwrap_or(0);
+            let (c, m) = (n.1 + u64::from(cpus), n.2 + mem.unwrap_or(0));
+            Free::set(&mut self.with_cpus, n, c, m);
         }
     }
 }
@@ -182,12 +203,16 @@ impl Jobs {
             return self.expire_all(ended);
         }
         let mut free = self.free_nodes();
-        // With thousands queued, a pass that finds no room must not touch each of them.
+        // With thousands queued, a pass must not touch each of them once no room is left:
+        // those told they wait for cpus would be told so again.
         if free.full() {
             starts.retain(|s| !s.3);
         }
         starts.sort_unstable();
-        for (_, id, shape, _) in starts {
+        for (_, id, shape, room_only) in starts {
+            if room_only && free.full() {
+                continue;
+            }
             match shape {
                 Shape::One => self.try_start(id, &mut free),
                 Shape::Array => self.advance_array(id, tally.remove(&id).unwrap_or_default(), &mut free),
@@ -222,7 +247,7 @@ impl Jobs {
                 nodes.push((name, v.report.cpus.saturating_sub(cpus), v.report.mem_total.saturating_sub(mem), load));
             }
         }
-        Free { nodes, no_fit: HashMap::new() }
+        Free::new(nodes)
     }
 
     /// Whether the jobs `after` (exit 0 needed) and `afterany` have ended.
@@ -417,7 +442,7 @@ mod tests {
 
     #[test]
     fn a_full_cluster_is_seen_and_the_reason_it_repeats_is_recognized() {
-        let mut free = Free { nodes: vec![("cn1".into(), 1, 1 << 30, 0.0)], no_fit: HashMap::new() };
+        let mut free = Free::new(vec![("cn1".into(), 1, 1 << 30, 0.0)]);
         assert!(!free.full());
         assert_eq!(free.place(1, None), Ok("cn1".to_string()));
         assert!(free.full());
@@ -426,6 +451,16 @@ mod tests {
         assert!(!waits_for_cpus(&why, 1));
         assert!(!waits_for_cpus("waiting for a node", 1));
         assert!(!waits_for_cpus("waiting for a node with 512 bytes of free memory", 1));
-        assert!(!Free { nodes: Vec::new(), no_fit: HashMap::new() }.full(), "no node up is not full");
+        assert!(!Free::new(Vec::new()).full(), "no node up is not full");
+        // Room given back and taken again is counted.
+        free.give_back("cn1", 1, None);
+        assert!(!free.full());
+        assert_eq!(free.pick(1, 1, None), Ok(vec!["cn1".to_string()]));
+        assert!(free.full());
+        let mut two = Free::new(vec![("cn1".into(), 2, 1 << 30, 0.0), ("cn2".into(), 1, 1 << 30, 1.0)]);
+        two.take("cn1", 2, None);
+        assert!(!two.full());
+        two.hold("cn2");
+        assert!(two.full());
     }
 }

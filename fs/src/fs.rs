@@ -407,11 +407,11 @@ impl<T: Tree> SynthFs<T> {
         }
         let this = self.clone();
         match self.flush(handle) {
-            Answer::Now(Ok(())) => Answer::Now(self.read(handle, offset, size)),
+            Answer::Now(Ok(())) => self.read(handle, offset, size),
             Answer::Now(Err(e)) => Answer::Now(Err(e)),
             Answer::Later(fut) => Answer::later(async move {
                 fut.await?;
-                this.read(handle, offset, size)
+                this.read(handle, offset, size).finish().await
             }),
         }
     }
@@ -467,10 +467,20 @@ impl<T: Tree> SynthFs<T> {
         if let Some(mut h) = self.handles.get_mut(&handle) {
             h.snapshot = bytes;
         }
-        self.read(handle, 0, size)
+        self.read_held(handle, 0, size)
     }
 
-    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    /// What a read of `handle` gives: from what the handle holds, or a log file's from the tree.
+    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Answer<Vec<u8>> {
+        let log = self.handles.get(&handle).filter(|h| h.kind == Kind::Log).map(|h| (h.path.clone(), h.caller));
+        match log {
+            Some((path, caller)) => self.tree.read_log(&refs(&path), &caller, offset, size),
+            None => Answer::Now(self.read_held(handle, offset, size)),
+        }
+    }
+
+    /// A read of what a (not log) handle holds.
+    fn read_held(&self, handle: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let mut h =
             self.handles.get_mut(&handle).ok_or_else(|| FsError::new(Errno::Stale, "the file handle is closed"))?;
         match h.kind {
@@ -489,12 +499,7 @@ impl<T: Tree> SynthFs<T> {
                 h.cursor = end;
                 Ok(out)
             }
-            Kind::Log => {
-                let path = h.path.clone();
-                let caller = h.caller;
-                drop(h);
-                self.tree.read_log(&refs(&path), &caller, offset, size)
-            }
+            Kind::Log => Err(FsError::new(Errno::Io, "a log file is read from the tree")),
             Kind::Dir => Err(FsError::new(Errno::IsDir, "is a directory")),
         }
     }

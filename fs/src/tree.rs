@@ -96,6 +96,14 @@ impl<T> Answer<T> {
     pub fn later(f: impl Future<Output = Result<T>> + Send + 'static) -> Answer<T> {
         Answer::Later(Box::pin(f))
     }
+
+    /// The result, waited for if it comes later.
+    pub async fn finish(self) -> Result<T> {
+        match self {
+            Answer::Now(r) => r,
+            Answer::Later(fut) => fut.await,
+        }
+    }
 }
 
 impl<T> From<Result<T>> for Answer<T> {
@@ -137,9 +145,9 @@ pub trait Tree: Send + Sync + 'static {
     fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>>;
 
     /// Up to `size` bytes of a `Log` file from `offset`.
-    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Answer<Vec<u8>> {
         let _ = (path, caller, offset, size);
-        Err(crate::FsError::invalid("not a log file"))
+        Answer::Now(Err(crate::FsError::invalid("not a log file")))
     }
 
     /// A write into a `Control` file; the answer is appended to what the handle reads back.

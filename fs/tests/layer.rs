@@ -31,11 +31,11 @@ fn snapshot_size_matches_what_open_reads() {
     let snap = ino(&fs, ROOT_INO, "snap");
     let size = fs.getattr(snap, None, &ROOT).unwrap().0.size;
     let fh = now(fs.open(snap, false, &ROOT)).unwrap();
-    let data = fs.read(fh, 0, 4096).unwrap();
+    let data = now(fs.read(fh, 0, 4096)).unwrap();
     assert_eq!(size, data.len() as u64);
     assert_eq!(data, b"render 0\n", "open reused the render stat just sized");
     // Reads slice the snapshot even when the source changes.
-    assert_eq!(fs.read(fh, 7, 10).unwrap(), b"0\n");
+    assert_eq!(now(fs.read(fh, 7, 10)).unwrap(), b"0\n");
 }
 
 #[test]
@@ -56,12 +56,23 @@ fn log_size_and_reads_are_live() {
     let fs = fs();
     let log = ino(&fs, ROOT_INO, "log");
     let fh = now(fs.open(log, false, &ROOT)).unwrap();
-    assert_eq!(fs.read(fh, 0, 100).unwrap(), b"");
+    assert_eq!(now(fs.read(fh, 0, 100)).unwrap(), b"");
     fs.tree().log.lock().unwrap().extend_from_slice(b"line 1\n");
     assert_eq!(fs.getattr(log, Some(fh), &ROOT).unwrap().0.size, 7);
-    assert_eq!(fs.read(fh, 0, 100).unwrap(), b"line 1\n");
+    assert_eq!(now(fs.read(fh, 0, 100)).unwrap(), b"line 1\n");
     fs.tree().log.lock().unwrap().extend_from_slice(b"line 2\n");
-    assert_eq!(fs.read(fh, 7, 100).unwrap(), b"line 2\n");
+    assert_eq!(now(fs.read(fh, 7, 100)).unwrap(), b"line 2\n");
+}
+
+#[test]
+fn a_log_whose_bytes_come_later_is_read_without_holding_the_caller() {
+    let fs = fs();
+    let log = ino(&fs, ROOT_INO, "slowlog");
+    let fh = now(fs.open(log, false, &ROOT)).unwrap();
+    fs.tree().log.lock().unwrap().extend_from_slice(b"line 1\n");
+    let Answer::Later(fut) = fs.read_handle(fh, 0, 100) else { panic!("a slow log was read now") };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    assert_eq!(rt.block_on(fut).unwrap(), b"line 1\n");
 }
 
 #[test]
@@ -69,11 +80,11 @@ fn control_reads_usage_until_written_then_the_answers() {
     let fs = fs();
     let ctl = ino(&fs, ROOT_INO, "ctl");
     let fh = now(fs.open(ctl, false, &ROOT)).unwrap();
-    assert_eq!(fs.read(fh, 0, 100).unwrap(), b"usage: ping\n");
+    assert_eq!(now(fs.read(fh, 0, 100)).unwrap(), b"usage: ping\n");
     assert_eq!(now(fs.write(fh, 0, b"ping\n", &ROOT)).unwrap(), 5);
     // The kernel offset is past the written bytes; the answer is still read from its start.
-    assert_eq!(fs.read(fh, 5, 100).unwrap(), format!("pong {fh}\n").as_bytes());
-    assert_eq!(fs.read(fh, 100, 100).unwrap(), b"");
+    assert_eq!(now(fs.read(fh, 5, 100)).unwrap(), format!("pong {fh}\n").as_bytes());
+    assert_eq!(now(fs.read(fh, 100, 100)).unwrap(), b"");
 }
 
 #[test]
@@ -87,7 +98,7 @@ fn failures_land_in_the_callers_error_file_only() {
     let error = ino(&fs, d, "error");
     let read = |who: &Caller| {
         let fh = now(fs.open(error, false, who)).unwrap();
-        String::from_utf8(fs.read(fh, 0, 4096).unwrap()).unwrap()
+        String::from_utf8(now(fs.read(fh, 0, 4096)).unwrap()).unwrap()
     };
     assert_eq!(read(&ALICE), "EINVAL: d/ctl takes: ping\n");
     assert_eq!(read(&ROOT), "", "root did not fail here");
@@ -103,7 +114,7 @@ fn blocking_reads_wait_in_a_task_or_say_eagain() {
     assert!(matches!(fs.open(wait, false, &ROOT), Answer::Later(_)), "a blocking open is answered later");
     *fs.tree().ready.lock().unwrap() = Some("done 3\n".into());
     let fh = now(fs.open(wait, true, &ROOT)).unwrap();
-    assert_eq!(fs.read(fh, 0, 100).unwrap(), b"done 3\n");
+    assert_eq!(now(fs.read(fh, 0, 100)).unwrap(), b"done 3\n");
 }
 
 #[test]

@@ -286,7 +286,7 @@ impl Tree for Serving {
     fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
         self.now().render(path, caller, nonblock)
     }
-    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> clusterfs_fs::Result<Vec<u8>> {
+    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Answer<Vec<u8>> {
         self.now().read_log(path, caller, offset, size)
     }
     fn write(&self, path: &[&str], caller: &Caller, write: Write<'_>) -> Answer<Vec<u8>> {

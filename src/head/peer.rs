@@ -333,8 +333,10 @@ impl Tree for RemoteTree {
         }
     }
 
-    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
-        bytes_of(self.0.block(self.0.ask(path, caller, TreeOp::ReadLog { offset, size }))?)
+    /// A job's output grows on the leading head: read from a task, so `tail -f` on a slow
+    /// link holds no FUSE thread.
+    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Answer<Vec<u8>> {
+        bytes_later(self.0.ask(path, caller, TreeOp::ReadLog { offset, size }))
     }
 
     fn write(&self, path: &[&str], caller: &Caller, write: Write<'_>) -> Answer<Vec<u8>> {
@@ -435,26 +437,26 @@ async fn answer(
         }),
         TreeOp::List => view.list(&parts).map(|names| TreeAnswer::Names { names }),
         TreeOp::Render { nonblock } => {
-            finish(view.render(&parts, me, nonblock)).await.map(|data| TreeAnswer::Bytes { data })
+            view.render(&parts, me, nonblock).finish().await.map(|data| TreeAnswer::Bytes { data })
         }
         TreeOp::ReadLog { offset, size } => {
-            view.read_log(&parts, me, offset, size).map(|data| TreeAnswer::Bytes { data })
+            view.read_log(&parts, me, offset, size).finish().await.map(|data| TreeAnswer::Bytes { data })
         }
         TreeOp::Write { handle: h, offset, data } => {
             open.insert(handle(h), (path.clone(), caller.clone()));
             let write = Write { handle: handle(h), offset, data: &data };
-            finish(view.write(&parts, me, write)).await.map(|data| TreeAnswer::Bytes { data })
+            view.write(&parts, me, write).finish().await.map(|data| TreeAnswer::Bytes { data })
         }
-        TreeOp::Flush { handle: h } => finish(view.flush(&parts, me, handle(h))).await.map(|()| TreeAnswer::Done),
+        TreeOp::Flush { handle: h } => view.flush(&parts, me, handle(h)).finish().await.map(|()| TreeAnswer::Done),
         TreeOp::Release { handle: h } => {
             open.remove(&handle(h));
             view.release(&parts, me, handle(h));
             Ok(TreeAnswer::Done)
         }
-        TreeOp::Mkdir { mode } => finish(view.mkdir(&parts, me, mode)).await.map(|()| TreeAnswer::Done),
-        TreeOp::Rmdir => finish(view.rmdir(&parts, me)).await.map(|()| TreeAnswer::Done),
-        TreeOp::Create { mode } => finish(view.create(&parts, me, mode)).await.map(|()| TreeAnswer::Done),
-        TreeOp::Unlink => finish(view.unlink(&parts, me)).await.map(|()| TreeAnswer::Done),
+        TreeOp::Mkdir { mode } => view.mkdir(&parts, me, mode).finish().await.map(|()| TreeAnswer::Done),
+        TreeOp::Rmdir => view.rmdir(&parts, me).finish().await.map(|()| TreeAnswer::Done),
+        TreeOp::Create { mode } => view.create(&parts, me, mode).finish().await.map(|()| TreeAnswer::Done),
+        TreeOp::Unlink => view.unlink(&parts, me).finish().await.map(|()| TreeAnswer::Done),
         TreeOp::Chmod { mode } => view.chmod(&parts, me, mode).map(|()| TreeAnswer::Done),
     };
     match result {
@@ -473,12 +475,5 @@ async fn answer(
             }
             TreeAnswer::Failed { errno: e.errno.code(), message: e.message }
         }
-    }
-}
-
-async fn finish<T>(answer: Answer<T>) -> Result<T> {
-    match answer {
-        Answer::Now(r) => r,
-        Answer::Later(fut) => fut.await,
     }
 }

@@ -295,13 +295,13 @@ impl Tree for View {
         }
     }
 
-    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
-        match path {
+    fn read_log(&self, path: &[&str], caller: &Caller, offset: u64, size: u32) -> Answer<Vec<u8>> {
+        Answer::Now(match path {
             ["jobs", rest @ ..] => self.jobs.read_log(rest, caller, offset, size),
             ["hsm", rest @ ..] => self.hsm.read_log(rest, offset, size),
             ["vms", rest @ ..] => self.vms.read_log(rest, caller, offset, size),
             _ => Err(FsError::invalid("not a log file")),
-        }
+        })
     }
 
     fn flush(&self, path: &[&str], _caller: &Caller, handle: u64) -> Answer<()> {

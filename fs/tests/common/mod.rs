@@ -20,7 +20,7 @@ impl Tree for Toy {
     fn node(&self, path: &[&str]) -> Result<Node> {
         match path {
             [] | ["d"] => Ok(Node::dir()),
-            ["log"] => Ok(Node::new(Kind::Log, 0o444).size(self.log.lock().unwrap().len() as u64)),
+            ["log"] | ["slowlog"] => Ok(Node::new(Kind::Log, 0o444).size(self.log.lock().unwrap().len() as u64)),
             ["snap"] => Ok(Node::new(Kind::Snapshot, 0o444)),
             ["ctl"] => Ok(Node::new(Kind::Control, 0o666)),
             ["wait"] => Ok(Node::new(Kind::Blocking, 0o444)),
@@ -63,11 +63,19 @@ impl Tree for Toy {
         tokio::spawn(async move { released.lock().unwrap().push(handle) });
     }
 
-    fn read_log(&self, _path: &[&str], _caller: &Caller, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read_log(&self, path: &[&str], _caller: &Caller, offset: u64, size: u32) -> Answer<Vec<u8>> {
         let log = self.log.lock().unwrap();
         let start = (offset as usize).min(log.len());
         let end = (start + size as usize).min(log.len());
-        Ok(log[start..end].to_vec())
+        let bytes = log[start..end].to_vec();
+        match path {
+            // A log whose bytes come from elsewhere (a following head's): answered later.
+            ["slowlog"] => Answer::later(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(bytes)
+            }),
+            _ => Answer::Now(Ok(bytes)),
+        }
     }
 
     fn write(&self, path: &[&str], _caller: &Caller, w: Write<'_>) -> Answer<Vec<u8>> {

@@ -179,8 +179,14 @@ async fn session(
                     let mut report = probe.lock().expect("probe lock is never poisoned: sampling does not panic").report(interval / 2);
                     report.jobs = runner.running();
                     conn.send(&Message::Sitrep { report }).await?;
-                    let v = vms.clone();
-                    let list = tokio::task::spawn_blocking(move || v.status()).await.unwrap_or_default();
+                    // Most nodes never had a VM: no thread is asked for those (an agent serving
+                    // a thousand node names would keep hundreds busy).
+                    let list = if vms.any() {
+                        let v = vms.clone();
+                        tokio::task::spawn_blocking(move || v.status()).await.unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
                     if !list.is_empty() {
                         conn.send(&Message::Vms { vms: list }).await?;
                     }

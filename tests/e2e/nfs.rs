@@ -24,7 +24,7 @@ impl Ganesha {
             return None;
         }
         // ganesha registers with rpcbind; start it if this machine has none running.
-        if !Command::new("pgrep").arg("-x").arg("rpcbind").status().is_ok_and(|s| s.success()) {
+        if !Command::new("pgrep").arg("-x").arg("rpcbind").stdout(Stdio::null()).status().is_ok_and(|s| s.success()) {
             let _ = Command::new("rpcbind").arg("-w").status();
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -433,4 +433,41 @@ fn a_5000_entry_jobs_listing_over_nfs_is_complete_without_duplicates() {
     seen.dedup();
     assert_eq!(seen.len(), listed.len(), "duplicates in the listing");
     assert_eq!(seen, want, "the listing over NFS is not every job");
+}
+
+/// Two heads of one cluster (state in etcd), each exported by its own NFS server: a login
+/// host that moves from one export to the other finds every file under the handle it had.
+#[test]
+fn a_login_host_moved_to_another_heads_export_keeps_its_nfs_handles() {
+    if !crate::can_mount() {
+        return;
+    }
+    let Some(etcd) = crate::etcd::Etcd::start(1) else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let config = format!("store = \"{}\"\nshared_dir = \"{}\"\n", etcd.url("nfs-failover"), shared.path().display());
+    let mut a = Cluster::up_with("", 200, &config);
+    let b = Cluster::up_with("", 200, &config);
+    a.agent_on(&[], &format!("{},{}", a.addr(), b.addr()), &["--name", "cn1"]);
+    for c in [&a, &b] {
+        let up = eventually(Duration::from_secs(20), || c.read("nodes/up") == "cn1\n");
+        assert!(up, "{}", c.read("nodes/up"));
+    }
+    let id = crate::jobs::submit_as(&b, "root", "echo through the other head\n");
+    assert_eq!(crate::jobs::wait(&a, id), "0\n", "{}", a.read(&format!("jobs/{id}/state")));
+    let stdout = format!("jobs/{id}/stdout");
+    let paths = [stdout.clone(), format!("jobs/{id}/state"), "nodes/cn1/state".into(), "version".into()];
+
+    let Some(mut first) = Ganesha::export(&a.mnt) else { return };
+    let client = Libnfs::mount(&first);
+    assert_eq!(client.read(&client.open(&stdout)), Ok("through the other head\n".into()));
+    let handles: Vec<Vec<u8>> = paths.iter().map(|p| client.handle(&client.open(p))).collect();
+    drop(client);
+    first.stop();
+    // The login host's server now exports the other head's mount.
+    let second = Ganesha::export(&b.mnt).expect("nfs-ganesha ran a moment ago");
+    let again = Libnfs::mount(&second);
+    for (p, h) in paths.iter().zip(&handles) {
+        assert_eq!(&again.handle(&again.open(p)), h, "{p}: its NFS handle differs between the heads' exports");
+    }
+    assert_eq!(again.read(&again.open(&stdout)), Ok("through the other head\n".into()));
 }

@@ -213,7 +213,7 @@ fn store_copy_moves_an_embedded_site_into_etcd() {
 }
 
 /// A head's default name: the host's short name and its port.
-fn head_name(c: &Cluster) -> String {
+pub fn head_name(c: &Cluster) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let port = c.addr().rsplit_once(':').unwrap().1.to_string();
     format!("{}-{port}", host.trim().split('.').next().unwrap())
@@ -242,7 +242,7 @@ fn inode(path: &std::path::Path) -> u64 {
 }
 
 /// Writes `data` into `rel` of `c`, again while no head leads; how long it took.
-fn write_when_led(c: &Cluster, rel: &str, data: &[u8]) -> Duration {
+pub fn write_when_led(c: &Cluster, rel: &str, data: &[u8]) -> Duration {
     let started = Instant::now();
     loop {
         match c.write(rel, data) {

@@ -479,3 +479,58 @@ fn a_vm_running_the_agent_joins_as_a_node_and_runs_jobs() {
     assert_eq!(out, format!("vmp\n{}\n", kernel.unwrap()), "the job's output on the VM");
     fs::remove_dir(c.path("vms/vmp")).unwrap();
 }
+
+/// Two heads on one etcd: a VM the leader started keeps running when that head is SIGKILLed;
+/// the next leader adopts it without starting it again, and converges it from then on.
+#[test]
+fn a_vm_outlives_its_leading_head_and_the_next_leader_keeps_it() {
+    if !can_mount() {
+        return;
+    }
+    let Some(etcd) = crate::etcd::Etcd::start(1) else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let config = format!(
+        "store = \"{}\"\nlease_ttl_s = 2\nshared_dir = \"{}\"\n[vms]\naccel = \"tcg\"\ndefault_template = \"tiny\"\n\
+         shutdown_timeout_s = 3\nsubnet = \"10.80.0.0/24\"\nbridge = \"cftbr3\"\n",
+        etcd.url("vms"),
+        shared.path().display()
+    );
+    let mut a = Cluster::up_with("", 300, &config);
+    let b = Cluster::up_with("", 300, &config);
+    let work = a.path("").parent().unwrap().to_path_buf();
+    let _guard = Guard { dir: work.clone(), bridge: "cftbr3", nat: "10.80.0.1/24", domains: &[], vms: &["vmf"] };
+    let leader = format!("leader {} addr={}", crate::etcd::head_name(&a), a.addr());
+    assert!(b.read("status").starts_with(&leader), "{}", b.read("status"));
+    a.agent_on(&[], &format!("{},{}", a.addr(), b.addr()), &["--name", "vmnode"]);
+    for c in [&a, &b] {
+        assert!(eventually(Duration::from_secs(20), || c.read("nodes/up") == "vmnode\n"), "{}", c.read("nodes/up"));
+    }
+    let tdir = work.join("template");
+    fs::create_dir_all(&tdir).unwrap();
+    assert_eq!(a.write("vms/templates/tiny", template(&tdir).as_bytes()), Ok(()), "{}", a.read("vms/error"));
+    // Made through the head that does not lead.
+    let spec = r#"{"name":"vmf","node":"vmnode","restart":"always"}"#;
+    assert_eq!(b.write("vms/new", spec.as_bytes()), Ok(()), "{}", b.read("vms/error"));
+    wait_state(&a, "vmf", "running on vmnode", 60);
+    let vm_dir = work.join("agents/vmnode/vms/vmf");
+    let pid = qemu_pid(&vm_dir).expect("vmf's qemu runs");
+
+    a.crash_head();
+    let took = crate::etcd::write_when_led(&b, "groups/after", b"vmnode\n");
+    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    assert!(eventually(Duration::from_secs(20), || b.read("nodes/up") == "vmnode\n"), "{}", b.read("nodes/up"));
+    wait_state(&b, "vmf", "running on vmnode", 30);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(qemu_pid(&vm_dir), Some(pid), "the VM was started again after its leader died");
+    let made: Vec<_> = fs::read_dir(work.join("agents/vmnode/vms")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(made, ["vmf"], "one clone, not two");
+    // The new leader converges it: killed, it is started again (restart=always).
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let restarted = eventually(Duration::from_secs(30), || qemu_pid(&vm_dir).is_some_and(|p| p != pid));
+    assert!(restarted, "vmf was not restarted by the new leader: {}", b.read("vms/vmf/state"));
+    wait_state(&b, "vmf", "running on vmnode", 20);
+    // And removed through it: the qemu and the clone go.
+    fs::remove_dir(b.path("vms/vmf")).unwrap();
+    let gone = eventually(Duration::from_secs(30), || qemu_pid(&vm_dir).is_none() && !vm_dir.exists());
+    assert!(gone, "vmf stayed: {:?}", b.try_read("vms/vmf/state"));
+}

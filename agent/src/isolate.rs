@@ -113,6 +113,48 @@ pub fn unshare_namespaces(hostname: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// In the child that is PID 1 of the job's PID namespace, once it holds the job's identity:
+/// forks the job, which returns and goes on to exec, while this process stays the
+/// namespace's init. The kernel drops signals an init has no handler for, so a job that was
+/// PID 1 itself ignored SIGTERM; under this init the job takes signals as it would anywhere
+/// else (both are in the process group the shim signals). The init reaps orphans and, when
+/// the job ends, exits with its status (128+N for signal N), which ends the namespace.
+///
+/// # Safety
+/// Call only between fork and exec, in a process that had a single thread when it forked.
+pub unsafe fn fork_under_init() -> std::io::Result<()> {
+    // SAFETY: the caller guarantees a single-threaded child between fork and exec.
+    let job = unsafe { libc::fork() };
+    if job < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("fork the job under its init: {e}")));
+    }
+    if job == 0 {
+        return Ok(());
+    }
+    // SAFETY: close_range, waitpid and _exit touch only this process's descriptors, the
+    // status word on this stack, and end the process.
+    unsafe {
+        // Nothing of the job's stays open here: its output files, and the pipe that tells the
+        // shim the job's exec went through (it closes on exec; this copy would hold it).
+        libc::syscall(libc::SYS_close_range, 0, u32::MAX, 0);
+        loop {
+            let mut status = 0;
+            let pid = libc::waitpid(-1, &mut status, 0);
+            if pid == job {
+                if libc::WIFEXITED(status) {
+                    libc::_exit(libc::WEXITSTATUS(status));
+                }
+                if libc::WIFSIGNALED(status) {
+                    libc::_exit(128 + libc::WTERMSIG(status));
+                }
+            } else if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                libc::_exit(255);
+            }
+        }
+    }
+}
+
 /// What the child does before exec, prepared before fork so that it only makes system calls.
 #[derive(Debug)]
 pub struct ChildSetup {

@@ -125,6 +125,7 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
         return Err(std::io::Error::other(format!("cwd {cwd} is not a directory on this node")));
     }
     let cwd = CString::new(cwd).map_err(|_| std::io::Error::other("cwd has a NUL byte"))?;
+    let namespaces = run.isolate == Isolate::Ns;
     let (uid, gid) = (Uid::from_raw(run.uid), Gid::from_raw(run.gid));
     let groups: Vec<Gid> = run.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     // SAFETY: the closure runs in the child between fork and exec; it only makes system calls
@@ -142,6 +143,9 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
             nix::unistd::setuid(uid)?;
             // chdir as the user, so a directory the user may not enter is refused.
             nix::unistd::chdir(cwd.as_c_str())?;
+            if namespaces {
+                crate::isolate::fork_under_init()?;
+            }
             Ok(())
         });
     }

@@ -162,6 +162,15 @@ fn kill_signal_and_timeout() {
     assert!(start.elapsed() < Duration::from_secs(3), "killed in {:?}", start.elapsed());
     assert_eq!(c.read(&format!("jobs/{id}/state")), "killed by cfalice\n");
 
+    // The job's shell takes the SIGTERM as well as what it runs (under its namespace's init:
+    // as PID 1 it would ignore it, and go on with the script once `sleep` ended).
+    let id = submit_as(&c, "root", "echo started; sleep 60; echo went on\n");
+    let out = format!("jobs/{id}/stdout");
+    assert!(eventually(Duration::from_secs(10), || c.read(&out) == "started\n"), "{}", c.read(&out));
+    c.write(&format!("jobs/{id}/ctl"), b"kill\n").unwrap();
+    assert_eq!(wait(&c, id), "143\n");
+    assert_eq!(c.read(&out), "started\n", "the script went on after SIGTERM");
+
     // A job that ignores SIGTERM still dies (SIGKILL a second later).
     let id = submit_as(&c, "root", "trap '' TERM; sleep 60\n");
     assert_running(&c, id);
@@ -328,7 +337,7 @@ fn jobs_are_isolated_limited_and_can_run_in_their_own_root() {
     assert_eq!(wait(&c, id), "0\n");
     let out = c.read(&format!("jobs/{id}/stdout"));
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines[0], "1", "the job is PID 1 of its own namespace");
+    assert_eq!(lines[0], "2", "the job is the first child of its own PID namespace's init");
     assert_eq!(lines[1], "cn3", "its hostname is the node's name");
     assert!(lines[2].parse::<u32>().unwrap() < 10, "it sees only its own processes: {}", lines[2]);
     let id = submit_as(&c, "root", "#CLUSTER isolate=none\necho $$\n");

@@ -461,7 +461,6 @@ fn a_login_host_moved_to_another_heads_export_keeps_its_nfs_handles() {
     let client = Libnfs::mount(&first);
     assert_eq!(client.read(&client.open(&stdout)), Ok("through the other head\n".into()));
     let handles: Vec<Vec<u8>> = paths.iter().map(|p| client.handle(&client.open(p))).collect();
-    drop(client);
     first.stop();
     // The login host's server now exports the other head's mount.
     let second = Ganesha::export(&b.mnt).expect("nfs-ganesha ran a moment ago");

@@ -26,7 +26,6 @@ pub struct TaskOf {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Tally {
     pub running: u32,
-    pub ended: u32,
 }
 
 /// Task `t` of array job `p`, queued, not started.
@@ -122,6 +121,7 @@ impl Jobs {
             Entry::Occupied(_) => return Ok(false),
             Entry::Vacant(v) => {
                 let ticket = self.store_later(&job)?;
+                self.track(&job);
                 v.insert(job);
                 ticket
             }
@@ -180,11 +180,13 @@ impl Jobs {
         if running == 0 && (launched == n || killed) && state == State::Running {
             return self.settle_array(id, n);
         }
+        // Tasks launched and not running have ended (or were killed before their turn).
+        let ended = launched.saturating_sub(running);
         let reason = match (launched, no_room) {
             (0, Some(reason)) => reason,
             (0, None) => return,
-            (_, Some(reason)) if running == 0 => format!("{reason} ({} of {n} tasks ended)", tally.ended),
-            _ => format!("{running} of {n} tasks running, {} ended", tally.ended),
+            (_, Some(reason)) if running == 0 => format!("{reason} ({ended} of {n} tasks ended)"),
+            _ => format!("{running} of {n} tasks running, {ended} ended"),
         };
         self.set_reason(id, reason);
     }

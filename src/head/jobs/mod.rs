@@ -210,6 +210,11 @@ pub struct Jobs {
     copied: DashMap<u64, u64>,
     /// The cluster secret: the head authenticates to the relays it feeds.
     secret: Arc<crate::auth::Secret>,
+    /// Ids of the jobs not ended (and some that ended since): what a scheduler pass reads,
+    /// not the thousands kept for retention. Every write of a job not ended adds it.
+    active: dashmap::DashSet<u64>,
+    /// When a scheduler pass last read every job.
+    full_pass_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Jobs {
@@ -240,6 +245,7 @@ impl Jobs {
         }
         let stored: u64 =
             cluster.store().scan::<u64>("meta")?.into_iter().find(|(k, _)| k == "next_job").map_or(1, |(_, v)| v);
+        let active = jobs.iter().filter(|j| !j.state.ended()).map(|j| j.id).collect();
         Ok(Jobs {
             cfg,
             cluster,
@@ -250,6 +256,8 @@ impl Jobs {
             dispatching: DashMap::new(),
             copied: DashMap::new(),
             secret,
+            active,
+            full_pass_at: std::sync::Mutex::new(None),
         })
     }
 
@@ -346,6 +354,13 @@ impl Jobs {
     /// updates (the scheduler, a kill, an agent's report) never undo each other and reach the
     /// store in the order they happened; the commit is waited for after the lock is let go, so
     /// no reader of the job (a FUSE thread) waits on the disk.
+    /// Keeps a job not ended in the scheduler's index; call with every job written.
+    fn track(&self, job: &Job) {
+        if !job.state.ended() {
+            self.active.insert(job.id);
+        }
+    }
+
     fn update(&self, id: u64, f: impl FnOnce(&mut Job)) -> Result<Job, FsError> {
         let (job, ticket) = self.update_later(id, f)?;
         self.durable(ticket).map(|()| job)
@@ -360,6 +375,7 @@ impl Jobs {
             let mut job = entry.clone();
             f(&mut job);
             let ticket = self.store_later(&job)?;
+            self.track(&job);
             *entry = job.clone();
             (job, ticket)
         };
@@ -414,6 +430,7 @@ impl Jobs {
         // Committed with the next commit: concurrent submissions share one.
         let ticket = self.cluster.store().write_later(changes);
         info!(job = id, user = job.owner.user, held, "job submitted");
+        self.track(&job);
         self.jobs.insert(id, job);
         self.changed.notify_waiters();
         Ok((id, ticket))
@@ -552,6 +569,7 @@ impl Jobs {
     fn drop_record(&self, id: u64) -> Result<(), FsError> {
         self.cluster.store().delete("jobs", &id.to_string()).map_err(FsError::from)?;
         self.jobs.remove(&id);
+        self.active.remove(&id);
         self.dispatching.remove(&id);
         let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));
         Ok(())

@@ -316,6 +316,7 @@ impl Jobs {
         let spread = Arc::new(spread);
         // The runs are in the map before the job says it runs, so whoever sees it running sees them.
         for r in &runs {
+            self.track(r);
             self.jobs.insert(r.id, r.clone());
         }
         let ticket = match self.commit_start(id, &spread, &runs, base + n) {
@@ -326,6 +327,7 @@ impl Jobs {
                 }
                 for r in &runs {
                     self.jobs.remove(&r.id);
+                    self.active.remove(&r.id);
                 }
                 return;
             }
@@ -365,6 +367,7 @@ impl Jobs {
         p.spread = Some(spread.clone());
         changes.push(Store::change("jobs", &id.to_string(), &p).map_err(FsError::from)?);
         let ticket = self.cluster.store().write_later(changes);
+        self.track(&p);
         *entry = p;
         Ok(Some(ticket))
     }

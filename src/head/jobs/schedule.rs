@@ -157,41 +157,105 @@ pub(super) enum Deps {
     Broken(String),
 }
 
+/// How often a pass reads every job rather than those not ended.
+const FULL_PASS: Duration = Duration::from_secs(1);
+
+/// What one pass found to do, job by job.
+#[derive(Default)]
+struct Pass {
+    expired_before: u64,
+    /// Array jobs' running tasks.
+    tally: HashMap<u64, Tally>,
+    /// (-priority, id, shape, waits only for room) of each job that may start something.
+    starts: Vec<(i32, u64, Shape, bool)>,
+    running: Vec<u64>,
+    spreads: Vec<u64>,
+    /// Ended jobs past retention (full passes only).
+    ended: Vec<u64>,
+    /// Cpus and memory running jobs hold, by node.
+    reserved: HashMap<String, (u64, u64)>,
+}
+
+impl Pass {
+    fn visit(&mut self, j: &Job) {
+        if let Some(t) = j.task
+            && j.state == State::Running
+        {
+            self.tally.entry(t.parent).or_default().running += 1;
+        }
+        if j.state == State::Running
+            && let Some(n) = &j.node
+        {
+            let r = self.reserved.entry(n.clone()).or_default();
+            r.0 += u64::from(j.spec.cpus);
+            r.1 += j.spec.mem.unwrap_or(0);
+        }
+        let shape = j.shape();
+        match (j.state, shape) {
+            (State::Queued, _) if j.held => {}
+            (State::Queued, _) | (State::Running, Shape::Array) => {
+                // Told why it waits, and waiting for nothing but room: nothing to do while
+                // every node is full.
+                let room_only = shape == Shape::One
+                    && waits_for_cpus(&j.reason, j.spec.cpus)
+                    && j.spec.after.is_empty()
+                    && j.spec.afterany.is_empty();
+                self.starts.push((-j.spec.priority, j.id, shape, room_only));
+            }
+            (State::Running, Shape::Spread) => self.spreads.push(j.id),
+            (State::Running, Shape::One) => self.running.push(j.id),
+            _ if j.task.is_none() && j.ended_ms.unwrap_or(j.submitted_ms) < self.expired_before => {
+                self.ended.push(j.id)
+            }
+            _ => {}
+        }
+    }
+}
+
 impl Jobs {
     /// One pass of the scheduler: lost nodes and resends, then placement by priority and
-    /// submission order, then retention.
+    /// submission order, then retention. A pass reads the jobs not ended (through `active`
+    /// when they are few); once a second it reads every job, for retention, and checks
+    /// `active` against them.
     pub fn schedule(self: &Arc<Self>) {
         let retention = self.cfg.retention_s.saturating_mul(1000);
-        let expired_before = now_ms().saturating_sub(retention);
-        let mut tally: HashMap<u64, Tally> = HashMap::new();
-        let (mut starts, mut running, mut spreads, mut ended) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for j in self.jobs.iter() {
-            if let Some(t) = j.task {
-                let e = tally.entry(t.parent).or_default();
-                match j.state {
-                    State::Running => e.running += 1,
-                    s if s.ended() => e.ended += 1,
-                    _ => {}
-                }
+        let mut pass = Pass { expired_before: now_ms().saturating_sub(retention), ..Pass::default() };
+        let full = {
+            let mut at = self.full_pass_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = at.is_none_or(|t| t.elapsed() >= FULL_PASS);
+            if due {
+                *at = Some(Instant::now());
             }
-            let shape = j.shape();
-            match (j.state, shape) {
-                (State::Queued, _) if j.held => {}
-                (State::Queued, _) | (State::Running, Shape::Array) => {
-                    // Told why it waits, and waiting for nothing but room: nothing to do while
-                    // every node is full.
-                    let room_only = shape == Shape::One
-                        && waits_for_cpus(&j.reason, j.spec.cpus)
-                        && j.spec.after.is_empty()
-                        && j.spec.afterany.is_empty();
-                    starts.push((-j.spec.priority, j.id, shape, room_only));
+            due
+        };
+        // Through the index when most jobs are ended ones kept for retention; else a walk
+        // of every job costs less than a lookup of each one not ended.
+        if full || self.active.len() * 2 > self.jobs.len() {
+            for j in self.jobs.iter() {
+                match (j.state.ended(), full) {
+                    (true, false) => continue,
+                    (true, true) => {
+                        self.active.remove(&j.id);
+                    }
+                    (false, true) if self.active.insert(j.id) => {
+                        warn!(job = j.id, state = ?j.state, "a job not ended was missing from the scheduler's index");
+                    }
+                    (false, _) => {}
                 }
-                (State::Running, Shape::Spread) => spreads.push(j.id),
-                (State::Running, Shape::One) => running.push(j.id),
-                _ if j.task.is_none() && j.ended_ms.unwrap_or(j.submitted_ms) < expired_before => ended.push(j.id),
-                _ => {}
+                pass.visit(&j);
+            }
+        } else {
+            let ids: Vec<u64> = self.active.iter().map(|id| *id).collect();
+            for id in ids {
+                match self.jobs.get(&id) {
+                    Some(j) if !j.state.ended() => pass.visit(&j),
+                    _ => {
+                        self.active.remove(&id);
+                    }
+                }
             }
         }
+        let Pass { mut tally, mut starts, running, spreads, ended, reserved, .. } = pass;
         for id in running {
             self.check_lost(id);
             self.redispatch(id);
@@ -202,7 +266,7 @@ impl Jobs {
         if starts.is_empty() {
             return self.expire_all(ended);
         }
-        let mut free = self.free_nodes();
+        let mut free = self.free_nodes(&reserved);
         // With thousands queued, a pass must not touch each of them once no room is left:
         // those told they wait for cpus would be told so again.
         if free.full() {
@@ -228,16 +292,9 @@ impl Jobs {
         }
     }
 
-    /// The room on each up node once the running jobs' reservations are taken.
-    fn free_nodes(&self) -> Free {
-        let mut reserved: HashMap<String, (u64, u64)> = HashMap::new();
-        for j in self.jobs.iter().filter(|j| j.state == State::Running) {
-            if let Some(n) = &j.node {
-                let r = reserved.entry(n.clone()).or_default();
-                r.0 += u64::from(j.spec.cpus);
-                r.1 += j.spec.mem.unwrap_or(0);
-            }
-        }
+    /// The room on each up node once the running jobs' reservations (cpus, memory by node)
+    /// are taken.
+    fn free_nodes(&self, reserved: &HashMap<String, (u64, u64)>) -> Free {
         let mut nodes = Vec::new();
         for name in self.cluster.names() {
             let Some(v) = self.cluster.view(&name) else { continue };

@@ -44,6 +44,20 @@ impl<T: Tree> Adapter<T> {
         }
     }
 
+    /// Runs `f` (which answers a request) on this FUSE thread; or, when the tree's `node` and
+    /// `list` wait on the network, on the runtime's blocking pool, so no FUSE thread waits.
+    fn run(&self, op: &'static str, f: impl FnOnce(&Arc<SynthFs<T>>, &Handle) + Send + 'static) {
+        let (fs, rt) = (self.fs.clone(), self.rt.clone());
+        if !fs.tree().remote() {
+            return self.guard(op, || f(&fs, &rt));
+        }
+        self.rt.spawn_blocking(move || {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&fs, &rt))).is_err() {
+                tracing::error!(op, "request handler panicked; answered EIO");
+            }
+        });
+    }
+
     /// Replies now, or from a task once a slow answer is ready.
     fn answer<X: Send + 'static>(&self, a: Answer<X>, reply: impl FnOnce(crate::Result<X>) + Send + 'static) {
         match a {
@@ -93,13 +107,19 @@ impl<T: Tree> Filesystem for Adapter<T> {
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_EXPORT_SUPPORT) {
             warn!(?missing, "kernel lacks export support; NFS re-export will not keep handles");
         }
+        // Lookups and listings in one directory may run at once (the layer is safe for it): a
+        // slow one, answered elsewhere, does not hold the others back.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
+            debug!(?missing, "kernel lacks parallel directory operations");
+        }
         Ok(())
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.guard("lookup", || {
-            let _s = debug_span!("lookup", req = req.unique().0, ino = parent.0, ?name).entered();
-            match name_str(name).and_then(|n| self.fs.lookup(parent.0, n, &caller(req))) {
+        let (unique, who, name) = (req.unique().0, caller(req), name.to_os_string());
+        self.run("lookup", move |fs, _| {
+            let _s = debug_span!("lookup", req = unique, ino = parent.0, ?name).entered();
+            match name_str(&name).and_then(|n| fs.lookup(parent.0, n, &who)) {
                 Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
                 Err(e) => fuse_error!("lookup", reply, e),
             }
@@ -107,9 +127,10 @@ impl<T: Tree> Filesystem for Adapter<T> {
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.guard("getattr", || {
-            let _s = debug_span!("getattr", req = req.unique().0, ino = ino.0).entered();
-            match self.fs.getattr(ino.0, fh.map(|f| f.0), &caller(req)) {
+        let (unique, who) = (req.unique().0, caller(req));
+        self.run("getattr", move |fs, _| {
+            let _s = debug_span!("getattr", req = unique, ino = ino.0).entered();
+            match fs.getattr(ino.0, fh.map(|f| f.0), &who) {
                 Ok((attr, ttl)) => reply.attr(&ttl, &attr),
                 Err(e) => fuse_error!("getattr", reply, e),
             }
@@ -181,14 +202,21 @@ impl<T: Tree> Filesystem for Adapter<T> {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.guard("open", || {
-            let _s = debug_span!("open", req = req.unique().0, ino = ino.0).entered();
+        let (unique, who) = (req.unique().0, caller(req));
+        self.run("open", move |fs, rt| {
+            let _s = debug_span!("open", req = unique, ino = ino.0).entered();
             let nonblock = flags.0 & libc::O_NONBLOCK != 0;
             // Synthetic files bypass the page cache: sizes change under the kernel's feet.
-            self.answer(self.fs.open(ino.0, nonblock, &caller(req)), move |r| match r {
+            let reply = move |r: crate::Result<u64>| match r {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(e) => fuse_error!("open", reply, e),
-            });
+            };
+            match fs.open(ino.0, nonblock, &who) {
+                Answer::Now(r) => reply(r),
+                Answer::Later(fut) => {
+                    rt.spawn(async move { reply(fut.await) });
+                }
+            }
         });
     }
 
@@ -310,9 +338,10 @@ impl<T: Tree> Filesystem for Adapter<T> {
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.guard("readdir", || {
-            let _s = debug_span!("readdir", req = req.unique().0, ino = ino.0, offset).entered();
-            match self.fs.readdir(ino.0, offset) {
+        let unique = req.unique().0;
+        self.run("readdir", move |fs, _| {
+            let _s = debug_span!("readdir", req = unique, ino = ino.0, offset).entered();
+            match fs.readdir(ino.0, offset) {
                 Ok(entries) => {
                     for e in entries {
                         if reply.add(INodeNo(e.ino), e.cookie, e.kind, &e.name) {

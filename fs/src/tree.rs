@@ -133,8 +133,15 @@ pub struct Write<'a> {
 /// The tree a synthetic filesystem serves. Paths are the components below the mount root.
 ///
 /// Methods that return a plain `Result` must be quick and never wait on the network or disk;
-/// anything slower returns `Answer::Later`.
+/// anything slower returns `Answer::Later`. The one exception is a tree whose `node` and `list`
+/// are answered elsewhere (a following head's): it says so with `remote`, and the layer then
+/// calls them off its FUSE threads.
 pub trait Tree: Send + Sync + 'static {
+    /// Whether `node` and `list` may wait on the network.
+    fn remote(&self) -> bool {
+        false
+    }
+
     /// The object at `path`, or ENOENT.
     fn node(&self, path: &[&str]) -> Result<Node>;
 

@@ -35,11 +35,15 @@ impl Drop for Mounted {
 }
 
 fn mounted() -> Mounted {
+    mounted_with(Config::default().threads)
+}
+
+fn mounted_with(threads: usize) -> Mounted {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m");
     std::fs::create_dir(&path).unwrap();
-    let fs = SynthFs::new(Arc::new(Toy::default()), Config { fsname: "toy".into(), ..Config::default() });
+    let fs = SynthFs::new(Arc::new(Toy::default()), Config { fsname: "toy".into(), threads, ..Config::default() });
     let mount = clusterfs_fs::mount(fs.clone(), &path, rt.handle().clone()).unwrap();
     Mounted { _dir: dir, path, fs, mount: Some(mount), _rt: rt }
 }
@@ -141,4 +145,22 @@ fn a_panicking_tree_answers_eio_and_the_mount_lives() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!m.fs.tree().released.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_remote_trees_slow_lookup_holds_no_fuse_thread() {
+    if !can_mount() {
+        return;
+    }
+    // One FUSE thread: whatever it waits for, every other request waits for too.
+    let m = mounted_with(1);
+    m.fs.tree().remote.store(true, std::sync::atomic::Ordering::SeqCst);
+    let slow = m.path.join("slow");
+    let looked_up = std::thread::spawn(move || std::fs::metadata(slow).is_ok());
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(std::fs::read_to_string(m.path.join("ctl")).unwrap(), "usage: ping\n");
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(800), "a read waited {took:?} behind a slow lookup");
+    assert!(looked_up.join().unwrap());
 }

@@ -277,6 +277,9 @@ impl Serving {
 }
 
 impl Tree for Serving {
+    fn remote(&self) -> bool {
+        self.now().remote()
+    }
     fn node(&self, path: &[&str]) -> clusterfs_fs::Result<Node> {
         self.now().node(path)
     }

@@ -303,6 +303,11 @@ fn kind_name(kind: Kind) -> &'static str {
 pub struct RemoteTree(pub Arc<Remote>);
 
 impl Tree for RemoteTree {
+    /// Every answer comes from the leading head: the layer asks from its blocking pool.
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn node(&self, path: &[&str]) -> Result<Node> {
         node_of(self.0.block(self.0.ask(path, &Caller::ROOT, TreeOp::Node))?)
     }

@@ -14,11 +14,21 @@ pub struct Toy {
     pub ready: Mutex<Option<String>>,
     /// Handles released, recorded from a task the tree spawned.
     pub released: std::sync::Arc<Mutex<Vec<u64>>>,
+    /// Set: the tree says its `node` and `list` are answered elsewhere, and `slow` takes 1.5 s.
+    pub remote: std::sync::atomic::AtomicBool,
 }
 
 impl Tree for Toy {
+    fn remote(&self) -> bool {
+        self.remote.load(Ordering::SeqCst)
+    }
+
     fn node(&self, path: &[&str]) -> Result<Node> {
         match path {
+            ["slow"] if self.remote() => {
+                std::thread::sleep(Duration::from_millis(1500));
+                Ok(Node::new(Kind::Snapshot, 0o444))
+            }
             [] | ["d"] => Ok(Node::dir()),
             ["log"] | ["slowlog"] => Ok(Node::new(Kind::Log, 0o444).size(self.log.lock().unwrap().len() as u64)),
             ["snap"] => Ok(Node::new(Kind::Snapshot, 0o444)),

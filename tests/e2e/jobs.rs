@@ -442,8 +442,13 @@ fn runs_are_forked_by_the_agents_zygote_and_start_by_exec_once_it_is_gone() {
     // A run's shim is the zygote's child, shown as `clusterfs-agent --shim DIR`.
     let id = submit_as(&c, "root", "sleep 30\n");
     assert_running(&c, id);
-    let shims = sh(&format!("pgrep -P {} -f -- '--shim .*/{id}$'", zygote[0])).1;
-    assert_eq!(shims.lines().count(), 1, "the shim of job {id} under the zygote: {}", sh("ps -ef").1);
+    // The head says running once it has placed the job: the fork follows.
+    let shims = || sh(&format!("pgrep -P {} -f -- '--shim .*/{id}$'", zygote[0])).1.lines().count();
+    assert!(
+        eventually(Duration::from_secs(10), || shims() == 1),
+        "no shim of job {id} under the zygote: {}",
+        sh("ps -ef").1
+    );
     assert_eq!(c.write(&format!("jobs/{id}/ctl"), b"kill\n"), Ok(()));
     assert_killed(&wait(&c, id));
     // Without its zygote the agent starts shims itself; the jobs run all the same.

@@ -257,14 +257,14 @@ impl Vms {
         Ok(())
     }
 
-    /// Every VM of this node as it stands; a running VM found here (after an agent restart)
-    /// is adopted through its QMP socket.
     /// Whether this node name has ever had a VM (its directory exists): one stat, quick
     /// enough to ask from a task every report.
     pub fn any(&self) -> bool {
         self.root.is_dir()
     }
 
+    /// Every VM of this node as it stands; a running VM found here (after an agent restart)
+    /// is adopted through its QMP socket.
     pub fn status(&self) -> Vec<VmStatus> {
         let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
         let mut out = Vec::new();

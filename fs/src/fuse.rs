@@ -60,11 +60,16 @@ impl<T: Tree> Adapter<T> {
 
     /// Replies now, or from a task once a slow answer is ready.
     fn answer<X: Send + 'static>(&self, a: Answer<X>, reply: impl FnOnce(crate::Result<X>) + Send + 'static) {
-        match a {
-            Answer::Now(r) => reply(r),
-            Answer::Later(fut) => {
-                self.rt.spawn(async move { reply(fut.await) });
-            }
+        answer(&self.rt, a, reply);
+    }
+}
+
+/// Replies now, or from a task of `rt` once a slow answer is ready.
+fn answer<X: Send + 'static>(rt: &Handle, a: Answer<X>, reply: impl FnOnce(crate::Result<X>) + Send + 'static) {
+    match a {
+        Answer::Now(r) => reply(r),
+        Answer::Later(fut) => {
+            rt.spawn(async move { reply(fut.await) });
         }
     }
 }
@@ -207,16 +212,10 @@ impl<T: Tree> Filesystem for Adapter<T> {
             let _s = debug_span!("open", req = unique, ino = ino.0).entered();
             let nonblock = flags.0 & libc::O_NONBLOCK != 0;
             // Synthetic files bypass the page cache: sizes change under the kernel's feet.
-            let reply = move |r: crate::Result<u64>| match r {
+            answer(rt, fs.open(ino.0, nonblock, &who), move |r| match r {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(e) => fuse_error!("open", reply, e),
-            };
-            match fs.open(ino.0, nonblock, &who) {
-                Answer::Now(r) => reply(r),
-                Answer::Later(fut) => {
-                    rt.spawn(async move { reply(fut.await) });
-                }
-            }
+            });
         });
     }
 

@@ -349,11 +349,6 @@ impl Jobs {
         Ok(self.cluster.store().write_later(vec![change]))
     }
 
-    /// Applies `f` to job `id` and stores the result; returns once it is durable. The job is
-    /// locked while it changes and its new value is queued for the store, so concurrent
-    /// updates (the scheduler, a kill, an agent's report) never undo each other and reach the
-    /// store in the order they happened; the commit is waited for after the lock is let go, so
-    /// no reader of the job (a FUSE thread) waits on the disk.
     /// Keeps a job not ended in the scheduler's index; call with every job written.
     fn track(&self, job: &Job) {
         if !job.state.ended() {
@@ -361,6 +356,11 @@ impl Jobs {
         }
     }
 
+    /// Applies `f` to job `id` and stores the result; returns once it is durable. The job is
+    /// locked while it changes and its new value is queued for the store, so concurrent
+    /// updates (the scheduler, a kill, an agent's report) never undo each other and reach the
+    /// store in the order they happened; the commit is waited for after the lock is let go, so
+    /// no reader of the job (a FUSE thread) waits on the disk.
     fn update(&self, id: u64, f: impl FnOnce(&mut Job)) -> Result<Job, FsError> {
         let (job, ticket) = self.update_later(id, f)?;
         self.durable(ticket).map(|()| job)

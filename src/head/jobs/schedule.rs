@@ -267,13 +267,10 @@ impl Jobs {
             return self.expire_all(ended);
         }
         let mut free = self.free_nodes(&reserved);
-        // With thousands queued, a pass must not touch each of them once no room is left:
-        // those told they wait for cpus would be told so again.
-        if free.full() {
-            starts.retain(|s| !s.3);
-        }
         starts.sort_unstable();
         for (_, id, shape, room_only) in starts {
+            // With thousands queued, a pass must not touch each of them once no room is left:
+            // those told they wait for cpus would be told so again.
             if room_only && free.full() {
                 continue;
             }

@@ -175,7 +175,7 @@ struct Pending {
     writes: u64,
     /// Why a piece was refused: the rest of this spec is refused the same way.
     failed: Option<FsError>,
-    /// The store ticket of the job's creation: flush and reading the id back wait for it.
+    /// The store ticket of the spec's last write: flush and reading the id back wait for it.
     ticket: Option<u64>,
 }
 
@@ -574,10 +574,7 @@ impl JobsView {
                     match p.id {
                         // In memory now, in the store by the next commit (flush waits for it).
                         None => jobs.submit(owner_of(&caller), body, spec, true).map(|(id, t)| (id, Some(t))),
-                        Some(id) => tokio::task::spawn_blocking(move || jobs.amend(id, body, spec, false))
-                            .await
-                            .unwrap_or_else(|e| Err(FsError::new(Errno::Io, format!("internal error: {e}"))))
-                            .map(|()| (id, None)),
+                        Some(id) => jobs.amend(id, body, spec, false).map(|t| (id, Some(t))),
                     }
                 }
                 Err(e) => Err(e),
@@ -585,7 +582,8 @@ impl JobsView {
             let first = p.id.is_none();
             let id = match stored {
                 Ok((id, ticket)) => {
-                    p.ticket = p.ticket.or(ticket);
+                    // Tickets grow: the last piece's covers the earlier pieces' writes.
+                    p.ticket = p.ticket.max(ticket);
                     id
                 }
                 Err(e) => {
@@ -723,7 +721,7 @@ fn finish(jobs: &Arc<Jobs>, p: &Pending) {
         Ok(spec) => {
             let body = String::from_utf8_lossy(&p.text).into_owned();
             match jobs.amend(id, body, spec, true) {
-                Ok(()) => return,
+                Ok(_) => return,
                 Err(e) => {
                     tracing::debug!(job = id, error = %e, "the complete spec was refused");
                     jobs.fail(id, &format!("spec: {}", e.message));

@@ -305,10 +305,20 @@ fn a_head_crash_loses_no_job_and_runs_none_twice() {
     let (rc, _, err) = sh(&format!("echo 'echo last' > {}", c.path("jobs/new").display()));
     assert_eq!(rc, 0, "{err}");
     let last = array + 1 + 20;
+    // So is a spec written in pieces, by its last piece.
+    let script = format!(
+        "exec 3>{}; printf '#CLUSTER name=pieces\\n' >&3; printf 'echo one\\n' >&3; printf 'echo two\\n' >&3; exec 3>&-",
+        c.path("jobs/new").display()
+    );
+    let (rc, _, err) = sh(&script);
+    assert_eq!(rc, 0, "{err}");
+    let pieces = last + 1;
     c.crash_head();
     c.start_head();
     assert_eq!(wait(&c, last), "0\n");
     assert_eq!(c.read(&format!("jobs/{last}/stdout")), "last\n");
+    assert_eq!(wait(&c, pieces), "0\n", "{}", c.read(&format!("jobs/{pieces}/state")));
+    assert_eq!(c.read(&format!("jobs/{pieces}/stdout")), "one\ntwo\n");
     assert_eq!(wait(&c, array), "0\n", "{}", c.read(&format!("jobs/{array}/state")));
     let mut seen: Vec<u32> =
         std::fs::read_to_string(&tasks_file).unwrap().lines().map(|l| l.parse().unwrap()).collect();

@@ -438,7 +438,8 @@ impl Jobs {
 
     /// Replaces a held job's spec (a later write of the same `jobs/new` handle).
     /// With `release`, the writer is done and the job may run (one store write for both).
-    pub fn amend(&self, id: u64, text: String, spec: Spec, release: bool) -> Result<(), FsError> {
+    /// Returns the ticket of the store write, for `durable`.
+    pub fn amend(&self, id: u64, text: String, spec: Spec, release: bool) -> Result<u64, FsError> {
         let spread = self.spread_of(&spec)?;
         let (owner, tasks) = self
             .with(id, |j| (j.owner.clone(), j.spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64)))
@@ -449,12 +450,16 @@ impl Jobs {
         let want = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
         let base = if want > tasks {
             let base = self.next_id.fetch_add(want, Ordering::SeqCst);
-            self.cluster.store().put("meta", "next_job", &(base + want)).map_err(FsError::from)?;
+            let change = Store::change("meta", "next_job", &(base + want)).map_err(FsError::from)?;
+            self.cluster.store().write_later(vec![change]);
             Some(base)
         } else {
             None
         };
-        let amended = |j: &mut Job| {
+        // Nothing waits for the disk here: the writer's close waits for the ticket (the last
+        // piece's covers the earlier ones), and a released job rides on the next commit (its
+        // placement at the latest); a head that restarts first releases held jobs itself.
+        let (_, ticket) = self.update_later(id, |j| {
             j.text = text.into();
             j.spec = spec;
             j.spread = spread;
@@ -464,14 +469,8 @@ impl Jobs {
             if release {
                 j.held = false;
             }
-        };
-        if release {
-            // The writer has closed and waits for nothing; the next commit (the job's placement
-            // at the latest) carries this. A head that restarts first releases held jobs itself.
-            self.update_later(id, amended).map(|_| ())
-        } else {
-            self.update(id, amended).map(|_| ())
-        }
+        })?;
+        Ok(ticket)
     }
 
     /// Returns once what `submit` stored under `ticket` is committed.

@@ -58,14 +58,14 @@ impl Cgroup {
             fs::write(dir.join("cgroup.procs"), &me)?;
             cg.dirs.push(dir);
         }
-        if memory.join("memory.limit_in_bytes").exists() {
+        // v1 keeps a hierarchy per controller: a job without a memory limit needs no second
+        // cgroup, whose making and removal every run would pay for nothing.
+        if let Some(m) = mem.filter(|_| memory.join("memory.limit_in_bytes").exists()) {
             let dir = memory.join(&name);
             fs::create_dir_all(&dir)?;
-            if let Some(m) = mem {
-                fs::write(dir.join("memory.limit_in_bytes"), m.to_string())?;
-                // No swap beyond the limit, where the kernel accounts swap.
-                let _ = fs::write(dir.join("memory.memsw.limit_in_bytes"), m.to_string());
-            }
+            fs::write(dir.join("memory.limit_in_bytes"), m.to_string())?;
+            // No swap beyond the limit, where the kernel accounts swap.
+            let _ = fs::write(dir.join("memory.memsw.limit_in_bytes"), m.to_string());
             fs::write(dir.join("cgroup.procs"), &me)?;
             cg.memory = Some(dir.clone());
             cg.dirs.push(dir);

@@ -1,8 +1,8 @@
 //! Runs on this node, kept as files: each run has a directory the shim writes and the link reads.
 //!
-//! `<runs>/<run>/` holds `run.json` (what the head asked), `script`, `stdout`, `stderr`, `pid`
-//! (written by the shim), `signal` (a kill that came before the pid) and `exit.json` (written
-//! by the shim when the run ends). A run whose directory exists has been started: a resent
+//! `<runs>/<run>/` holds `run.json` (what the head asked), `stdout`, `stderr`, `shim.pid` (the
+//! shim's pid and start time, then the job's pid: written by the shim), `signal` (a kill that
+//! came before the pid) and `exit.json` (written by the shim when the run ends). A run whose directory exists has been started: a resent
 //! request never starts it again. The files, not the agent's memory, are the truth, so runs
 //! outlive an agent restart.
 
@@ -57,11 +57,8 @@ impl Runner {
         }
         let setup = || -> std::io::Result<()> {
             // Only the request is synced: the rest is remade from it or written by the run.
+            // The shim hands the job its script from it.
             write_new(&dir.join("run.json"), &serde_json::to_vec(run).expect("runs serialize"), 0o600, true)?;
-            // The script is read by the job's user; everything else stays root's.
-            let script = dir.join("script");
-            write_new(&script, run.script.as_bytes(), 0o500, false)?;
-            nix::unistd::chown(&script, Some(run.uid.into()), Some(run.gid.into()))?;
             for f in ["stdout", "stderr"] {
                 write_new(&dir.join(f), b"", 0o600, false)?;
             }
@@ -150,8 +147,7 @@ impl Runner {
         };
         // The job's pid is only its own while the shim has not reaped it: a pid whose parent is
         // no longer this run's shim belongs to someone else now.
-        let shim: Option<i32> =
-            fs::read_to_string(dir.join("shim.pid")).ok().and_then(|p| p.split_whitespace().next()?.parse().ok());
+        let shim = read_shim(&dir).and_then(|(shim, _)| i32::try_from(shim).ok());
         let parent: Option<i32> = fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| s.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok());
@@ -202,10 +198,7 @@ impl Runner {
 impl Runner {
     /// A run whose supervisor is gone without writing its exit ends now, with that reason.
     fn orphaned(&self, dir: &Path) -> Option<Exit> {
-        let Some((pid, start)) = fs::read_to_string(dir.join("shim.pid")).ok().and_then(|p| {
-            let mut f = p.split_whitespace();
-            Some((f.next()?.parse::<u32>().ok()?, f.next()?.parse::<u64>().ok()?))
-        }) else {
+        let Some((pid, start)) = read_shim(dir) else {
             // No supervisor was ever recorded: the agent stopped while starting the run.
             let age = fs::metadata(dir).and_then(|m| m.modified()).ok()?.elapsed().ok()?;
             if age < std::time::Duration::from_secs(10) || read_exit(dir).is_some() {
@@ -260,9 +253,30 @@ fn write_new(path: &Path, data: &[u8], mode: u32, sync: bool) -> std::io::Result
 /// The file a signal waits in for a run whose process is not started yet.
 pub const PENDING_SIGNAL: &str = "signal";
 
-/// The job's pid, once the shim has written it.
+/// Where the shim records itself, then the job.
+const PIDS: &str = "shim.pid";
+
+/// The shim's pid and start time, once recorded.
+fn read_shim(dir: &Path) -> Option<(u32, u64)> {
+    let pids = fs::read_to_string(dir.join(PIDS)).ok()?;
+    let mut f = pids.lines().next()?.split_whitespace();
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
+/// The job's pid, once the shim has appended it (a line is only read whole); a shim of an
+/// earlier version wrote it to a file `pid` of its own.
 fn read_pid(dir: &Path) -> Option<i32> {
-    fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok()
+    let pids = fs::read_to_string(dir.join(PIDS)).ok()?;
+    match pids.split_inclusive('\n').nth(1) {
+        Some(line) => line.strip_suffix('\n')?.trim().parse().ok(),
+        None => fs::read_to_string(dir.join("pid")).ok()?.trim().parse().ok(),
+    }
+}
+
+/// Appends the job's `pid` to the shim's record, in place: no new file per run.
+pub fn record_job(dir: &Path, pid: i32) -> std::io::Result<()> {
+    let mut f = fs::OpenOptions::new().append(true).open(dir.join(PIDS))?;
+    f.write_all(format!("{pid}\n").as_bytes())
 }
 
 /// A signal left for the run by [`Runner::signal`] before its process was started.
@@ -289,12 +303,19 @@ pub fn write_exit(dir: &Path, exit: &Exit) -> std::io::Result<()> {
 }
 
 /// Records `pid` as the run's supervisor with its kernel start time (a later process with the
-/// same pid is not it), atomically: a reader sees the whole line or no file.
+/// same pid is not it), atomically: a reader sees the whole line or no file. The first record
+/// stays (the agent and the shim both write it when the shim is started by exec), so the job's
+/// pid appended to it is never replaced.
 pub fn record_shim(dir: &Path, pid: u32) -> std::io::Result<()> {
     let start = proc_stat(pid).map_or(0, |s| s.1);
-    let tmp = dir.join(format!("shim.pid.{}", std::process::id()));
+    let tmp = dir.join(format!("{PIDS}.{}", std::process::id()));
     fs::write(&tmp, format!("{pid} {start}\n"))?;
-    fs::rename(tmp, dir.join("shim.pid"))
+    let linked = fs::hard_link(&tmp, dir.join(PIDS));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// (state, start time in clock ticks) of a process, from /proc/<pid>/stat.

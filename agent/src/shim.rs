@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{Gid, Pid, Uid, User};
 
 use crate::isolate::{Cgroup, ChildSetup, unshare_namespaces};
-use crate::runner::{pending_signal, write_exit};
+use crate::runner::{pending_signal, record_job, write_exit};
 
 /// Between a kill's SIGTERM and its SIGKILL, as the head waits for a running job.
 const KILL_AFTER_TERM: Duration = Duration::from_secs(1);
@@ -85,8 +85,8 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     };
     // The job reads its script through an inherited descriptor: the run directory lives
     // under root's state, which the job's user cannot (and need not) traverse.
-    let script = fs::File::open(dir.join("script"))
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.join("script").display())))?;
+    let script =
+        script_in_memory(&run.script).map_err(|e| std::io::Error::new(e.kind(), format!("the script: {e}")))?;
     let script_fd = script.as_raw_fd();
     let script_path = format!("/proc/self/fd/{SCRIPT_FD}");
     let mut cmd = if run.script.starts_with("#!") {
@@ -152,7 +152,12 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     let mut child = cmd.spawn().map_err(|e| std::io::Error::new(e.kind(), format!("starting the job: {e}")))?;
     drop(script);
     let pid = i32::try_from(child.id()).expect("pids fit in i32");
-    fs::write(dir.join("pid"), format!("{pid}\n"))?;
+    if let Err(e) = record_job(dir, pid) {
+        // A job whose pid is not recorded could not be signalled: it does not go on.
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        let _ = child.wait();
+        return Err(std::io::Error::new(e.kind(), format!("recording the job's pid: {e}")));
+    }
     let deadline = run.timeout_s.map(|s| Instant::now() + Duration::from_secs(s));
     // No helper thread: a process that unshared its PID namespace may not make threads.
     let mut kill_at: Option<Instant> = None;
@@ -191,6 +196,26 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     let code = status.code().unwrap_or_else(|| 128 + signal.unwrap_or(0));
     let reason = timed_out.then(|| format!("timeout after {} s", run.timeout_s.unwrap_or(0)));
     Ok(Exit { code, signal, reason })
+}
+
+/// The script in an anonymous memory file: no inode on the node's disk per run. Executable,
+/// for a script that starts with `#!` (kernels before 6.3 know no MFD_EXEC and make every
+/// memory file executable).
+fn script_in_memory(script: &str) -> std::io::Result<fs::File> {
+    let name = c"clusterfs-script";
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new descriptor or -1.
+    let mut fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_EXEC) };
+    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // SAFETY: as above.
+        fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    }
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nothing else.
+    let mut file = unsafe { fs::File::from_raw_fd(fd) };
+    std::io::Write::write_all(&mut file, script.as_bytes())?;
+    Ok(file)
 }
 
 /// A descriptor that becomes readable when process `pid` ends (`pidfd_open`, Linux 5.3).
@@ -243,11 +268,11 @@ mod tests {
             let script = "exec sleep 30\n";
             let dir = tempfile::tempdir().unwrap();
             let run = Run { script: script.into(), ..crate::runner::tests::run(1) };
-            fs::write(dir.path().join("script"), script).unwrap();
             for f in ["stdout", "stderr"] {
                 fs::write(dir.path().join(f), "").unwrap();
             }
             fs::write(dir.path().join(crate::runner::PENDING_SIGNAL), "15\n").unwrap();
+            crate::runner::record_shim(dir.path(), std::process::id()).unwrap();
             let handler = if ignore_term { SigHandler::SigIgn } else { SigHandler::SigDfl };
             // SAFETY: only the disposition changes (no handler runs), put back below.
             unsafe { signal(Signal::SIGTERM, handler) }.unwrap();

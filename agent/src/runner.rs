@@ -286,11 +286,14 @@ pub fn pending_signal(dir: &Path) -> Option<Signal> {
 }
 
 /// Writes `exit.json` atomically: a reader sees the whole status or none. Each writer has its
-/// own temporary file; the first complete exit stays.
+/// own temporary file; the first complete exit stays. Not synced: it outlives an agent restart
+/// in the page cache, and the head has it moments after it is written. A node that loses its
+/// power in between reports the run as one whose supervisor died (the request, synced, says
+/// the run was started: it is never started again).
 pub fn write_exit(dir: &Path, exit: &Exit) -> std::io::Result<()> {
     let tmp = dir.join(format!("exit.json.{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    write_new(&tmp, &serde_json::to_vec(exit).expect("exits serialize"), 0o600, true)?;
+    write_new(&tmp, &serde_json::to_vec(exit).expect("exits serialize"), 0o600, false)?;
     let done = dir.join("exit.json");
     // A hard link fails if an exit is there already, where a rename would replace it.
     let linked = fs::hard_link(&tmp, &done);

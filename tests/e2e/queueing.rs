@@ -64,11 +64,12 @@ fn array_tasks_run_every_index_within_their_limit() {
     let iv = intervals(&marks, 8);
     let most = iv.iter().map(|(s, _)| iv.iter().filter(|(a, b)| a <= s && s < b).count()).max().unwrap();
     assert_eq!(most, 2, "tasks at once: {iv:?}");
-    // In index order: no task started before one two places earlier (two start at a time).
-    for i in 0..8 {
-        for j in i + 2..8 {
-            assert!(iv[i].0 < iv[j].0, "task {} started before task {}: {iv:?}", j + 1, i + 1);
-        }
+    // In index order, at most 2 at once: when a task starts, every task before it has been
+    // started and all but one of them have ended. (Marks, not launches: a task's shell may
+    // reach its first line late on a busy machine, but never before its launch.)
+    for j in 1..8 {
+        let ended = iv[..j].iter().filter(|(_, end)| *end <= iv[j].0).count();
+        assert!(ended + 1 >= j, "task {} started with {ended} of the {j} before it ended: {iv:?}", j + 1);
     }
 
     // Tasks are the owner's: another user reads state but not output.

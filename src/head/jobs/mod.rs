@@ -210,9 +210,14 @@ pub struct Jobs {
     copied: DashMap<u64, u64>,
     /// The cluster secret: the head authenticates to the relays it feeds.
     secret: Arc<crate::auth::Secret>,
-    /// Ids of the jobs not ended (and some that ended since): what a scheduler pass reads,
-    /// not the thousands kept for retention. Every write of a job not ended adds it.
+    /// Ids of the jobs not ended (and some that ended since) but those in `room`: what a
+    /// scheduler pass reads, not the thousands kept for retention. Every write of a job not
+    /// ended adds it.
     active: dashmap::DashSet<u64>,
+    /// Queued jobs told they wait for free cpus and waiting for nothing else, by (-priority,
+    /// id): the start order. Kept out of `active`: a pass takes them from the front only while
+    /// a node has a free cpu, so thousands waiting cost a pass on a full cluster nothing.
+    room: std::sync::Mutex<std::collections::BTreeSet<(i32, u64)>>,
     /// When a scheduler pass last read every job.
     full_pass_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -257,6 +262,7 @@ impl Jobs {
             copied: DashMap::new(),
             secret,
             active,
+            room: std::sync::Mutex::default(),
             full_pass_at: std::sync::Mutex::new(None),
         })
     }

@@ -40,6 +40,19 @@ pub(super) struct Free {
 /// How a job that waits for free cpus is told so: this, the count, " free cpus".
 const WAIT_CPUS: &str = "waiting for a node with ";
 
+/// The waiting-room place of a job that waits for free cpus and nothing else: told so, queued,
+/// released, one run, no dependency.
+fn room_key(j: &Job) -> Option<(i32, u64)> {
+    let room_only = j.state == State::Queued
+        && !j.held
+        && j.task.is_none()
+        && j.shape() == Shape::One
+        && j.spec.after.is_empty()
+        && j.spec.afterany.is_empty()
+        && waits_for_cpus(&j.reason, j.spec.cpus);
+    room_only.then_some((-j.spec.priority, j.id))
+}
+
 /// Whether `reason` says the job waits for `cpus` free cpus, which is what a pass that finds
 /// every node full would say again.
 fn waits_for_cpus(reason: &str, cpus: u32) -> bool {
@@ -166,8 +179,10 @@ struct Pass {
     expired_before: u64,
     /// Array jobs' running tasks.
     tally: HashMap<u64, Tally>,
-    /// (-priority, id, shape, waits only for room) of each job that may start something.
-    starts: Vec<(i32, u64, Shape, bool)>,
+    /// (-priority, id, shape) of each job that may start something, but those of `room`.
+    starts: Vec<(i32, u64, Shape)>,
+    /// Jobs found waiting for room only: they go to the waiting room.
+    to_room: Vec<(i32, u64)>,
     running: Vec<u64>,
     spreads: Vec<u64>,
     /// Ended jobs past retention (full passes only).
@@ -193,15 +208,8 @@ impl Pass {
         let shape = j.shape();
         match (j.state, shape) {
             (State::Queued, _) if j.held => {}
-            (State::Queued, _) | (State::Running, Shape::Array) => {
-                // Told why it waits, and waiting for nothing but room: nothing to do while
-                // every node is full.
-                let room_only = shape == Shape::One
-                    && waits_for_cpus(&j.reason, j.spec.cpus)
-                    && j.spec.after.is_empty()
-                    && j.spec.afterany.is_empty();
-                self.starts.push((-j.spec.priority, j.id, shape, room_only));
-            }
+            (State::Queued, _) if let Some(key) = room_key(j) => self.to_room.push(key),
+            (State::Queued, _) | (State::Running, Shape::Array) => self.starts.push((-j.spec.priority, j.id, shape)),
             (State::Running, Shape::Spread) => self.spreads.push(j.id),
             (State::Running, Shape::One) => self.running.push(j.id),
             _ if j.task.is_none() && j.ended_ms.unwrap_or(j.submitted_ms) < self.expired_before => {
@@ -215,8 +223,8 @@ impl Pass {
 impl Jobs {
     /// One pass of the scheduler: lost nodes and resends, then placement by priority and
     /// submission order, then retention. A pass reads the jobs not ended (through `active`
-    /// when they are few); once a second it reads every job, for retention, and checks
-    /// `active` against them.
+    /// when they are few) and the front of the waiting room; once a second it reads every
+    /// job, for retention, checks `active` against them and rebuilds the room.
     pub fn schedule(self: &Arc<Self>) {
         let retention = self.cfg.retention_s.saturating_mul(1000);
         let mut pass = Pass { expired_before: now_ms().saturating_sub(retention), ..Pass::default() };
@@ -237,7 +245,7 @@ impl Jobs {
                     (true, true) => {
                         self.active.remove(&j.id);
                     }
-                    (false, true) if self.active.insert(j.id) => {
+                    (false, true) if !self.in_room(&j) && self.active.insert(j.id) => {
                         warn!(job = j.id, state = ?j.state, "a job not ended was missing from the scheduler's index");
                     }
                     (false, _) => {}
@@ -255,7 +263,19 @@ impl Jobs {
                 }
             }
         }
-        let Pass { mut tally, mut starts, running, spreads, ended, reserved, .. } = pass;
+        let Pass { mut tally, mut starts, to_room, running, spreads, ended, reserved, .. } = pass;
+        if full || !to_room.is_empty() {
+            let mut room = self.room.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A pass that read every job found every job the room should have: what else is
+            // there (killed, removed, given another priority while waiting) goes.
+            if full {
+                room.clear();
+            }
+            for key in to_room {
+                self.active.remove(&key.1);
+                room.insert(key);
+            }
+        }
         for id in running {
             self.check_lost(id);
             self.redispatch(id);
@@ -263,24 +283,67 @@ impl Jobs {
         for id in spreads {
             self.settle_spread(id);
         }
-        if starts.is_empty() {
+        let waiting = !self.room.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty();
+        if starts.is_empty() && !waiting {
             return self.expire_all(ended);
         }
         let mut free = self.free_nodes(&reserved);
         starts.sort_unstable();
-        for (_, id, shape, room_only) in starts {
-            // With thousands queued, a pass must not touch each of them once no room is left:
-            // those told they wait for cpus would be told so again.
-            if room_only && free.full() {
-                continue;
-            }
-            match shape {
-                Shape::One => self.try_start(id, &mut free),
-                Shape::Array => self.advance_array(id, tally.remove(&id).unwrap_or_default(), &mut free),
-                Shape::Spread => self.start_spread(id, &mut free),
+        // Both in start order: the waiting room's front while a node has a free cpu (with
+        // thousands queued on a full cluster, a pass touches none of them), the others all.
+        let mut starts = starts.into_iter().peekable();
+        let mut after = None;
+        loop {
+            let waiter = if free.full() { None } else { self.room_after(after) };
+            match (waiter, starts.peek()) {
+                (None, None) => break,
+                (Some(key), next) if next.is_none_or(|n| key < (n.0, n.1)) => {
+                    after = Some(key);
+                    self.start_waiter(key, &mut free);
+                }
+                _ => {
+                    let Some((_, id, shape)) = starts.next() else { break };
+                    match shape {
+                        Shape::One => self.try_start(id, &mut free),
+                        Shape::Array => self.advance_array(id, tally.remove(&id).unwrap_or_default(), &mut free),
+                        Shape::Spread => self.start_spread(id, &mut free),
+                    }
+                }
             }
         }
         self.expire_all(ended);
+    }
+
+    /// Whether job `j` is in the waiting room, where `active` does not list it.
+    fn in_room(&self, j: &Job) -> bool {
+        let room = self.room.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        room.contains(&(-j.spec.priority, j.id))
+    }
+
+    /// The waiting room's next place after `after` (from the front when None).
+    fn room_after(&self, after: Option<(i32, u64)>) -> Option<(i32, u64)> {
+        let room = self.room.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match after {
+            None => room.first().copied(),
+            Some(a) => room.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)).next().copied(),
+        }
+    }
+
+    /// Tries to start the job at `key` of the waiting room. One that no longer waits for room
+    /// only (started, killed, given another priority or another reason) leaves the room, and
+    /// goes back to `active` unless it ended.
+    fn start_waiter(self: &Arc<Self>, key: (i32, u64), free: &mut Free) {
+        let id = key.1;
+        if self.with(id, room_key).flatten() == Some(key) {
+            self.try_start(id, free);
+            if self.with(id, room_key).flatten() == Some(key) {
+                return;
+            }
+        }
+        self.room.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&key);
+        if self.with(id, |j| !j.state.ended()).unwrap_or(false) {
+            self.active.insert(id);
+        }
     }
 
     fn expire_all(&self, ended: Vec<u64>) {

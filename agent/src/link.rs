@@ -283,7 +283,7 @@ async fn send_output(
     run: u64,
     cursor: &mut Cursor,
 ) -> Result<(), ProtoError> {
-    let status = runner.status(run);
+    let status = runner.output_status(run);
     for stream in [STDOUT, STDERR] {
         let s = stream as usize;
         while cursor.sent[s] < status.len[s] {

@@ -34,7 +34,7 @@ pub enum Started {
 impl Runner {
     pub fn new(dir: PathBuf) -> std::io::Result<Runner> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        spread_subdirectories(&dir);
+        clusterfs::jobs::spread_subdirectories(&dir);
         let ended: Arc<tokio::sync::Notify> = Arc::default();
         if let Some(z) = crate::zygote::get() {
             z.watch(&dir, ended.clone());
@@ -181,10 +181,22 @@ impl Runner {
         out
     }
 
+    /// A run's output lengths and exit; a run whose supervisor died without one ends now.
     pub fn status(&self, run: u64) -> RunStatus {
+        self.status_of(run, true)
+    }
+
+    /// `status` without the look for a dead supervisor (a read of its record and of /proc):
+    /// what the output loop reads every 50 ms of each run going. `status`, read at every
+    /// report, finds a dead supervisor and writes its run's exit.
+    pub fn output_status(&self, run: u64) -> RunStatus {
+        self.status_of(run, false)
+    }
+
+    fn status_of(&self, run: u64, orphans: bool) -> RunStatus {
         let dir = self.run_dir(run);
         // The exit first: once it is there the job is gone, so the lengths read after it are final.
-        let exit = read_exit(&dir).or_else(|| self.orphaned(&dir));
+        let exit = read_exit(&dir).or_else(|| if orphans { self.orphaned(&dir) } else { None });
         let len = |f: &str| fs::metadata(dir.join(f)).map_or(0, |m| m.len());
         RunStatus { run, len: [len("stdout"), len("stderr")], exit }
     }
@@ -222,25 +234,6 @@ impl Runner {
         let exit = Exit { code: 255, signal: None, reason: Some("its supervisor died".into()) };
         write_exit(dir, &exit).ok()?;
         Some(exit)
-    }
-}
-
-/// Marks `dir` as a top of unrelated trees for ext4 (`chattr +T`), so each run's directory and
-/// files go to a block group of their own: hundreds of runs a second make and free thousands
-/// of inodes, and an ext4 without a journal scans past every inode freed in the last minute in
-/// the group it allocates from. Other filesystems refuse the flag, which changes nothing.
-fn spread_subdirectories(dir: &Path) {
-    /// `FS_TOPDIR_FL` of linux/fs.h.
-    const TOPDIR: libc::c_long = 0x0002_0000;
-    let Ok(f) = fs::File::open(dir) else { return };
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
-    let mut flags: libc::c_long = 0;
-    // SAFETY: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS read and write one long, which lives for the calls.
-    unsafe {
-        if libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) == 0 && flags & TOPDIR == 0 {
-            flags |= TOPDIR;
-            libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &flags);
-        }
     }
 }
 

@@ -470,3 +470,24 @@ fn runs_are_forked_by_the_agents_zygote_and_start_by_exec_once_it_is_gone() {
     assert_eq!(wait(&c, id), "0\n");
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), "after\n");
 }
+
+#[test]
+fn a_run_whose_supervisor_dies_ends_and_says_so() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up("cn0", 200);
+    let id = submit_as(&c, "root", "sleep 5\n");
+    assert_running(&c, id);
+    let shim = || sh(&format!("pgrep -f -- '--shim .*/{id}$'")).1.lines().find_map(|l| l.trim().parse::<i32>().ok());
+    assert!(eventually(Duration::from_secs(10), || shim().is_some()), "no shim of job {id}: {}", sh("ps -ef").1);
+    crate::harness::signal(shim().unwrap(), libc::SIGKILL);
+    // Found at the agent's next report: the run ends with the reason, its exit is 255.
+    let state = format!("jobs/{id}/state");
+    assert!(
+        eventually(Duration::from_secs(4), || c.read(&state) == "failed 255 its supervisor died\n"),
+        "{}",
+        c.read(&state)
+    );
+    assert_eq!(wait(&c, id), "255\n");
+}

@@ -231,6 +231,7 @@ impl Jobs {
         secret: Arc<crate::auth::Secret>,
     ) -> Result<Jobs, crate::head::store::StoreError> {
         std::fs::create_dir_all(&spool).map_err(|e| crate::head::store::StoreError::Db(e.to_string()))?;
+        crate::jobs::spread_subdirectories(&spool);
         let jobs = DashMap::new();
         let mut max = 0;
         for (_, mut job) in cluster.store().scan::<Job>("jobs")? {

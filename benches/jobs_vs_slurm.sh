@@ -98,6 +98,11 @@ read -r slurm_all slurm_left < <(drain "squeue -h -t PD,R,CG | wc -l" "$t0")
 scancel --quiet --user=root || true
 pkill -f "slurmd -N bn" || true
 pkill -f "slurmctld -c -f $work" || true
+# Slurm's daemons save their state as they stop: the clusterfs half starts once they are gone.
+for _ in $(seq 1 300); do
+  pgrep -f "slurmd -N bn|slurmctld -c -f $work" > /dev/null || break
+  sleep 0.1
+done
 unset SLURM_CONF
 
 # --- clusterfs: a head with NODES local node names, release build.

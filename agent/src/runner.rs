@@ -2,9 +2,9 @@
 //!
 //! `<runs>/<run>/` holds `run.json` (what the head asked), `stdout`, `stderr`, `shim.pid` (the
 //! shim's pid and start time, then the job's pid: written by the shim), `signal` (a kill that
-//! came before the pid) and `exit.json` (written by the shim when the run ends). A run whose directory exists has been started: a resent
-//! request never starts it again. The files, not the agent's memory, are the truth, so runs
-//! outlive an agent restart.
+//! came before the pid) and `exit.json` (written by the shim when the run ends). A run whose
+//! directory exists has been started: a resent request never starts it again. The files, not
+//! the agent's memory, are the truth, so runs outlive an agent restart.
 
 use std::fs;
 use std::io::Write as _;

@@ -199,13 +199,14 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
 }
 
 /// The script in an anonymous memory file: no inode on the node's disk per run. Executable,
-/// for a script that starts with `#!` (kernels before 6.3 know no MFD_EXEC and make every
-/// memory file executable).
+/// for a script that starts with `#!`. Kernels before 6.3 know no MFD_EXEC (EINVAL) and make
+/// every memory file executable; one whose `vm.memfd_noexec` is 2 refuses it (EACCES) and
+/// runs only scripts read by `/bin/sh`.
 fn script_in_memory(script: &str) -> std::io::Result<fs::File> {
     let name = c"clusterfs-script";
     // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new descriptor or -1.
     let mut fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_EXEC) };
-    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+    if fd < 0 && matches!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINVAL | libc::EACCES)) {
         // SAFETY: as above.
         fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     }

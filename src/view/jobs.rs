@@ -573,8 +573,8 @@ impl JobsView {
                     let (jobs, body) = (jobs.clone(), String::from_utf8_lossy(&text).into_owned());
                     match p.id {
                         // In memory now, in the store by the next commit (flush waits for it).
-                        None => jobs.submit(owner_of(&caller), body, spec, true).map(|(id, t)| (id, Some(t))),
-                        Some(id) => jobs.amend(id, body, spec, false).map(|t| (id, Some(t))),
+                        None => jobs.submit(owner_of(&caller), body, spec, true),
+                        Some(id) => jobs.amend(id, body, spec, false).map(|t| (id, t)),
                     }
                 }
                 Err(e) => Err(e),
@@ -583,7 +583,7 @@ impl JobsView {
             let id = match stored {
                 Ok((id, ticket)) => {
                     // Tickets grow: the last piece's covers the earlier pieces' writes.
-                    p.ticket = p.ticket.max(ticket);
+                    p.ticket = p.ticket.max(Some(ticket));
                     id
                 }
                 Err(e) => {

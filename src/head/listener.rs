@@ -183,7 +183,12 @@ async fn handle(core: Arc<Core>, stream: TcpStream, secret: Arc<Secret>, conn_id
                     }
                     Ok(Frame::Chunk { .. }) => break "protocol violation: a file chunk on the control link".to_string(),
                     Ok(Frame::Message(other)) => break format!("protocol violation: unexpected {}", other.name()),
+                    // A closed connection, or one reset because the agent died with a beat
+                    // unread: the same end for whoever reads the node's state.
                     Err(ProtoError::Closed) => break "agent disconnected".to_string(),
+                    Err(ProtoError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                        break "agent disconnected".to_string();
+                    }
                     Err(e) => break format!("connection error: {e}"),
                 };
                 let mut failed = None;

@@ -57,11 +57,6 @@ impl<T: Tree> Adapter<T> {
             }
         });
     }
-
-    /// Replies now, or from a task once a slow answer is ready.
-    fn answer<X: Send + 'static>(&self, a: Answer<X>, reply: impl FnOnce(crate::Result<X>) + Send + 'static) {
-        answer(&self.rt, a, reply);
-    }
 }
 
 /// Replies now, or from a task of `rt` once a slow answer is ready.
@@ -78,7 +73,7 @@ impl<T: Tree> Adapter<T> {
     /// An operation on a name in `parent` that answers with an entry (mknod, mkdir).
     fn entry_op(&self, op: &'static str, name: &OsStr, reply: ReplyEntry, f: impl FnOnce(&str) -> Answer<Entry>) {
         match name_str(name) {
-            Ok(n) => self.answer(f(n), move |r| match r {
+            Ok(n) => answer(&self.rt, f(n), move |r| match r {
                 Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
                 Err(e) => fuse_error!(op, reply, e),
             }),
@@ -89,7 +84,7 @@ impl<T: Tree> Adapter<T> {
     /// An operation on a name in `parent` that answers with nothing (unlink, rmdir).
     fn empty_op(&self, op: &'static str, name: &OsStr, reply: ReplyEmpty, f: impl FnOnce(&str) -> Answer<()>) {
         match name_str(name) {
-            Ok(n) => self.answer(f(n), move |r| match r {
+            Ok(n) => answer(&self.rt, f(n), move |r| match r {
                 Ok(()) => reply.ok(),
                 Err(e) => fuse_error!(op, reply, e),
             }),
@@ -239,7 +234,7 @@ impl<T: Tree> Filesystem for Adapter<T> {
             let fs = self.fs.clone();
             let nonblock = flags & libc::O_NONBLOCK != 0;
             let rt = self.rt.clone();
-            self.answer(self.fs.create(parent.0, name, mode, &who), move |r| match r {
+            answer(&self.rt, self.fs.create(parent.0, name, mode, &who), move |r| match r {
                 Ok(entry) => {
                     let ino = entry.attr.ino.0;
                     let reply_open = move |r: crate::Result<u64>| match r {
@@ -277,7 +272,7 @@ impl<T: Tree> Filesystem for Adapter<T> {
     ) {
         self.guard("read", || {
             let _s = debug_span!("read", req = req.unique().0, ino = ino.0, offset, size).entered();
-            self.answer(self.fs.read_handle(fh.0, offset, size), move |r| match r {
+            answer(&self.rt, self.fs.read_handle(fh.0, offset, size), move |r| match r {
                 Ok(data) => reply.data(&data),
                 Err(e) => fuse_error!("read", reply, e),
             });
@@ -298,7 +293,7 @@ impl<T: Tree> Filesystem for Adapter<T> {
     ) {
         self.guard("write", || {
             let _s = debug_span!("write", req = req.unique().0, ino = ino.0, offset, len = data.len()).entered();
-            self.answer(self.fs.write(fh.0, offset, data, &caller(req)), move |r| match r {
+            answer(&self.rt, self.fs.write(fh.0, offset, data, &caller(req)), move |r| match r {
                 Ok(n) => reply.written(n),
                 Err(e) => fuse_error!("write", reply, e),
             });
@@ -307,7 +302,7 @@ impl<T: Tree> Filesystem for Adapter<T> {
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         self.guard("flush", || {
-            self.answer(self.fs.flush(fh.0), move |r| match r {
+            answer(&self.rt, self.fs.flush(fh.0), move |r| match r {
                 Ok(()) => reply.ok(),
                 Err(e) => fuse_error!("flush", reply, e),
             });

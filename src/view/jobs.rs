@@ -568,17 +568,14 @@ impl JobsView {
                 // Only a write that filled a writer's buffer can have cut a line or a JSON text short.
                 Spec::parse_prefix(&text, data.len() >= 4096).map_err(|e| FsError::invalid(e.0))
             };
-            let stored = match checked {
-                Ok(spec) => {
-                    let (jobs, body) = (jobs.clone(), String::from_utf8_lossy(&text).into_owned());
-                    match p.id {
-                        // In memory now, in the store by the next commit (flush waits for it).
-                        None => jobs.submit(owner_of(&caller), body, spec, true),
-                        Some(id) => jobs.amend(id, body, spec, false).map(|t| (id, t)),
-                    }
+            // In memory now, in the store by the next commit (flush waits for it).
+            let stored = checked.and_then(|spec| {
+                let body = String::from_utf8_lossy(&text).into_owned();
+                match p.id {
+                    None => jobs.submit(owner_of(&caller), body, spec, true),
+                    Some(id) => jobs.amend(id, body, spec, false).map(|t| (id, t)),
                 }
-                Err(e) => Err(e),
-            };
+            });
             let first = p.id.is_none();
             let id = match stored {
                 Ok((id, ticket)) => {

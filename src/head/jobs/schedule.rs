@@ -245,7 +245,8 @@ impl Jobs {
                     (true, true) => {
                         self.active.remove(&j.id);
                     }
-                    (false, true) if !self.in_room(&j) && self.active.insert(j.id) => {
+                    // Jobs that wait for room only belong in the room, not in `active`.
+                    (false, true) if room_key(&j).is_none() && self.active.insert(j.id) => {
                         warn!(job = j.id, state = ?j.state, "a job not ended was missing from the scheduler's index");
                     }
                     (false, _) => {}
@@ -312,12 +313,6 @@ impl Jobs {
             }
         }
         self.expire_all(ended);
-    }
-
-    /// Whether job `j` is in the waiting room, where `active` does not list it.
-    fn in_room(&self, j: &Job) -> bool {
-        let room = self.room.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        room.contains(&(-j.spec.priority, j.id))
     }
 
     /// The waiting room's next place after `after` (from the front when None).

@@ -121,7 +121,9 @@ fn a_head_crash_under_mixed_load_ends_each_piece_of_work_exactly_once() {
         return;
     }
     // A head alone, and agents of their own that outlive it (`clusterfs up`'s end with it).
-    let mut c = Cluster::up_with("", 200, "[hsm]\nclient_grace_ms = 60000\n");
+    // Reports every second: making the 256 MiB source below can stall the agents' reports on
+    // a loaded machine past 3 shorter intervals, and a node gone down fails the copy at once.
+    let mut c = Cluster::up_with("", 1000, "[hsm]\nclient_grace_ms = 60000\n");
     for w in ["w1", "w2"] {
         c.agent(w);
     }
@@ -133,6 +135,13 @@ fn a_head_crash_under_mixed_load_ends_each_piece_of_work_exactly_once() {
     });
     assert!(ready, "{}", c.read("nodes/up"));
 
+    // The copy's source first: making it loads the machine.
+    let src = c.dir.path().join("src.bin");
+    let dest = c.dir.path().join("dest");
+    std::fs::create_dir(&dest).unwrap();
+    let (rc, _, err) = crate::harness::sh(&format!("head -c 256M /dev/urandom > {}", src.display()));
+    assert_eq!(rc, 0, "{err}");
+
     // 300 HSM archive requests, 40 jobs and a 256 MiB copy to both workers, all in flight at once.
     let marks_file = c.dir.path().join("marks");
     std::fs::write(&marks_file, "").unwrap();
@@ -143,11 +152,6 @@ fn a_head_crash_under_mixed_load_ends_each_piece_of_work_exactly_once() {
     c.write("hsm/queue", requests.as_bytes()).unwrap();
     let jobs: Vec<u64> =
         (0..40).map(|i| submit_as(&c, "root", &format!("sleep 0.{}; echo $CLUSTER_JOB_ID >> {m}\n", i % 10))).collect();
-    let src = c.dir.path().join("src.bin");
-    let dest = c.dir.path().join("dest");
-    std::fs::create_dir(&dest).unwrap();
-    let (rc, _, err) = crate::harness::sh(&format!("head -c 256M /dev/urandom > {}", src.display()));
-    assert_eq!(rc, 0, "{err}");
     let copy = submit_as(
         &c,
         "root",
@@ -159,8 +163,9 @@ fn a_head_crash_under_mixed_load_ends_each_piece_of_work_exactly_once() {
     });
     assert!(
         under_way,
-        "the work never got going: copy {:?}, {} HSM requests ran",
+        "the work never got going: copy {:?} ({:?}), {} HSM requests ran",
         c.read(&format!("jobs/{copy}/state")),
+        c.try_read(&format!("jobs/{copy}/summary")),
         std::fs::read_to_string(&hsm_log).unwrap_or_default().lines().count()
     );
 

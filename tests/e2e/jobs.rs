@@ -352,9 +352,16 @@ fn jobs_are_isolated_limited_and_can_run_in_their_own_root() {
     assert_eq!(lines[0], "2", "the job is the first child of its own PID namespace's init");
     assert_eq!(lines[1], "cn3", "its hostname is the node's name");
     assert!(lines[2].parse::<u32>().unwrap() < 10, "it sees only its own processes: {}", lines[2]);
-    let id = submit_as(&c, "root", "#CLUSTER isolate=none\necho $$\n");
+    // A plain process: no namespaces, and no cgroup of its own unless it has a memory limit,
+    // which is enforced as for any job.
+    let id =
+        submit_as(&c, "root", "#CLUSTER isolate=none\necho $$; grep -c clusterfs/run- /proc/self/cgroup || true\n");
     assert_eq!(wait(&c, id), "0\n");
-    assert_ne!(c.read(&format!("jobs/{id}/stdout")), "1\n");
+    let out = c.read(&format!("jobs/{id}/stdout"));
+    assert!(out.ends_with("\n0\n") && !out.starts_with("2\n"), "{out}");
+    let id = submit_as(&c, "root", "#CLUSTER isolate=none mem=64M\npython3 -c 'x = bytearray(400 * 1024 * 1024)'\n");
+    assert_eq!(wait(&c, id), "137\n");
+    assert_eq!(c.read(&format!("jobs/{id}/state")), "failed 137 out of memory (limit 67108864 bytes)\n");
 
     // A memory limit kills a job that allocates past it, and says so.
     let id = submit_as(&c, "root", "#CLUSTER mem=64M\npython3 -c 'x = bytearray(400 * 1024 * 1024)'\n");

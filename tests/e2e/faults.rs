@@ -122,7 +122,7 @@ fn a_head_crash_under_mixed_load_ends_each_piece_of_work_exactly_once() {
     }
     // A head alone, and agents of their own that outlive it (`clusterfs up`'s end with it).
     // Reports every second: making the 256 MiB source below can stall the agents' reports on
-    // a loaded machine past 3 shorter intervals, and a node gone down fails the copy at once.
+    // a loaded machine, and a node taken for down fails the copy at once.
     let mut c = Cluster::up_with("", 1000, "[hsm]\nclient_grace_ms = 60000\n");
     for w in ["w1", "w2"] {
         c.agent(w);

@@ -191,7 +191,7 @@ fn node_goes_down_after_missed_reports_and_comes_back() {
     assert!(eventually(Duration::from_secs(5), || c.read("nodes/down") == "cn9\n"));
     let took = stopped.elapsed();
     // The last report may be up to one interval old when the agent stops.
-    assert!(took >= Duration::from_millis(150), "down after 3 missed 100 ms intervals, not at once ({took:?})");
+    assert!(took >= Duration::from_millis(600), "down after 8 missed 100 ms intervals, not at once ({took:?})");
     assert!(c.read("nodes/cn9/state").starts_with("down no report for"), "{}", c.read("nodes/cn9/state"));
     // ping to a down node: EHOSTDOWN and a sentence.
     let err = std::fs::read_to_string(c.path("nodes/cn9/ping")).unwrap_err();

@@ -10,21 +10,14 @@ MIB=${BENCH_COPY_MIB:-1024}
 LINK=${BENCH_LINK:-1gbit}
 COUNTS=${BENCH_COPY_NODES:-4 16}
 MAX=16
-work=$(mktemp -d /tmp/clusterfs-bench.XXXXXX)
-chmod 755 "$work"
-cleanup() {
-  set +e
+source benches/lib.sh
+bench_work clusterfs-bench
+bench_cleanup() {
   pkill -f "clusterfs-agent --head 10.77.0.1" 2>/dev/null
-  [ -n "${head:-}" ] && kill "$head" 2>/dev/null && wait "$head" 2>/dev/null
-  for _ in 1 2 3 4 5; do mountpoint -q "$work/mnt" && umount -l "$work/mnt"; sleep 0.2; done
-  mountpoint -q "$work/dest" && umount -l "$work/dest"
   for i in $(seq 1 $MAX); do ip netns del "cfbn$i" 2>/dev/null; done
   ip netns del cfbsw 2>/dev/null
   ip link del cfh0 2>/dev/null
-  rm -rf "$work"
 }
-trap cleanup EXIT
-now() { date +%s.%N; }
 limit() { tc qdisc add dev "$1" root tbf rate "$LINK" burst 512kb latency 100ms; }
 
 # A switch namespace with a bridge; the head's link and each node's link are veth pairs into it.
@@ -62,7 +55,7 @@ for i in $(seq 1 $MAX); do
     --secret-file "$work/state/secret" --state "$work/agent$i" --relay-listen "10.77.0.$((10 + i)):0" \
     > /dev/null 2> "$work/agent$i.log" &
 done
-for _ in $(seq 1 200); do [ "$(cat "$work/mnt/nodes/up" 2>/dev/null)" = "bn[1-$MAX]" ] && break; sleep 0.1; done
+wait_up "$work/mnt" "bn[1-$MAX]"
 
 # copy NODES FANOUT: seconds from submission to the job's end (checked: every node passed).
 copy() {

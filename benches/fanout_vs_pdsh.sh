@@ -9,17 +9,9 @@ cd "$(dirname "$0")/.."
 N=${BENCH_FANOUT_NODES:-1000}
 ROUNDS=${BENCH_ROUNDS:-3}
 set_="sim[0-$((N - 1))]"
-work=$(mktemp -d "${BENCH_TMP:-/tmp}/clusterfs-bench.XXXXXX")
-chmod 755 "$work"
-cleanup() {
-  set +e
-  [ -n "${head:-}" ] && kill "$head" 2>/dev/null && wait "$head" 2>/dev/null
-  for _ in 1 2 3 4 5; do mountpoint -q "$work/mnt" && umount -l "$work/mnt"; sleep 0.2; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source benches/lib.sh
+bench_work clusterfs-bench "${BENCH_TMP:-/tmp}"
 
-now() { date +%s.%N; }
 # best CMD: the shortest of ROUNDS timed runs of CMD, in seconds.
 best() {
   local b="" t0 t1 d
@@ -38,10 +30,7 @@ printf '[head]\nnodeset_limit = 100000\n' > "$work/config.toml"
 target/release/clusterfs up "$work/mnt" --nodes "$set_" --state "$work/state" --listen 127.0.0.1:0 \
   --config "$work/config.toml" > /dev/null 2> "$work/head.log" &
 head=$!
-for _ in $(seq 1 600); do
-  [ "$(cat "$work/mnt/nodes/up" 2>/dev/null)" = "$set_" ] && break
-  sleep 0.1
-done
+wait_up "$work/mnt" "$set_"
 # One job: submit, read the id back, wait for it (the whole round trip a script sees).
 ours() {
   local id

@@ -8,17 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${BENCH_HSM_REQUESTS:-100000}
-work=$(mktemp -d /tmp/clusterfs-bench-hsm.XXXXXX)
-cleanup() {
-  set +e
-  [ -n "${agent:-}" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null
-  [ -n "${head:-}" ] && kill "$head" 2>/dev/null && wait "$head" 2>/dev/null
-  mountpoint -q "$work/mnt" && umount -l "$work/mnt"
-  rm -rf "$work"
-}
-trap cleanup EXIT
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+source benches/lib.sh
+bench_work clusterfs-bench-hsm
+bench_cleanup() { [ -n "${agent:-}" ] && kill "$agent" 2>/dev/null && wait "$agent" 2>/dev/null; }
 
 mkdir -p "$work/lustre/.lustre/fid" "$work/archive" "$work/mnt"
 python3 - "$work" "$N" <<'PY'
@@ -37,7 +29,7 @@ PY
 target/release/clusterfs up "$work/mnt" --nodes bench0 --state "$work/state" --listen 127.0.0.1:0 \
   > /dev/null 2> "$work/head.log" &
 head=$!
-for _ in $(seq 1 300); do [ "$(cat "$work/mnt/nodes/up" 2>/dev/null)" = bench0 ] && break; sleep 0.1; done
+wait_up "$work/mnt" bench0
 target/release/clusterfs-agent --nodes 'mv[1-8]' --head "$(cat "$work/state/head.addr")" \
   --secret-file "$work/state/secret" --state "$work/agents" --mover --lustre-root "$work/lustre" \
   --archive-root "$work/archive/%n" 2> "$work/agent.log" &

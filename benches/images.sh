@@ -8,34 +8,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${BENCH_ROUNDS:-3}
-work=$(mktemp -d /tmp/clusterfs-bench-images.XXXXXX)
-chmod 755 "$work"
-cleanup() {
-  set +e
-  [ -n "${head:-}" ] && kill "$head" 2>/dev/null && wait "$head" 2>/dev/null
-  for m in $(awk -v w="$work" '$5 ~ "^"w {print $5}' /proc/self/mountinfo | sort -r); do umount -l "$m"; done
-  for d in $(losetup -l -n -O NAME,BACK-FILE | awk -v w="$work" 'index($2, w) == 1 {print $1}'); do losetup -d "$d"; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source benches/lib.sh
+bench_work clusterfs-bench-images
 for n in $(seq 0 $((ROUNDS * 4 - 1))); do
   id "cfbench$n" > /dev/null 2>&1 || useradd -M "cfbench$n"
 done
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
-min() { printf '%s\n' "$@" | sort -g | head -1; }
 
 # start SPARES: a head with one local node and one 100 TiB volume, default size 10 GiB.
 start() {
   [ -n "${head:-}" ] && kill "$head" && wait "$head" 2>/dev/null || true
-  for _ in 1 2 3 4 5; do mountpoint -q "$work/mnt" && umount -l "$work/mnt"; sleep 0.2; done
+  unmount_under "$work/mnt"
   rm -rf "$work/state" "$work/vol" && mkdir -p "$work/mnt" "$work/vol" "$work/home"
   printf '[images]\ndefault_size = "10G"\nspares = %s\nmount_root = "%s"\nhealth_interval_s = 1\n[images.volumes.vol]\npath = "%s"\ncapacity = "100T"\n' \
     "$1" "$work/home" "$work/vol" > "$work/config.toml"
   target/release/clusterfs up "$work/mnt" --nodes bench0 --state "$work/state" --listen 127.0.0.1:0 \
     --config "$work/config.toml" > /dev/null 2> "$work/head.log" &
   head=$!
-  for _ in $(seq 1 300); do [ "$(cat "$work/mnt/nodes/up" 2>/dev/null)" = bench0 ] && break; sleep 0.1; done
+  wait_up "$work/mnt" bench0
 }
 user=0
 # ours SIZE USER: mkdir (or images/new for another size), mount, write a file as the user.

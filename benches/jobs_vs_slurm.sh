@@ -9,20 +9,14 @@ N=${BENCH_JOBS:-5000}
 NODES=${BENCH_NODES:-4}
 WAIT_S=${BENCH_WAIT_S:-900}
 CPUS=$(nproc)
-work=$(mktemp -d "${BENCH_TMP:-/tmp}/clusterfs-bench.XXXXXX")
-chmod 755 "$work"
-cleanup() {
-  set +e
+source benches/lib.sh
+bench_work clusterfs-bench "${BENCH_TMP:-/tmp}"
+bench_cleanup() {
   [ -n "${SLURM_CONF:-}" ] && scancel --quiet --full --user=root 2>/dev/null
   pkill -f "slurmd -N bn" 2>/dev/null
   pkill -f "slurmctld -c -f $work" 2>/dev/null
-  [ -n "${head:-}" ] && kill "$head" 2>/dev/null && wait "$head" 2>/dev/null
-  for _ in 1 2 3 4 5; do mountpoint -q "$work/mnt" && umount -l "$work/mnt"; sleep 0.2; done
-  rm -rf "$work"
 }
-trap cleanup EXIT
 
-now() { date +%s.%N; }
 rate() { awk -v n="$1" -v t="$2" 'BEGIN { printf "%.0f", (t > 0 ? n / t : 0) }'; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
@@ -110,10 +104,7 @@ mkdir -p "$work/mnt"
 target/release/clusterfs up "$work/mnt" --nodes "cn[1-$NODES]" --state "$work/state" --listen 127.0.0.1:0 \
   > /dev/null 2> "$work/head.log" &
 head=$!
-for _ in $(seq 1 200); do
-  [ "$(cat "$work/mnt/nodes/up" 2>/dev/null)" = "cn[1-$NODES]" ] && break
-  sleep 0.1
-done
+wait_up "$work/mnt" "cn[1-$NODES]"
 t0=$(now)
 ours_submit=$(submit4 "echo true > $work/mnt/jobs/new")
 read -r ours_all ours_left < <(drain "grep -c . $work/mnt/jobs/queue || true" "$t0")

@@ -8,20 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RETAINED=${BENCH_RETAINED:-20000}
 SAMPLE=${BENCH_SAMPLE:-600}
-work=$(mktemp -d /tmp/clusterfs-retention.XXXXXX)
-chmod 755 "$work"
-cleanup() {
-  set +e
-  [ -n "${head:-}" ] && kill "$head" 2>/dev/null && wait "$head" 2>/dev/null
-  for _ in 1 2 3 4 5; do mountpoint -q "$work/mnt" && umount -l "$work/mnt"; sleep 0.2; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source benches/lib.sh
+bench_work clusterfs-retention
 mkdir -p "$work/mnt"
 target/release/clusterfs up "$work/mnt" --nodes "rn[1-4]" --state "$work/state" --listen 127.0.0.1:0 \
   > /dev/null 2> "$work/head.log" &
 head=$!
-for _ in $(seq 1 300); do [ "$(cat "$work/mnt/nodes/up" 2> /dev/null)" = "rn[1-4]" ] && break; sleep 0.1; done
+wait_up "$work/mnt" "rn[1-4]"
 # Submits $1 jobs from 4 shells and waits until none is queued or running.
 run() {
   local pids=""

@@ -9,18 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${BENCH_STORE_JOBS:-2000}
 READS=${BENCH_STORE_READS:-2000}
-work=$(mktemp -d "${BENCH_STORE_TMP:-/tmp}/clusterfs-bench.XXXXXX")
+source benches/lib.sh
+bench_work clusterfs-bench "${BENCH_STORE_TMP:-/tmp}"
 pids=()
-cleanup() {
-  set +e
+bench_cleanup() {
   # Heads first (the last started), then the etcd members they use.
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[$i]}" 2>/dev/null; wait "${pids[$i]}" 2>/dev/null; done
-  for m in "$work"/mnt-*; do for _ in 1 2 3 4 5; do mountpoint -q "$m" && umount -l "$m"; sleep 0.2; done; done
-  rm -rf "$work"
 }
-trap cleanup EXIT
 
-now() { date +%s.%N; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # A 3-member etcd cluster on loopback ports, data on this machine's disk.
@@ -78,10 +74,8 @@ for kind in embedded etcd follower; do
   target/release/clusterfs "${args[0]}" "$work/mnt-$kind" "${args[@]:1}" --state "$work/state-$kind" \
     --listen 127.0.0.1:0 > "$work/head-$kind.log" 2>&1 &
   pids+=($!)
-  for _ in $(seq 1 300); do
-    [ "$(cat "$work/mnt-$kind/nodes/up" 2>/dev/null)" = "bn0" ] && break
-    sleep 0.1
-  done
+  # The second head shows the node the leading head drained.
+  wait_up "$work/mnt-$kind" bn0 "$([ $kind = follower ] && echo drained || echo up)"
   echo "drain store benchmark" > "$work/mnt-$kind/nodes/bn0/ctl"
   submit[$kind]=$(submit4 "$work/mnt-$kind")
   queued=$(grep -c . "$work/mnt-$kind/jobs/queue" || true)

@@ -8,26 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${BENCH_ROUNDS:-3}
-work=$(mktemp -d /tmp/clusterfs-bench-vms.XXXXXX)
-chmod 755 "$work"
-cleanup() {
-  set +e
-  pkill -9 -f "qemu-system.*$work" 2>/dev/null
-  [ -n "${head:-}" ] && kill "$head" 2>/dev/null && wait "$head" 2>/dev/null
-  mountpoint -q "$work/mnt" && umount -l "$work/mnt"
-  rm -rf "$work"
-}
-trap cleanup EXIT
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
-min() { printf '%s\n' "$@" | sort -g | head -1; }
+source benches/lib.sh
+bench_work clusterfs-bench-vms
+bench_cleanup() { pkill -9 -f "qemu-system.*$work" 2>/dev/null; }
 
 mkdir -p "$work/mnt" "$work/tpl" "$work/copies"
 printf '[vms]\naccel = "tcg"\nshutdown_timeout_s = 1\n' > "$work/config.toml"
 target/release/clusterfs up "$work/mnt" --nodes bench0 --state "$work/state" --listen 127.0.0.1:0 \
   --config "$work/config.toml" > /dev/null 2> "$work/head.log" &
 head=$!
-for _ in $(seq 1 300); do [ "$(cat "$work/mnt/nodes/up" 2>/dev/null)" = bench0 ] && break; sleep 0.1; done
+wait_up "$work/mnt" bench0
 
 echo
 echo "### VMs: mkdir to a started VM (\`BENCH_ROUNDS=$ROUNDS benches/vms.sh\`)"

@@ -5,8 +5,7 @@
 
 use std::path::PathBuf;
 
-use bytes::Buf;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -327,9 +326,7 @@ impl Frame {
                 out.extend_from_slice(data);
             }
             Frame::Chunk { offset, sum, data } => {
-                out.put_u8(b'C');
-                out.put_u64(*offset);
-                out.put_u64(*sum);
+                put_chunk_header(out, *offset, *sum);
                 out.extend_from_slice(data);
             }
         }
@@ -361,6 +358,13 @@ impl Frame {
             None => Err(ProtoError::BadFrame("empty frame".into())),
         }
     }
+}
+
+/// A chunk frame's payload up to its data: the kind, the offset and the checksum.
+fn put_chunk_header(out: &mut BytesMut, offset: u64, sum: u64) {
+    out.put_u8(b'C');
+    out.put_u64(offset);
+    out.put_u64(sum);
 }
 
 /// Chunks at least this large are written from their own buffer ([`Conn::send_frame`]).
@@ -437,9 +441,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.inner.flush().await?;
         let mut head = BytesMut::with_capacity(21);
         head.put_u32(len);
-        head.put_u8(b'C');
-        head.put_u64(offset);
-        head.put_u64(sum);
+        put_chunk_header(&mut head, offset, sum);
         let mut frame = head.freeze().chain(data.clone());
         self.inner.get_mut().write_all_buf(&mut frame).await?;
         Ok(())

@@ -19,12 +19,16 @@ const ROOT: &str = "/sys/fs/cgroup";
 const PERIOD_US: u64 = 100_000;
 
 impl Cgroup {
-    /// Makes the run's cgroup with `cpus` and `mem` limits and moves the calling process into
-    /// it (the job, forked after, inherits it). None when the node has no usable controller.
-    pub fn create(run: u64, cpus: u32, mem: Option<u64>) -> std::io::Result<Option<Cgroup>> {
+    /// Makes the run's cgroup with a quota of `cpus` and a limit of `mem`, each when given,
+    /// and moves the calling process into it (the job, forked after, inherits it). None when
+    /// there is no limit to set or the node has no usable controller.
+    pub fn create(run: u64, cpus: Option<u32>, mem: Option<u64>) -> std::io::Result<Option<Cgroup>> {
+        if cpus.is_none() && mem.is_none() {
+            return Ok(None);
+        }
         // The shim's pid keeps names unique on a machine serving several node names.
         let name = format!("clusterfs/run-{run}-{}", std::process::id());
-        let quota = u64::from(cpus) * PERIOD_US;
+        let quota = |cpus: u32| u64::from(cpus) * PERIOD_US;
         let v2 = fs::read_to_string(Path::new(ROOT).join("cgroup.controllers"))
             .is_ok_and(|c| c.split_whitespace().any(|x| x == "memory") && c.split_whitespace().any(|x| x == "cpu"));
         let me = std::process::id().to_string();
@@ -36,7 +40,9 @@ impl Cgroup {
             let _ = fs::write(Path::new(ROOT).join("cgroup.subtree_control"), "+cpu +memory");
             let _ = fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
             fs::create_dir_all(&dir)?;
-            fs::write(dir.join("cpu.max"), format!("{quota} {PERIOD_US}"))?;
+            if let Some(c) = cpus {
+                fs::write(dir.join("cpu.max"), format!("{} {PERIOD_US}", quota(c)))?;
+            }
             if let Some(m) = mem {
                 fs::write(dir.join("memory.max"), m.to_string())?;
                 let _ = fs::write(dir.join("memory.swap.max"), "0");
@@ -50,11 +56,11 @@ impl Cgroup {
             return Ok(None);
         }
         let mut cg = Cgroup { dirs: Vec::new(), memory: None, v2 };
-        if cpu.join("cpu.cfs_quota_us").exists() {
+        if let Some(c) = cpus.filter(|_| cpu.join("cpu.cfs_quota_us").exists()) {
             let dir = cpu.join(&name);
             fs::create_dir_all(&dir)?;
             fs::write(dir.join("cpu.cfs_period_us"), PERIOD_US.to_string())?;
-            fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())?;
+            fs::write(dir.join("cpu.cfs_quota_us"), quota(c).to_string())?;
             fs::write(dir.join("cgroup.procs"), &me)?;
             cg.dirs.push(dir);
         }

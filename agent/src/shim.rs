@@ -50,14 +50,12 @@ pub fn main(dir: &Path) -> i32 {
 
 fn execute(dir: &Path, run: &Run) -> std::io::Result<Exit> {
     // Limits first: the shim joins the run's cgroup and the job, forked next, inherits it. A
-    // plain process (`isolate=none`) gets one only for a memory limit: a thousand short runs
-    // at once, each in a CPU group of its own, cost the scheduler more than the runs.
+    // plain process (`isolate=none`) has no CPU quota, so one without a memory limit has no
+    // cgroup: a thousand short runs at once, each in a CPU group of its own, cost the
+    // scheduler more than the runs.
     let namespaces = run.isolate == Isolate::Ns;
-    let cgroup = if namespaces || run.mem.is_some() {
-        Cgroup::create(run.run, run.cpus, run.mem).map_err(|e| std::io::Error::other(format!("cgroup: {e}")))?
-    } else {
-        None
-    };
+    let cpus = namespaces.then_some(run.cpus);
+    let cgroup = Cgroup::create(run.run, cpus, run.mem).map_err(|e| std::io::Error::other(format!("cgroup: {e}")))?;
     let result = (|| {
         if namespaces {
             let host = run.env.get("CLUSTER_NODE").map_or("", String::as_str);

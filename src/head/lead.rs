@@ -137,6 +137,9 @@ async fn keep_alive(mut client: Client, lease: i64, ttl_s: u64, lost: watch::Sen
             }
         };
         loop {
+            // Renewals keep their cadence from when each was sent: a slow answer from etcd
+            // must not push the next one past the lease's end.
+            let sent = tokio::time::Instant::now();
             if let Err(e) = keeper.keep_alive().await {
                 debug!(error = %e, "lease renewal failed");
                 break;
@@ -150,7 +153,7 @@ async fn keep_alive(mut client: Client, lease: i64, ttl_s: u64, lost: watch::Sen
                 Ok(Ok(Some(_))) => {}
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
             }
-            tokio::time::sleep(every).await;
+            tokio::time::sleep_until(sent + every).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

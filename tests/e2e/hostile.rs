@@ -39,7 +39,7 @@ fn bad_bytes_and_bad_names_are_refused_everywhere_and_change_nothing() {
     ));
     assert_eq!(rc, 0, "{err}");
     let id = id.trim().to_string();
-    assert!(eventually(Duration::from_secs(5), || c.read("jobs/queue").contains(&id)));
+    assert!(eventually(Duration::from_secs(15), || c.read("jobs/queue").contains(&id)));
     let before = snapshot(&c);
 
     let huge = vec![b'x'; (2 << 20) + 1];
@@ -141,7 +141,7 @@ fn an_unprivileged_user_is_refused_every_privileged_action_and_changes_nothing()
     let root_job = crate::jobs::submit_as(&c, "root", "true\n").to_string();
     // Once its writer has closed: queued, not writing.
     let queued = format!("{root_job} root queued");
-    assert!(eventually(Duration::from_secs(5), || c.read("jobs/queue").contains(&queued)), "{}", c.read("jobs/queue"));
+    assert!(eventually(Duration::from_secs(15), || c.read("jobs/queue").contains(&queued)), "{}", c.read("jobs/queue"));
     let before = snapshot(&c);
     let queue = c.read("jobs/queue");
     let template = c.read("vms/templates/t1");

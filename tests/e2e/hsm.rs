@@ -182,7 +182,7 @@ fn bad_lines_are_refused_one_by_one_while_good_ones_queue_and_reports_follow_the
     let huge = line(6, 106, "ARCHIVE", "cr=big") + &"x".repeat(1 << 20) + "\n" + &line(7, 107, "ARCHIVE", "cr=big");
     assert_eq!(c.write("hsm/queue", huge.as_bytes()), Err(libc::EINVAL));
     assert!(c.read("hsm/error").contains("line 2: a line is at most 65536 bytes"), "{}", c.read("hsm/error"));
-    assert!(eventually(Duration::from_secs(5), || c.read("hsm/status").contains("archive queued 6 running 0")));
+    assert!(eventually(Duration::from_secs(15), || c.read("hsm/status").contains("archive queued 6 running 0")));
     c.write("hsm/ctl", b"cancel 106\n").unwrap();
     // Requeueing the same lines queues nothing twice.
     let again = t.archive.join("again");
@@ -226,7 +226,7 @@ fn bad_lines_are_refused_one_by_one_while_good_ones_queue_and_reports_follow_the
     }
     assert!(report.ends_with('\n'));
     // One interval after its last request the report file goes.
-    assert!(eventually(Duration::from_secs(5), || !c.path("hsm/held").exists()), "the report file stayed");
+    assert!(eventually(Duration::from_secs(15), || !c.path("hsm/held").exists()), "the report file stayed");
 }
 
 #[test]
@@ -313,7 +313,7 @@ fn a_head_crash_with_a_thousand_queued_requests_ends_each_exactly_once() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(fs::read_to_string(&log).unwrap().lines().count(), 1000, "a request ran again late");
     // The report file outlived the crash while its requests did, and goes one interval after.
-    assert!(eventually(Duration::from_secs(5), || !c.path("hsm/crash").exists()), "the report file stayed");
+    assert!(eventually(Duration::from_secs(15), || !c.path("hsm/crash").exists()), "the report file stayed");
 }
 
 #[test]

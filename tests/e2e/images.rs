@@ -278,7 +278,7 @@ fn ghost_loops_and_missing_mounts_are_repaired() {
     assert!(eventually(Duration::from_secs(15), || v.loops().is_empty()), "{:?}", v.loops());
     let ghost = format!("ghost loop device {} on cn0 detached", dev.trim());
     assert!(
-        eventually(Duration::from_secs(5), || c.read("images/cfbob/state").contains(&ghost)),
+        eventually(Duration::from_secs(15), || c.read("images/cfbob/state").contains(&ghost)),
         "{}",
         c.read("images/cfbob/state")
     );

@@ -114,7 +114,11 @@ fn other_users_cannot_kill_remove_or_read_output_but_can_see_state() {
     assert!(c.read(&format!("jobs/{id}/state")).starts_with("running"), "still running");
     // The owner may.
     let stdout = || sh_as("cfalice", &format!("cat {}/stdout", dir.display()));
-    assert!(eventually(Duration::from_secs(5), || stdout() == (0, "secret\n".into(), String::new())), "{:?}", stdout());
+    assert!(
+        eventually(Duration::from_secs(15), || stdout() == (0, "secret\n".into(), String::new())),
+        "{:?}",
+        stdout()
+    );
     let (rc, _, err) = sh_as("cfalice", &format!("rmdir {}", dir.display()));
     assert_eq!(rc, 0, "{err}");
     assert!(!dir.exists());
@@ -159,7 +163,7 @@ fn kill_signal_and_timeout() {
     let (rc, _, err) = sh_as("cfalice", &format!("echo kill > {}", c.path(&format!("jobs/{id}/ctl")).display()));
     assert_eq!(rc, 0, "{err}");
     assert_killed(&wait(&c, id));
-    assert!(start.elapsed() < Duration::from_secs(3), "killed in {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(10), "killed in {:?}", start.elapsed());
     assert_eq!(c.read(&format!("jobs/{id}/state")), "killed by cfalice\n");
 
     // The job's shell takes the SIGTERM as well as what it runs (under its namespace's init:
@@ -179,7 +183,7 @@ fn kill_signal_and_timeout() {
     c.write(&format!("jobs/{id}/ctl"), b"kill\n").unwrap();
     let start = Instant::now();
     assert_eq!(wait(&c, id), "137\n");
-    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(start.elapsed() < Duration::from_secs(10), "killed in {:?}", start.elapsed());
 
     let id = submit_as(&c, "root", "trap 'echo got usr1; exit 7' USR1; echo trapping; while :; do sleep 0.1; done\n");
     let out = format!("jobs/{id}/stdout");
@@ -192,7 +196,7 @@ fn kill_signal_and_timeout() {
     let id = submit_as(&c, "root", "#CLUSTER timeout=1\nsleep 30\n");
     let start = Instant::now();
     assert_eq!(wait(&c, id), "143\n");
-    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(start.elapsed() < Duration::from_secs(15), "timed out in {:?}", start.elapsed());
     assert_eq!(c.read(&format!("jobs/{id}/state")), "timeout after 1 s\n");
 
     for bad in ["bogus", "signal NOPE", "signal", "kill now", "\n"] {
@@ -221,7 +225,7 @@ fn after_orders_jobs_and_queued_jobs_say_why() {
     assert_eq!(wait(&c, any), "0\n");
     // Nothing fits: the job waits, saying why.
     let big = submit_as(&c, "root", "#CLUSTER cpus=999\ntrue\n");
-    assert!(eventually(Duration::from_secs(5), || c.read(&format!("jobs/{big}/state"))
+    assert!(eventually(Duration::from_secs(15), || c.read(&format!("jobs/{big}/state"))
         == "queued waiting for a node with 999 free cpus\n"));
     assert!(c.read("jobs/queue").contains(&format!("{big} root queued - -")));
     let err = std::fs::OpenOptions::new().read(true).custom_flags_nonblock().open(c.path(&format!("jobs/{big}/wait")));
@@ -282,7 +286,7 @@ fn bad_specs_create_nothing() {
         sh(&format!("exec 3<>{}; printf '#CLUSTER cpus=1\n' >&3; read id <&3; echo $id", c.path("jobs/new").display()));
     assert_eq!(rc, 0, "{err}");
     let id = out.trim();
-    assert!(eventually(Duration::from_secs(5), || c.read(&format!("jobs/{id}/state"))
+    assert!(eventually(Duration::from_secs(15), || c.read(&format!("jobs/{id}/state"))
         == "failed spec: the job has no command\n"));
 }
 
@@ -408,7 +412,7 @@ fn jobs_are_isolated_limited_and_can_run_in_their_own_root() {
     let name = cg.trim();
     for ctl in ["memory", "cpu"] {
         let dir = format!("/sys/fs/cgroup/{ctl}/{name}");
-        assert!(eventually(Duration::from_secs(3), || !std::path::Path::new(&dir).exists()), "{dir} left behind");
+        assert!(eventually(Duration::from_secs(10), || !std::path::Path::new(&dir).exists()), "{dir} left behind");
     }
 }
 
@@ -436,7 +440,7 @@ fn a_spec_file_copied_into_jobs_is_submitted_as_its_writer_and_goes() {
     let id = ids()[0];
     assert_eq!(wait(&c, id), "0\n");
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), "cfalice\n");
-    assert!(eventually(Duration::from_secs(5), || !c.path("jobs/mine.sh").exists()), "the spec file stayed");
+    assert!(eventually(Duration::from_secs(15), || !c.path("jobs/mine.sh").exists()), "the spec file stayed");
     // Names that are the tree's, or not names, are refused.
     for name in ["..", "-rf", "12345", "README", "a b"] {
         let made = std::fs::File::create_new(c.path("jobs").join(name));
@@ -472,7 +476,7 @@ fn runs_are_forked_by_the_agents_zygote_and_start_by_exec_once_it_is_gone() {
     assert_killed(&wait(&c, id));
     // Without its zygote the agent starts shims itself; the jobs run all the same.
     crate::harness::signal(zygote[0], libc::SIGKILL);
-    assert!(eventually(Duration::from_secs(5), || children(agent[0]).is_empty()), "the zygote stayed");
+    assert!(eventually(Duration::from_secs(15), || children(agent[0]).is_empty()), "the zygote stayed");
     let id = submit_as(&c, "root", "echo after\n");
     assert_eq!(wait(&c, id), "0\n");
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), "after\n");
@@ -484,7 +488,7 @@ fn a_run_whose_supervisor_dies_ends_and_says_so() {
         return;
     }
     let c = Cluster::up("cn0", 200);
-    let id = submit_as(&c, "root", "sleep 5\n");
+    let id = submit_as(&c, "root", "sleep 12\n");
     assert_running(&c, id);
     let shim = || sh(&format!("pgrep -f -- '--shim .*/{id}$'")).1.lines().find_map(|l| l.trim().parse::<i32>().ok());
     assert!(eventually(Duration::from_secs(10), || shim().is_some()), "no shim of job {id}: {}", sh("ps -ef").1);
@@ -492,7 +496,7 @@ fn a_run_whose_supervisor_dies_ends_and_says_so() {
     // Found at the agent's next report: the run ends with the reason, its exit is 255.
     let state = format!("jobs/{id}/state");
     assert!(
-        eventually(Duration::from_secs(4), || c.read(&state) == "failed 255 its supervisor died\n"),
+        eventually(Duration::from_secs(10), || c.read(&state) == "failed 255 its supervisor died\n"),
         "{}",
         c.read(&state)
     );

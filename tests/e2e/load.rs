@@ -120,7 +120,7 @@ fn sixty_four_shells_submit_while_readers_walk_the_tree_and_1000_nodes_report() 
     assert!(ticked, "the ticker: {}", c.read(&format!("jobs/{ticker}/state")));
     // tail -f polls a FUSE file once a second.
     let want: String = (1..=ticks).map(|i| format!("tick {i}\n")).collect();
-    let all = eventually(Duration::from_secs(5), || *followed.lock().unwrap() == want);
+    let all = eventually(Duration::from_secs(15), || *followed.lock().unwrap() == want);
     let _ = tail.kill();
     let _ = tail.wait();
     follower.join().unwrap();

@@ -67,7 +67,7 @@ fn sitrep_is_live() {
         s.lines().find_map(|l| l.strip_prefix("uptime_s ")).unwrap().parse().unwrap()
     };
     let first = uptime(&c);
-    assert!(eventually(Duration::from_secs(5), || uptime(&c) >= first + 0.3), "uptime_s never advanced");
+    assert!(eventually(Duration::from_secs(15), || uptime(&c) >= first + 0.3), "uptime_s never advanced");
 }
 
 #[test]
@@ -188,7 +188,7 @@ fn node_goes_down_after_missed_reports_and_comes_back() {
     // A stopped (not dead) agent keeps its TCP connection but stops reporting.
     signal(c.agent_pid(a), libc::SIGSTOP);
     let stopped = Instant::now();
-    assert!(eventually(Duration::from_secs(5), || c.read("nodes/down") == "cn9\n"));
+    assert!(eventually(Duration::from_secs(15), || c.read("nodes/down") == "cn9\n"));
     let took = stopped.elapsed();
     // The last report may be up to one interval old when the agent stops.
     assert!(took >= Duration::from_millis(600), "down after 8 missed 100 ms intervals, not at once ({took:?})");
@@ -199,10 +199,10 @@ fn node_goes_down_after_missed_reports_and_comes_back() {
     let sentence = c.read("nodes/cn9/error");
     assert!(sentence.starts_with("EHOSTDOWN: node cn9 is down (no report for"), "{sentence:?}");
     signal(c.agent_pid(a), libc::SIGCONT);
-    assert!(eventually(Duration::from_secs(5), || c.read("nodes/up") == "cn[0,9]\n"), "cn9 never came back");
+    assert!(eventually(Duration::from_secs(15), || c.read("nodes/up") == "cn[0,9]\n"), "cn9 never came back");
     // A killed agent: down at once (the connection closed), and up again when it returns.
     c.kill_agent(a);
-    assert!(eventually(Duration::from_secs(5), || c.read("nodes/cn9/state").starts_with("down")));
+    assert!(eventually(Duration::from_secs(15), || c.read("nodes/cn9/state").starts_with("down")));
     c.agent("cn9");
     assert!(eventually(Duration::from_secs(10), || c.read("nodes/cn9/state") == "up\n"));
 }
@@ -233,7 +233,7 @@ fn slow_agents_never_hold_fuse_threads() {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T'))
     };
-    assert!(eventually(Duration::from_secs(5), stopped), "the agent did not stop");
+    assert!(eventually(Duration::from_secs(15), stopped), "the agent did not stop");
     let ping = c.path("nodes/cn5/ping");
     let pings: Vec<_> = (0..12)
         .map(|_| {

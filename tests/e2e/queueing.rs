@@ -168,7 +168,7 @@ fn jobs_are_lost_with_their_node_and_forgotten_after_retention() {
     let id = submit_as(&c, "root", "sleep 60\n");
     assert_running(&c, id);
     assert_eq!(c.read(&format!("jobs/{id}/state")).trim_end(), "running on ext1");
-    assert!(eventually(Duration::from_secs(5), || c.read("nodes/ext1/jobs") == format!("{id}\n")));
+    assert!(eventually(Duration::from_secs(15), || c.read("nodes/ext1/jobs") == format!("{id}\n")));
     // The run's directory names it uniquely on this machine (tests run side by side).
     let run = c.dir.path().join(format!("agents/ext1/runs/{id}")).display().to_string();
     let shim_up = eventually(Duration::from_secs(10), || sh(&format!("pgrep -f 'shim {run}$'")).0 == 0);

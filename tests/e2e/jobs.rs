@@ -340,6 +340,20 @@ fn a_head_crash_loses_no_job_and_runs_none_twice() {
     want.sort_unstable();
     assert_eq!(seen, want, "every job ran exactly once");
     assert_eq!(c.read("jobs/queue"), "");
+
+    // No id is given twice across restarts: not those an array holds for tasks not started,
+    // nor a removed job's.
+    let held = submit_as(&c, "root", "#CLUSTER array=1-3 cpus=999\ntrue\n");
+    assert_eq!(held, pieces + 1);
+    c.crash_head();
+    c.start_head();
+    let after = submit_as(&c, "root", "true\n");
+    assert_eq!(after, held + 4, "the array's tasks hold ids {}-{}", held + 1, held + 3);
+    assert_eq!(wait(&c, after), "0\n");
+    std::fs::remove_dir(c.path(&format!("jobs/{after}"))).unwrap();
+    c.crash_head();
+    c.start_head();
+    assert_eq!(submit_as(&c, "root", "true\n"), after + 1, "removed job {after}'s id was given again");
 }
 
 #[test]

@@ -147,6 +147,13 @@ impl Job {
         }
     }
 
+    /// One past the last job id this job holds: its own, and its array's tasks' (which take
+    /// theirs when they start).
+    fn ids_end(&self) -> u64 {
+        let tasks = self.spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
+        (self.id + 1).max(self.task_base + tasks)
+    }
+
     /// A run `id` of this job (an array task, or a multi-node job's run on one node), queued;
     /// it runs this job's script, read from the job when sent rather than stored once per run.
     fn child(&self, id: u64, of: TaskOf) -> Job {
@@ -233,9 +240,10 @@ impl Jobs {
         std::fs::create_dir_all(&spool).map_err(|e| crate::head::store::StoreError::Db(e.to_string()))?;
         crate::jobs::spread_subdirectories(&spool);
         let jobs = DashMap::new();
-        let mut max = 0;
+        // Past every id a stored job has or holds for its tasks (a removal stores the counter).
+        let mut next = 1;
         for (_, mut job) in cluster.store().scan::<Job>("jobs")? {
-            max = max.max(job.id);
+            next = next.max(job.ids_end());
             if job.held {
                 job.held = false;
                 cluster.store().put("jobs", &job.id.to_string(), &job)?;
@@ -257,7 +265,7 @@ impl Jobs {
             cluster,
             spool,
             jobs,
-            next_id: AtomicU64::new(stored.max(max + 1)),
+            next_id: AtomicU64::new(stored.max(next)),
             changed: Notify::new(),
             dispatching: DashMap::new(),
             copied: DashMap::new(),
@@ -431,11 +439,10 @@ impl Jobs {
             spread,
             copy_size: None,
         };
-        let changes =
-            [Store::change("jobs", &id.to_string(), &job), Store::change("meta", "next_job", &(id + 1 + tasks))];
-        let changes = changes.into_iter().collect::<Result<_, _>>().map_err(FsError::from)?;
-        // Committed with the next commit: concurrent submissions share one.
-        let ticket = self.cluster.store().write_later(changes);
+        // Committed with the next commit: concurrent submissions share one. The job's record
+        // holds its ids (see `Job::ids_end`), so submissions share no key.
+        let change = Store::change("jobs", &id.to_string(), &job).map_err(FsError::from)?;
+        let ticket = self.cluster.store().write_later(vec![change]);
         info!(job = id, user = job.owner.user, held, "job submitted");
         self.track(&job);
         self.jobs.insert(id, job);
@@ -456,10 +463,8 @@ impl Jobs {
         // An array that grew as its spec was written takes a new block of ids for its tasks.
         let want = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
         let base = if want > tasks {
-            let base = self.next_id.fetch_add(want, Ordering::SeqCst);
-            let change = Store::change("meta", "next_job", &(base + want)).map_err(FsError::from)?;
-            self.cluster.store().write_later(vec![change]);
-            Some(base)
+            // Held by the job's record from the same commit on.
+            Some(self.next_id.fetch_add(want, Ordering::SeqCst))
         } else {
             None
         };
@@ -571,9 +576,13 @@ impl Jobs {
         Ok(())
     }
 
-    /// Forgets a job: its record, its spool, its dispatch state.
+    /// Forgets a job: its record, its spool, its dispatch state. The id counter is stored with
+    /// the removal, so that no later head gives the job's ids again.
     fn drop_record(&self, id: u64) -> Result<(), FsError> {
-        self.cluster.store().delete("jobs", &id.to_string()).map_err(FsError::from)?;
+        let next = self.next_id.load(Ordering::SeqCst);
+        let changes =
+            vec![(format!("jobs/{id}"), None), Store::change("meta", "next_job", &next).map_err(FsError::from)?];
+        self.cluster.store().write(changes).map_err(FsError::from)?;
         self.jobs.remove(&id);
         self.active.remove(&id);
         self.dispatching.remove(&id);

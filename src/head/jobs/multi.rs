@@ -319,7 +319,7 @@ impl Jobs {
             self.track(r);
             self.jobs.insert(r.id, r.clone());
         }
-        let ticket = match self.commit_start(id, &spread, &runs, base + n) {
+        let ticket = match self.commit_start(id, &spread, &runs) {
             Ok(Some(ticket)) => ticket,
             other => {
                 if let Err(e) = other {
@@ -350,12 +350,11 @@ impl Jobs {
     /// Marks job `id` running with its new attempt, in one store commit with its runs: a head
     /// that stops at any point restarts with both or neither. None if the job is no longer
     /// waiting to start (killed or removed meanwhile).
-    fn commit_start(&self, id: u64, spread: &Arc<Spread>, runs: &[Job], next: u64) -> Result<Option<u64>, FsError> {
-        let mut changes = Vec::with_capacity(runs.len() + 2);
+    fn commit_start(&self, id: u64, spread: &Arc<Spread>, runs: &[Job]) -> Result<Option<u64>, FsError> {
+        let mut changes = Vec::with_capacity(runs.len() + 1);
         for r in runs {
             changes.push(Store::change("jobs", &r.id.to_string(), r).map_err(FsError::from)?);
         }
-        changes.push(Store::change("meta", "next_job", &next).map_err(FsError::from)?);
         let Some(mut entry) = self.jobs.get_mut(&id) else { return Ok(None) };
         if entry.state != State::Queued || entry.held {
             return Ok(None);

@@ -417,8 +417,10 @@ impl Jobs {
     }
 
     pub(super) fn set_reason(&self, id: u64, reason: String) {
+        // Not waited for: it rides on the next commit, and a head that restarts before says
+        // why again from its first pass.
         if self.with(id, |j| j.reason != reason).unwrap_or(false) {
-            let _ = self.update(id, |j| j.reason = reason);
+            let _ = self.update_later(id, |j| j.reason = reason);
         }
     }
 

@@ -19,9 +19,6 @@ use crate::runner::{pending_signal, record_job, write_exit};
 /// Between a kill's SIGTERM and its SIGKILL, as the head waits for a running job.
 const KILL_AFTER_TERM: Duration = Duration::from_secs(1);
 
-/// The descriptor a job reads its script from.
-const SCRIPT_FD: i32 = 9;
-
 /// Grace between SIGTERM and SIGKILL when a run times out or ends with children left.
 const GRACE: Duration = Duration::from_secs(2);
 
@@ -91,7 +88,7 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     let script =
         script_in_memory(&run.script).map_err(|e| std::io::Error::new(e.kind(), format!("the script: {e}")))?;
     let script_fd = script.as_raw_fd();
-    let script_path = format!("/proc/self/fd/{SCRIPT_FD}");
+    let script_path = format!("/proc/self/fd/{script_fd}");
     let mut cmd = if run.script.starts_with("#!") {
         Command::new(&script_path)
     } else {
@@ -132,13 +129,27 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     let (uid, gid) = (Uid::from_raw(run.uid), Gid::from_raw(run.gid));
     let groups: Vec<Gid> = run.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     // SAFETY: the closure runs in the child between fork and exec; it only makes system calls
-    // (dup2, mount, pivot_root, setgroups, setgid, setuid, chdir) on data prepared before fork,
+    // (close_range, fcntl, signal, mount, pivot_root, setgroups, setgid, setuid, chdir) on data prepared before fork,
     // in a process that had a single thread when it forked.
     unsafe {
         cmd.pre_exec(move || {
-            // dup2 leaves the copy open across exec (no close-on-exec flag).
-            if libc::dup2(script_fd, SCRIPT_FD) < 0 {
+            // The job inherits its stdio and its script, nothing else: descriptors the agent
+            // was started with close on exec (as the descriptor that tells `spawn` the exec
+            // went through does), and the script's stays open. (Kernels before 5.11 refuse the
+            // flag; there, the agent's own descriptors are all close-on-exec.)
+            libc::syscall(libc::SYS_close_range, 3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            if libc::fcntl(script_fd, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // Signals ignored by whoever started the agent (a shell's background job ignores
+            // SIGINT and SIGQUIT) are the job's to take: `signal INT` must reach it. Through
+            // the system call, as libc refuses the two real-time signals it keeps for itself.
+            // An all-zero kernel sigaction is SIG_DFL, no flags, an empty mask.
+            let default = [0u64; 4];
+            for sig in 1..=64 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null::<u64>(), 8usize);
+                }
             }
             setup.apply()?;
             nix::unistd::setgroups(&groups)?;
@@ -263,29 +274,26 @@ mod tests {
     use nix::sys::signal::{SigHandler, signal};
 
     #[test]
-    fn a_kill_that_came_before_the_pid_ends_the_job_and_escalates_when_ignored() {
+    fn a_kill_that_came_before_the_pid_ends_the_job_even_when_the_shim_ignores_it() {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
-        // The second job ignores SIGTERM from its first instruction: it inherits that.
-        for (ignore_term, code) in [(false, 143), (true, 137)] {
-            let script = "exec sleep 30\n";
-            let dir = tempfile::tempdir().unwrap();
-            let run = Run { script: script.into(), ..crate::runner::tests::run(1) };
-            for f in ["stdout", "stderr"] {
-                fs::write(dir.path().join(f), "").unwrap();
-            }
-            fs::write(dir.path().join(crate::runner::PENDING_SIGNAL), "15\n").unwrap();
-            crate::runner::record_shim(dir.path(), std::process::id()).unwrap();
-            let handler = if ignore_term { SigHandler::SigIgn } else { SigHandler::SigDfl };
-            // SAFETY: only the disposition changes (no handler runs), put back below.
-            unsafe { signal(Signal::SIGTERM, handler) }.unwrap();
-            let started = Instant::now();
-            let exit = supervise(dir.path(), &run, ChildSetup::new(None, false).unwrap());
-            // SAFETY: as above.
-            unsafe { signal(Signal::SIGTERM, SigHandler::SigDfl) }.unwrap();
-            assert_eq!(exit.map(|e| (e.code, e.reason)).unwrap(), (code, None), "ignoring TERM: {ignore_term}");
-            assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+        // The shim was started ignoring SIGTERM (as a background job ignores SIGINT): the job
+        // does not inherit that, so the SIGTERM that waited for its pid ends it.
+        let dir = tempfile::tempdir().unwrap();
+        let run = Run { script: "exec sleep 30\n".into(), ..crate::runner::tests::run(1) };
+        for f in ["stdout", "stderr"] {
+            fs::write(dir.path().join(f), "").unwrap();
         }
+        fs::write(dir.path().join(crate::runner::PENDING_SIGNAL), "15\n").unwrap();
+        crate::runner::record_shim(dir.path(), std::process::id()).unwrap();
+        // SAFETY: only the disposition changes (no handler runs), put back below.
+        unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) }.unwrap();
+        let started = Instant::now();
+        let exit = supervise(dir.path(), &run, ChildSetup::new(None, false).unwrap());
+        // SAFETY: as above.
+        unsafe { signal(Signal::SIGTERM, SigHandler::SigDfl) }.unwrap();
+        assert_eq!(exit.map(|e| (e.code, e.reason)).unwrap(), (143, None));
+        assert!(started.elapsed() < Duration::from_secs(1), "ended by the SIGKILL after: {:?}", started.elapsed());
     }
 }

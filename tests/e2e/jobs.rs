@@ -80,6 +80,13 @@ fn a_job_runs_as_the_user_who_wrote_it() {
     let id = submit_as(&c, "cfalice", "#!/usr/bin/python3\nimport os\nprint('python', os.getuid())\n");
     assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("jobs/{id}/stderr")));
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), format!("python {}\n", uid.trim()));
+    // A directory the user may not enter is refused as the user, with why.
+    let id = submit_as(&c, "cfalice", "#CLUSTER cwd=/root\npwd\n");
+    assert_eq!(wait(&c, id), "127\n");
+    assert_eq!(
+        c.read(&format!("jobs/{id}/state")),
+        "failed 127 failed to start: starting the job: Permission denied (os error 13)\n"
+    );
     // Root's jobs run as root.
     let id = submit_as(&c, "root", "id -u\n");
     assert_eq!(wait(&c, id), "0\n");

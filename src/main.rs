@@ -141,7 +141,7 @@ fn serve(args: HeadArgs, nodes: Option<String>) -> anyhow::Result<()> {
     let mountpoint = std::path::absolute(&args.mountpoint)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let mut head = head::start(cfg.clone(), &mountpoint).await?;
+        let head = head::start(cfg.clone(), &mountpoint).await?;
         let mut agent = match &local {
             Some(set) if !set.is_empty() => Some(spawn_agent(&head.addr.to_string(), set, &cfg.head.state_dir)?),
             _ => None,
@@ -151,6 +151,7 @@ fn serve(args: HeadArgs, nodes: Option<String>) -> anyhow::Result<()> {
         let lost = tokio::select! {
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); false }
             _ = term.recv() => { info!("SIGTERM: stopping"); false }
+            _ = head.unmounted() => { warn!(mountpoint = %mountpoint.display(), "unmounted by someone else: stopping"); false }
             _ = head.lost() => true,
         };
         if let Some(child) = agent.as_mut() {

@@ -35,6 +35,12 @@ impl std::fmt::Debug for Mount {
 }
 
 impl Mount {
+    /// Whether the mount is gone from under its threads (`umount` by someone else), so that
+    /// they have ended.
+    pub fn is_gone(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.guard.is_finished())
+    }
+
     /// Unmounts and waits for the FUSE threads to end.
     pub fn unmount(mut self) -> io::Result<()> {
         self.end()

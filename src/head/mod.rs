@@ -100,7 +100,9 @@ impl Head {
                 t.abort();
             }
         }
-        if let Some(m) = self.mount.take() {
+        if let Some(m) = self.mount.take()
+            && !m.is_gone()
+        {
             if let Err(e) = m.unmount() {
                 // Something still has a file open there: detach lazily rather than leave a
                 // mount whose daemon is gone.
@@ -124,8 +126,19 @@ impl Head {
 
     /// Returns when this head must stop: another head may lead now (etcd ended this head's
     /// lease), or it won the lead and could not load the cluster.
-    pub async fn lost(&mut self) {
-        if self.lost.wait_for(|lost| *lost).await.is_err() {
+    /// Returns once the tree is unmounted by someone else (`umount /cluster`): the head
+    /// has nothing left to serve users with.
+    pub async fn unmounted(&self) {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if self.mount.as_ref().is_none_or(clusterfs_fs::Mount::is_gone) {
+                return;
+            }
+        }
+    }
+
+    pub async fn lost(&self) {
+        if self.lost.clone().wait_for(|lost| *lost).await.is_err() {
             // Nothing can end this head's lead (the embedded store): never.
             std::future::pending::<()>().await;
         }

@@ -147,6 +147,36 @@ fn inodes_are_stable_across_a_crash_and_the_stale_mount_is_cleared() {
     assert_eq!(before, after);
 }
 
+#[test]
+fn a_head_whose_tree_is_unmounted_by_someone_else_stops_with_its_agent() {
+    if !crate::can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn0", 200);
+    let agents = |c: &Cluster| {
+        let pattern = format!("secret-file {}", c.secret_file().display());
+        Command::new("pgrep").args(["-f", "--", &pattern]).output().map(|o| o.stdout.len()).unwrap_or(0)
+    };
+    assert!(agents(&c) > 0, "the local agent runs");
+    let (rc, _, err) = sh(&format!("umount {}", c.path("").display()));
+    assert_eq!(rc, 0, "{err}");
+    let mut status = None;
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            status = c.head_exited();
+            status.is_some()
+        }),
+        "the head went on"
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(c.log().contains("unmounted by someone else: stopping"), "{}", c.log());
+    assert!(eventually(Duration::from_secs(15), || agents(&c) == 0), "the local agent ends with its head");
+    assert!(!c.is_mounted());
+    // Started again on the same mountpoint, it serves as before.
+    c.start_head();
+    assert!(eventually(Duration::from_secs(15), || c.read("nodes/up") == "cn0\n"));
+}
+
 /// name_to_handle_at + open_by_handle_at: what an NFS server does with file handles.
 fn handle_of(path: &Path) -> (Vec<u8>, i32) {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();

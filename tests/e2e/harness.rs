@@ -267,6 +267,13 @@ impl Cluster {
         }
     }
 
+    /// The head's exit status, once it has ended by itself.
+    pub fn head_exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.head.as_mut()?.try_wait().ok()??;
+        self.head = None;
+        Some(status)
+    }
+
     /// Stops the head with SIGTERM and waits for a clean unmount.
     pub fn stop_head(&mut self) {
         if let Some(mut h) = self.head.take() {

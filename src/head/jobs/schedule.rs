@@ -417,10 +417,13 @@ impl Jobs {
     }
 
     pub(super) fn set_reason(&self, id: u64, reason: String) {
-        // Not waited for: it rides on the next commit, and a head that restarts before says
-        // why again from its first pass.
-        if self.with(id, |j| j.reason != reason).unwrap_or(false) {
-            let _ = self.update_later(id, |j| j.reason = reason);
+        // Kept in memory only: the job's next store write takes it along, and a head that
+        // restarts says why again from its first pass. (Nothing waits on a reason, so no one
+        // is woken: the scheduler would only make another pass.)
+        if let Some(mut job) = self.jobs.get_mut(&id)
+            && job.reason != reason
+        {
+            job.reason = reason;
         }
     }
 

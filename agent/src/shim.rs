@@ -129,8 +129,8 @@ fn supervise(dir: &Path, run: &Run, setup: ChildSetup) -> std::io::Result<Exit> 
     let (uid, gid) = (Uid::from_raw(run.uid), Gid::from_raw(run.gid));
     let groups: Vec<Gid> = run.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     // SAFETY: the closure runs in the child between fork and exec; it only makes system calls
-    // (close_range, fcntl, signal, mount, pivot_root, setgroups, setgid, setuid, chdir) on data prepared before fork,
-    // in a process that had a single thread when it forked.
+    // (close_range, fcntl, rt_sigaction, mount, pivot_root, setgroups, setgid, setuid, chdir)
+    // on data prepared before fork, in a process that had a single thread when it forked.
     unsafe {
         cmd.pre_exec(move || {
             // The job inherits its stdio and its script, nothing else: descriptors the agent

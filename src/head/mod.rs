@@ -124,8 +124,6 @@ impl Head {
         }
     }
 
-    /// Returns when this head must stop: another head may lead now (etcd ended this head's
-    /// lease), or it won the lead and could not load the cluster.
     /// Returns once the tree is unmounted by someone else (`umount /cluster`): the head
     /// has nothing left to serve users with.
     pub async fn unmounted(&self) {
@@ -137,6 +135,8 @@ impl Head {
         }
     }
 
+    /// Returns when this head must stop: another head may lead now (etcd ended this head's
+    /// lease), or it won the lead and could not load the cluster.
     pub async fn lost(&self) {
         if self.lost.clone().wait_for(|lost| *lost).await.is_err() {
             // Nothing can end this head's lead (the embedded store): never.

@@ -106,6 +106,11 @@ fn err<T>(msg: impl Into<String>) -> Result<T, SpecError> {
 const MAX_ARRAY: usize = 100_000;
 
 impl Spec {
+    /// How many tasks an array job has (none for any other job).
+    pub fn tasks(&self) -> u64 {
+        self.array.as_ref().map_or(0, |a| a.indexes.len() as u64)
+    }
+
     /// Parses a whole spec in any of its three forms.
     pub fn parse(data: &[u8]) -> Result<Spec, SpecError> {
         Spec::parse_with(data, false)?.check()

@@ -120,6 +120,12 @@ fn mounted_allow_other_default_permissions_with_several_fuse_threads() {
     assert_eq!(plain.read("nodes/all"), "cn0\n");
 }
 
+/// How much `pgrep` prints for the cluster's agent processes (none: 0).
+fn agents(c: &Cluster) -> usize {
+    let pattern = format!("secret-file {}", c.secret_file().display());
+    Command::new("pgrep").args(["-f", "--", &pattern]).output().map(|o| o.stdout.len()).unwrap_or(0)
+}
+
 #[test]
 fn inodes_are_stable_across_a_crash_and_the_stale_mount_is_cleared() {
     if !crate::can_mount() {
@@ -132,10 +138,6 @@ fn inodes_are_stable_across_a_crash_and_the_stale_mount_is_cleared() {
     uniq.sort();
     uniq.dedup();
     assert_eq!(uniq.len(), before.len(), "distinct objects, distinct inodes");
-    let agents = |c: &Cluster| {
-        let pattern = format!("secret-file {}", c.secret_file().display());
-        Command::new("pgrep").args(["-f", "--", &pattern]).output().map(|o| o.stdout.len()).unwrap_or(0)
-    };
     assert!(agents(&c) > 0, "the local agent runs");
     c.crash_head();
     assert!(eventually(Duration::from_secs(15), || agents(&c) == 0), "the local agent ends with its head");
@@ -153,10 +155,6 @@ fn a_head_whose_tree_is_unmounted_by_someone_else_stops_with_its_agent() {
         return;
     }
     let mut c = Cluster::up("cn0", 200);
-    let agents = |c: &Cluster| {
-        let pattern = format!("secret-file {}", c.secret_file().display());
-        Command::new("pgrep").args(["-f", "--", &pattern]).output().map(|o| o.stdout.len()).unwrap_or(0)
-    };
     assert!(agents(&c) > 0, "the local agent runs");
     let (rc, _, err) = sh(&format!("umount {}", c.path("").display()));
     assert_eq!(rc, 0, "{err}");

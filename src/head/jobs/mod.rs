@@ -150,8 +150,7 @@ impl Job {
     /// One past the last job id this job holds: its own, and its array's tasks' (which take
     /// theirs when they start).
     fn ids_end(&self) -> u64 {
-        let tasks = self.spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
-        (self.id + 1).max(self.task_base + tasks)
+        (self.id + 1).max(self.task_base + self.spec.tasks())
     }
 
     /// A run `id` of this job (an array task, or a multi-node job's run on one node), queued;
@@ -416,7 +415,7 @@ impl Jobs {
             }
         }
         // An array's tasks take the ids after it, so each run has an id of its own.
-        let tasks = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
+        let tasks = spec.tasks();
         let id = self.next_id.fetch_add(1 + tasks, Ordering::SeqCst);
         let job = Job {
             id,
@@ -456,12 +455,12 @@ impl Jobs {
     pub fn amend(&self, id: u64, text: String, spec: Spec, release: bool) -> Result<u64, FsError> {
         let spread = self.spread_of(&spec)?;
         let (owner, tasks) = self
-            .with(id, |j| (j.owner.clone(), j.spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64)))
+            .with(id, |j| (j.owner.clone(), j.spec.tasks()))
             .ok_or_else(|| FsError::not_found(format!("job {id}")))?;
         check_priority(&owner, &spec)?;
         Jobs::check_copy(&owner, &spec)?;
         // An array that grew as its spec was written takes a new block of ids for its tasks.
-        let want = spec.array.as_ref().map_or(0, |a| a.indexes.len() as u64);
+        let want = spec.tasks();
         let base = if want > tasks {
             // Held by the job's record from the same commit on.
             Some(self.next_id.fetch_add(want, Ordering::SeqCst))

@@ -611,6 +611,16 @@ impl<T: Tree> SynthFs<T> {
         }
     }
 
+    /// `mv`, `ln` and `ln -s` in `dir`: names in the tree are given by what they stand for,
+    /// so each is refused with EPERM and a sentence in `dir`'s error file.
+    pub fn refuse_naming<X>(&self, dir: u64, what: &str, name: &str, caller: &Caller) -> Answer<X> {
+        let e = FsError::new(
+            Errno::Perm,
+            format!("{name}: {what} is not possible here: names in this tree stand for cluster objects"),
+        );
+        self.fail(dir, caller, e)
+    }
+
     fn fail<X>(&self, dir: u64, caller: &Caller, e: FsError) -> Answer<X> {
         if let Ok(p) = self.resolve(dir) {
             self.errors.record(p, caller.uid, &e);

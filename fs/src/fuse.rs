@@ -1,13 +1,14 @@
 //! The fuser adapter: converts kernel requests, calls [`SynthFs`], replies. No logic of its own.
 
 use std::ffi::OsStr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
     BsdFileFlags, Errno as FuseErrno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyWrite, Request, TimeOrNow, WriteFlags,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
 use tracing::{debug, debug_span, warn};
@@ -191,6 +192,37 @@ impl<T: Tree> Filesystem for Adapter<T> {
         self.guard("unlink", || {
             let _s = debug_span!("unlink", req = req.unique().0, ino = parent.0, ?name).entered();
             self.empty_op("unlink", name, reply, |n| self.fs.unlink(parent.0, n, &caller(req)));
+        });
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.guard("rename", || {
+            self.empty_op("rename", name, reply, |n| self.fs.refuse_naming(parent.0, "renaming", n, &caller(req)));
+        });
+    }
+
+    fn link(&self, req: &Request, _ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.guard("link", || {
+            self.entry_op("link", newname, reply, |n| {
+                self.fs.refuse_naming(newparent.0, "a hard link", n, &caller(req))
+            });
+        });
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, _target: &Path, reply: ReplyEntry) {
+        self.guard("symlink", || {
+            self.entry_op("symlink", link_name, reply, |n| {
+                self.fs.refuse_naming(parent.0, "a symbolic link", n, &caller(req))
+            });
         });
     }
 

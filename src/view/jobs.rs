@@ -538,8 +538,14 @@ impl JobsView {
     }
 
     /// `jobs/new`: the first write of a handle creates the job (held) and answers its id;
-    /// later writes on that handle extend the spec.
+    /// later writes on that handle extend the spec. A first write of nothing but blanks (an
+    /// `echo "$CMD"` whose variable is empty) is refused: it can start no spec.
     fn write_new(&self, caller: &Caller, handle: u64, offset: u64, data: &[u8]) -> Answer<Vec<u8>> {
+        if offset == 0 && !data.is_empty() && data.iter().all(u8::is_ascii_whitespace) {
+            return Answer::Now(Err(FsError::invalid(
+                "the spec is empty: write a shell line, #CLUSTER lines then a script, or a JSON object; nothing was submitted",
+            )));
+        }
         let slot = self.pending.entry(handle).or_default().clone();
         let (jobs, pending, caller, data) = (self.jobs.clone(), self.pending.clone(), *caller, data.to_vec());
         let release_after = Duration::from_millis(self.jobs.cfg.release_after_ms);

@@ -92,6 +92,20 @@ fn control_files_accept_truncate_create_and_refuse_chmod() {
     assert_ne!(rc, 0, "status files are read-only");
     let (rc, _, _) = sh(&format!("mkdir {}", c.path("nodes/cn0/x").display()));
     assert_ne!(rc, 0);
+    // Names are the tree's to give: mv, ln and ln -s are refused with EPERM and a sentence.
+    let node = c.path("nodes/cn0");
+    for (what, call) in [
+        ("mv", fs::rename(node.join("state"), node.join("old"))),
+        ("ln", fs::hard_link(node.join("state"), node.join("old"))),
+        ("ln -s", std::os::unix::fs::symlink("/etc", node.join("old"))),
+    ] {
+        assert_eq!(call.map_err(|e| e.raw_os_error()), Err(Some(libc::EPERM)), "{what}");
+        let err = c.read("nodes/cn0/error");
+        assert!(err.starts_with("EPERM: old: ") || err.starts_with("EPERM: state: "), "{what}: {err:?}");
+        assert!(err.contains("names in this tree stand for cluster objects"), "{what}: {err:?}");
+    }
+    assert_eq!(c.read("nodes/cn0/state"), "up\n", "the node's files are as they were");
+    assert!(!node.join("old").exists());
 }
 
 #[test]

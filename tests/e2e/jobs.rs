@@ -296,6 +296,8 @@ fn bad_specs_create_nothing() {
         ("bad after", b"#CLUSTER after=x\ntrue\n".to_vec(), libc::EINVAL, "after="),
         ("unknown dependency", b"#CLUSTER after=99999\ntrue\n".to_vec(), libc::EINVAL, "does not exist"),
         ("bad env", b"#CLUSTER env.1=x\ntrue\n".to_vec(), libc::EINVAL, "env.1"),
+        ("blank line", b"\n".to_vec(), libc::EINVAL, "the spec is empty"),
+        ("blanks", b"  \t \n".to_vec(), libc::EINVAL, "the spec is empty"),
         ("bad JSON", b"{\"cmd\": ".to_vec(), libc::EINVAL, "JSON"),
         ("JSON unknown key", b"{\"cmd\":\"true\",\"gpu\":1}".to_vec(), libc::EINVAL, "unknown key \"gpu\""),
         ("binary junk", (0u8..=255).cycle().take(5000).collect(), libc::EINVAL, "UTF-8"),

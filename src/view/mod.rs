@@ -21,6 +21,36 @@ use crate::head::images::Images;
 use crate::head::jobs::Jobs;
 use crate::head::vms::Vms;
 
+/// How long a file created and never written is shown.
+const CREATED_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Names made by `create` (a shell's `>`, an NFS client's CREATE) whose first write has not
+/// come: shown as empty files so that the write finds them, never stored. A write takes the
+/// name back whether it is good or refused, so a refused write leaves nothing behind; a name
+/// never written goes after [`CREATED_KEPT`].
+#[derive(Debug, Default)]
+pub struct Created(DashMap<String, std::time::Instant>);
+
+impl Created {
+    pub fn insert(&self, name: &str) {
+        self.0.retain(|_, made| made.elapsed() < CREATED_KEPT);
+        self.0.insert(name.to_string(), std::time::Instant::now());
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.get(name).is_some_and(|made| made.elapsed() < CREATED_KEPT)
+    }
+
+    /// Takes `name` back; whether it was there.
+    pub fn take(&self, name: &str) -> bool {
+        self.0.remove(name).is_some()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.0.iter().filter(|e| e.value().elapsed() < CREATED_KEPT).map(|e| e.key().clone()).collect()
+    }
+}
+
 /// Callers of another head's mount, whose processes this head cannot read: their groups, by
 /// the stand-in pid (at or above `REMOTE_PID`) their calls carry here.
 static REMOTE_CALLERS: LazyLock<DashMap<u32, Vec<u32>>> = LazyLock::new(DashMap::new);
@@ -196,6 +226,7 @@ pub fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'stati
 #[derive(Debug)]
 pub struct View {
     cluster: Arc<Cluster>,
+    groups: groups::GroupsView,
     jobs: jobs::JobsView,
     images: images::ImagesView,
     hsm: hsm::HsmView,
@@ -207,6 +238,7 @@ pub struct View {
 impl View {
     pub fn new(cluster: Arc<Cluster>, jobs: Arc<Jobs>, images: Arc<Images>, hsm: Arc<Hsm>, vms: Arc<Vms>) -> View {
         View {
+            groups: groups::GroupsView::new(cluster.clone()),
             cluster,
             jobs: jobs::JobsView::new(jobs),
             images: images::ImagesView::new(images),
@@ -229,7 +261,7 @@ impl Tree for View {
             [] => Ok(Node::dir()),
             [name] => spec_node(ROOT_FILES, name).ok_or_else(|| FsError::not_found(format!("/{name}"))),
             ["nodes", rest @ ..] => nodes::node(&self.cluster, rest),
-            ["groups", rest @ ..] => groups::node(&self.cluster, rest),
+            ["groups", rest @ ..] => self.groups.node(rest),
             ["jobs", rest @ ..] => self.jobs.node(rest),
             ["images", rest @ ..] => self.images.node(rest),
             ["hsm", rest @ ..] => self.hsm.node(rest),
@@ -244,7 +276,7 @@ impl Tree for View {
         match path {
             [] => Ok(ROOT_FILES.iter().map(|f| f.name.to_string()).collect()),
             ["nodes", rest @ ..] => nodes::list(&self.cluster, rest),
-            ["groups", rest @ ..] => groups::list(&self.cluster, rest),
+            ["groups", rest @ ..] => self.groups.list(rest),
             ["jobs", rest @ ..] => self.jobs.list(rest),
             ["images", rest @ ..] => self.images.list(rest),
             ["hsm", rest @ ..] => self.hsm.list(rest),
@@ -275,7 +307,7 @@ impl Tree for View {
             }
             ["nodes", rest @ ..] => nodes::render(&self.cluster, rest, caller),
             ["jobs", rest @ ..] => self.jobs.render(rest, caller, nonblock),
-            ["groups", rest @ ..] => groups::render(&self.cluster, rest),
+            ["groups", rest @ ..] => self.groups.render(rest),
             ["images", rest @ ..] => self.images.render(rest),
             ["hsm", rest @ ..] => self.hsm.render(rest),
             ["vms", rest @ ..] => self.vms.render(rest),
@@ -286,7 +318,7 @@ impl Tree for View {
     fn write(&self, path: &[&str], caller: &Caller, write: Write<'_>) -> Answer<Vec<u8>> {
         match path {
             ["nodes", rest @ ..] => nodes::write(&self.cluster, rest, caller, write.data),
-            ["groups", rest @ ..] => groups::write(&self.cluster, rest, caller, write.data),
+            ["groups", rest @ ..] => self.groups.write(rest, caller, write.data),
             ["jobs", rest @ ..] => self.jobs.write(rest, caller, write.handle, write.offset, write.data),
             ["images", rest @ ..] => self.images.write(rest, caller, write.data),
             ["hsm", rest @ ..] => self.hsm.write(rest, caller, write.handle, write.offset, write.data),
@@ -316,7 +348,6 @@ impl Tree for View {
         match path {
             ["jobs", rest @ ..] => self.jobs.release(rest, handle),
             ["hsm", rest @ ..] => self.hsm.release(rest, handle),
-            ["vms", rest @ ..] => self.vms.release(rest),
             _ => {}
         }
     }
@@ -340,7 +371,7 @@ impl Tree for View {
 
     fn create(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
         match path {
-            ["groups", name] => groups::create(&self.cluster, name, caller),
+            ["groups", name] => self.groups.create(name, caller),
             ["jobs", rest @ ..] => self.jobs.create_file(rest, caller, mode),
             ["vms", rest @ ..] => self.vms.create_file(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "files cannot be made here"))),
@@ -356,7 +387,7 @@ impl Tree for View {
 
     fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
         match path {
-            ["groups", name] => groups::remove(&self.cluster, name, caller),
+            ["groups", name] => self.groups.remove(name, caller),
             ["vms", rest @ ..] => self.vms.unlink(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "this file cannot be removed"))),
         }

@@ -4,9 +4,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
-use dashmap::DashSet;
 
-use super::{ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node, with_usage};
+use super::{Created, ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node, with_usage};
 use crate::head::vms::{Desired, Vms};
 use crate::vms::{VmSpec, parse_spec, parse_template};
 
@@ -49,7 +48,7 @@ pub const VERBS: &[Verb] = &[
 pub struct VmsView {
     vms: Arc<Vms>,
     /// Templates created by root and not written yet.
-    pending: DashSet<String>,
+    pending: Created,
 }
 
 fn text(s: String) -> Answer<Vec<u8>> {
@@ -62,7 +61,7 @@ fn root_only(caller: &Caller) -> Result<()> {
 
 impl VmsView {
     pub fn new(vms: Arc<Vms>) -> VmsView {
-        VmsView { vms, pending: DashSet::new() }
+        VmsView { vms, pending: Created::default() }
     }
 
     pub fn node(&self, path: &[&str]) -> Result<Node> {
@@ -70,7 +69,7 @@ impl VmsView {
             [] => Ok(Node::new(Kind::Dir, 0o1777)),
             ["templates"] => Ok(Node::dir()),
             ["templates", "error"] => Ok(Node::new(Kind::Error, 0o444)),
-            ["templates", t] if self.vms.template(t).is_some() || self.pending.contains(*t) => {
+            ["templates", t] if self.vms.template(t).is_some() || self.pending.contains(t) => {
                 Ok(Node::new(Kind::Control, 0o644).mtime(SystemTime::now()))
             }
             [name] => match self.vms.get(name) {
@@ -98,7 +97,7 @@ impl VmsView {
             ["templates"] => {
                 let mut v = vec!["error".to_string()];
                 v.extend(self.vms.template_names());
-                v.extend(self.pending.iter().map(|p| p.clone()));
+                v.extend(self.pending.names());
                 v.sort();
                 v.dedup();
                 Ok(v)
@@ -188,9 +187,9 @@ impl VmsView {
                         .and_then(parse_template)
                         .map_err(FsError::invalid)
                 });
-                let (vms, pending) = (self.vms.clone(), &self.pending);
+                let vms = self.vms.clone();
                 // Made or refused, a template created for this write is no longer pending.
-                pending.remove(&t);
+                self.pending.take(&t);
                 Answer::Now(parsed.and_then(|tpl| vms.set_template(&t, tpl)).map(|()| Vec::new()))
             }
             [name, "state"] => {
@@ -255,7 +254,7 @@ impl VmsView {
                 let made =
                     root_only(caller).and_then(|()| crate::names::check("template", t).map_err(FsError::invalid));
                 if made.is_ok() {
-                    self.pending.insert(t.to_string());
+                    self.pending.insert(t);
                 }
                 Answer::Now(made)
             }
@@ -269,20 +268,13 @@ impl VmsView {
                 if let Err(e) = root_only(caller) {
                     return Answer::Now(Err(e));
                 }
-                if self.pending.remove(*t).is_some() && self.vms.template(t).is_none() {
+                if self.pending.take(t) && self.vms.template(t).is_none() {
                     return Answer::Now(Ok(()));
                 }
                 let (vms, t) = (self.vms.clone(), t.to_string());
                 blocking(move || vms.remove_template(&t))
             }
             _ => Answer::Now(Err(FsError::new(Errno::Perm, "this file cannot be removed"))),
-        }
-    }
-
-    /// A template created and closed without a good write is not made.
-    pub fn release(&self, path: &[&str]) {
-        if let ["templates", t] = path {
-            self.pending.remove(*t);
         }
     }
 

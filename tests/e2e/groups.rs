@@ -28,6 +28,14 @@ fn root_manages_groups_and_users_cannot() {
         assert!(err.starts_with("EINVAL: ") && err.contains(sentence), "{bad}: {err}");
         assert_eq!(c.read("groups/compute"), "cn[0-1,3]\n");
     }
+    // A new group whose first nodeset is bad is not made (the shell's `>` created the name).
+    let listed = || std::fs::read_dir(c.path("groups")).unwrap().map(|e| e.unwrap().file_name()).collect::<Vec<_>>();
+    let before = listed();
+    let (rc, _, _) = sh(&format!("echo 'cn[0-' > {}", c.path("groups/fresh").display()));
+    assert_ne!(rc, 0);
+    assert!(c.read("groups/error").starts_with("EINVAL: group fresh: "), "{}", c.read("groups/error"));
+    assert!(c.try_read("groups/fresh").is_none(), "a refused group was made");
+    assert_eq!(listed(), before);
     // Bad group names are refused at create.
     for bad in ["README", "-x", "a b"] {
         let (rc, _, _) = sh(&format!("echo cn1 > '{}'", c.path("groups").join(bad).display()));

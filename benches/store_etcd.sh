@@ -2,8 +2,9 @@
 # The etcd store against the embedded one, in one run: submissions per second from 4 shells
 # (the node drained, so nothing runs) and `cat nodes/<n>/sitrep` latency, on the embedded
 # store's head, on a head of the etcd store that leads, and on a second head of that store
-# that does not (it makes every operation on the leading one); prints Markdown.
-#   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 benches/store_etcd.sh
+# that does not (it makes every operation on the leading one); prints Markdown. The three
+# heads run side by side: submissions alternate in rounds, reads take turns.
+#   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 BENCH_STORE_ROUNDS=4 benches/store_etcd.sh
 #   BENCH_STORE_TMP=/dev/shm puts both stores (and etcd's data) on tmpfs: no fsync cost either side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,62 +34,82 @@ for i in 0 1 2; do
 done
 store="etcd://127.0.0.1:${clients[0]},127.0.0.1:${clients[1]},127.0.0.1:${clients[2]}/bench"
 
-# submit MNT: N jobs from 4 shells; prints the seconds.
+# submit MNT COUNT: COUNT jobs from 4 shells; prints the seconds.
 submit4() {
-  local per=$((N / 4)) t0 t1
+  local per=$(($2 / 4)) t0 t1
   t0=$(now)
   for s in 1 2 3 4; do
     ( for ((i = 0; i < per; i++)); do echo true > "$1/jobs/new"; done ) &
   done
   wait
   t1=$(now)
-  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
+  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'
 }
 
-# reads MNT: p50 and p99 of READS sitrep reads, in ms.
-reads() {
-  python3 - "$1/nodes/bn0/sitrep" "$READS" <<'PY'
-import sys, time
-path, n = sys.argv[1], int(sys.argv[2])
-t = []
-for _ in range(n):
-    a = time.perf_counter()
-    with open(path) as f:
-        f.read()
-    t.append((time.perf_counter() - a) * 1000)
-t.sort()
-print(f"{t[len(t) // 2]:.3f} {t[int(len(t) * 0.99)]:.3f}")
-PY
-}
-
-declare -A submit p50 p99
-want=0
-for kind in embedded etcd follower; do
+# All three heads run through the whole measurement: the embedded store's, the etcd store's
+# first (it leads), and a second head of the etcd store (it does not lead: the jobs it takes
+# join the leading head's queue).
+kinds=(embedded etcd follower)
+for kind in "${kinds[@]}"; do
   mkdir -p "$work/mnt-$kind"
   case $kind in
-    embedded) args=(up --nodes bn0) want=$N ;;
-    etcd) args=(up --nodes bn0 --store "$store") want=$N ;;
-    # The second head of the etcd store: the jobs it takes join the leading head's queue.
-    follower) args=(mount --store "$store") want=$((2 * N)) ;;
+    embedded) args=(up --nodes bn0) ;;
+    etcd) args=(up --nodes bn0 --store "$store") ;;
+    follower) args=(mount --store "$store") ;;
   esac
   target/release/clusterfs "${args[0]}" "$work/mnt-$kind" "${args[@]:1}" --state "$work/state-$kind" \
     --listen 127.0.0.1:0 > "$work/head-$kind.log" 2>&1 &
   pids+=($!)
   # The second head shows the node the leading head drained.
   wait_up "$work/mnt-$kind" bn0 "$([ $kind = follower ] && echo drained || echo up)"
-  echo "drain store benchmark" > "$work/mnt-$kind/nodes/bn0/ctl"
-  submit[$kind]=$(submit4 "$work/mnt-$kind")
-  queued=$(grep -c . "$work/mnt-$kind/jobs/queue" || true)
-  [ "$queued" -eq "$want" ] || { echo "store_etcd: $kind queued $queued of $want" >&2; exit 1; }
-  read -r p50[$kind] p99[$kind] < <(reads "$work/mnt-$kind")
+  [ $kind = follower ] || echo "drain store benchmark" > "$work/mnt-$kind/nodes/bn0/ctl"
 done
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
-rate() { awk -v n="$N" -v t="$1" 'BEGIN { printf "%.0f", n / t }'; }
-cat <<MD
-## Store: etcd (3 members) against embedded, $N submissions, $READS sitrep reads
+# Submissions in alternating rounds, so that a slow minute of the machine falls on every side.
+ROUNDS=${BENCH_STORE_ROUNDS:-4}
+declare -A submit
+for kind in "${kinds[@]}"; do submit[$kind]=0; done
+for ((r = 0; r < ROUNDS; r++)); do
+  for kind in "${kinds[@]}"; do
+    t=$(submit4 "$work/mnt-$kind" $((N / ROUNDS)))
+    submit[$kind]=$(awk -v a="${submit[$kind]}" -v b="$t" 'BEGIN { printf "%.3f", a + b }')
+  done
+done
+done_n=$(((N / ROUNDS / 4) * 4 * ROUNDS))
+for kind in embedded etcd; do
+  want=$([ $kind = etcd ] && echo $((2 * done_n)) || echo $done_n)
+  queued=$(grep -c . "$work/mnt-$kind/jobs/queue" || true)
+  [ "$queued" -eq "$want" ] || { echo "store_etcd: $kind queued $queued of $want" >&2; exit 1; }
+done
 
-| store | submit $N (s) | submissions/s | \`cat sitrep\` p50 (ms) | p99 (ms) |
+# Reads, one mount after the other in turn: the same moments for all three.
+read -r -a lat < <(python3 - "$READS" "$work/mnt-embedded" "$work/mnt-etcd" "$work/mnt-follower" <<'PY'
+import sys, time
+n, mounts = int(sys.argv[1]), sys.argv[2:]
+paths = [m + "/nodes/bn0/sitrep" for m in mounts]
+times = [[] for _ in paths]
+for _ in range(n):
+    for i, path in enumerate(paths):
+        a = time.perf_counter()
+        with open(path) as f:
+            f.read()
+        times[i].append((time.perf_counter() - a) * 1000)
+out = []
+for t in times:
+    t.sort()
+    out += [f"{t[len(t) // 2]:.3f}", f"{t[int(len(t) * 0.99)]:.3f}"]
+print(" ".join(out))
+PY
+)
+declare -A p50 p99
+for i in 0 1 2; do p50[${kinds[$i]}]=${lat[$((2 * i))]}; p99[${kinds[$i]}]=${lat[$((2 * i + 1))]}; done
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
+rate() { awk -v n="$done_n" -v t="$1" 'BEGIN { printf "%.0f", n / t }'; }
+cat <<MD
+## Store: etcd (3 members) against embedded, $done_n submissions each in $ROUNDS alternating rounds, $READS sitrep reads each in turn
+
+| store | submit $done_n (s) | submissions/s | \`cat sitrep\` p50 (ms) | p99 (ms) |
 |---|---|---|---|---|
 | embedded (redb) | ${submit[embedded]} | $(rate "${submit[embedded]}") | ${p50[embedded]} | ${p99[embedded]} |
 | etcd, the leading head | ${submit[etcd]} | $(rate "${submit[etcd]}") | ${p50[etcd]} | ${p99[etcd]} |

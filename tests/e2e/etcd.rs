@@ -67,6 +67,26 @@ impl Etcd {
         format!("etcd://{}/{prefix}", hosts.join(","))
     }
 
+    /// The client URL of the member that leads the raft, as member 0 sees it (its status
+    /// names the leader's id; each member's status names its own).
+    pub fn raft_leader(&self) -> Option<String> {
+        let status = |port: u16| -> Option<serde_json::Value> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+            s.write_all(b"POST /v3/maintenance/status HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}").ok()?;
+            let mut answer = String::new();
+            let _ = s.read_to_string(&mut answer);
+            serde_json::from_str(answer.split_once("\r\n\r\n")?.1).ok()
+        };
+        let ports: Vec<u16> =
+            self.members.iter().zip(&self.client_ports).filter(|(m, _)| m.is_some()).map(|(_, p)| *p).collect();
+        let leader = ports.iter().find_map(|p| status(*p))?["leader"].as_str()?.to_string();
+        ports
+            .into_iter()
+            .find(|p| status(*p).is_some_and(|s| s["header"]["member_id"].as_str() == Some(&leader)))
+            .map(|p| format!("http://127.0.0.1:{p}"))
+    }
+
     /// Member `i`'s /health answer says it serves with a quorum.
     fn healthy(&self, i: usize) -> bool {
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_ports[i])) else { return false };
@@ -125,6 +145,10 @@ fn a_head_keeps_its_state_in_a_three_member_etcd_and_refuses_writes_without_a_qu
     let Some(mut etcd) = Etcd::start(3) else { return };
     let mut c = Cluster::up_with("cn[0-1]", 200, &format!("store = \"{}\"\n", etcd.url("site1")));
     assert!(!c.state.join("store.redb").exists(), "an embedded store was made");
+    // The store writes to the member that leads etcd's raft (no forwarding hop).
+    let leader = etcd.raft_leader().expect("etcd names its raft leader");
+    let log = c.log();
+    assert!(log.contains(&format!("member=\"{leader}\"")), "the store does not use the raft leader {leader}: {log}");
     assert_eq!(c.write("groups/g1", b"cn[0-1]\n"), Ok(()), "{}", c.read("groups/error"));
     let id = crate::jobs::submit_as(&c, "root", "echo from etcd\n");
     assert_eq!(wait(&c, id), "0\n");

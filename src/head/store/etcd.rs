@@ -4,6 +4,8 @@
 //! 1.5 MiB a request); a group is never split. Calls come from threads that may be the head's
 //! async workers, so they run on a runtime of the backend's own and are waited for here.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
@@ -18,15 +20,17 @@ const MAX_BYTES: usize = 1 << 20;
 const PAGE: i64 = 1000;
 /// How long one request may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the member that leads etcd's raft is looked for again.
+const FIND_LEADER: Duration = Duration::from_secs(10);
 /// How long a call is tried again, member after member, before the store counts as
 /// unreachable. Every call is safe to repeat.
 const GIVE_UP: Duration = Duration::from_secs(6);
 
 pub struct Etcd {
-    /// One client a member: a request goes to the member that answered last, and on to the
-    /// next when it fails.
+    /// One client a member: a request goes to the member that leads etcd's raft (a write sent
+    /// to another member is forwarded to it, a hop more), on to the next when it fails.
     clients: Vec<Client>,
-    current: std::sync::atomic::AtomicUsize,
+    current: Arc<AtomicUsize>,
     /// Set when a call gave up: until one succeeds, calls try each member once and give up
     /// at once, so code that writes many objects in a row fails fast instead of waiting
     /// `GIVE_UP` for each (a head must still stop promptly without its store).
@@ -64,9 +68,12 @@ impl Etcd {
             let ep = endpoint.clone();
             clients.push(wait(&rt, async move { Client::connect([ep], Some(options)).await })?.map_err(unreachable)?);
         }
+        // Where etcd's raft leader is, now and every `FIND_LEADER` from now on.
+        let current = Arc::new(AtomicUsize::new(wait(&rt, leader_of(clients.clone()))?.unwrap_or(0)));
+        rt.spawn(follow_leader(clients.clone(), endpoints.to_vec(), Arc::downgrade(&current)));
         let etcd = Etcd {
             clients,
-            current: Default::default(),
+            current,
             down: Default::default(),
             prefix: format!("{prefix}/"),
             fence: Default::default(),
@@ -74,7 +81,8 @@ impl Etcd {
         };
         // A linearizable read: fails unless a quorum answers.
         etcd.scan_page(&etcd.key(""), &prefix_end(&etcd.prefix), 1)?;
-        tracing::info!(endpoints = ?endpoints, prefix, "store: etcd");
+        let member = endpoints[etcd.current.load(Ordering::Relaxed) % endpoints.len()].as_str();
+        tracing::info!(endpoints = ?endpoints, prefix, member, "store: etcd (requests go to the member that leads its raft)");
         Ok(etcd)
     }
 
@@ -88,7 +96,6 @@ impl Etcd {
         &self,
         f: impl Fn(Client) -> futures::future::BoxFuture<'static, Result<T, etcd_client::Error>>,
     ) -> Result<T, StoreError> {
-        use std::sync::atomic::Ordering;
         let rt = self.rt.as_ref().expect("the runtime lives until drop");
         let started = std::time::Instant::now();
         let give_up = if self.down.load(Ordering::Relaxed) { Duration::ZERO } else { GIVE_UP };
@@ -183,6 +190,34 @@ fn pack(groups: &[Vec<Change>]) -> Vec<Vec<Op<'_>>> {
         txns.push(open);
     }
     txns
+}
+
+/// Which of `clients` is connected to the member that leads etcd's raft, as the members say.
+async fn leader_of(clients: Vec<Client>) -> Option<usize> {
+    let asked = clients.into_iter().map(|mut c| async move {
+        let status = tokio::time::timeout(TIMEOUT, c.status()).await.ok()?.ok()?;
+        Some((status.header()?.member_id(), status.leader()))
+    });
+    let answers = futures::future::join_all(asked).await;
+    let leader = answers.iter().flatten().map(|(_, leader)| *leader).find(|l| *l != 0)?;
+    answers.iter().position(|a| a.is_some_and(|(member, _)| member == leader))
+}
+
+/// Keeps `current` on the raft leader's member while the backend lives. A leader that changed
+/// in between costs a forwarding hop per request, nothing else.
+async fn follow_leader(clients: Vec<Client>, endpoints: Vec<String>, current: std::sync::Weak<AtomicUsize>) {
+    loop {
+        tokio::time::sleep(FIND_LEADER).await;
+        let Some(current) = current.upgrade() else { return };
+        if let Some(i) = leader_of(clients.clone()).await {
+            if current.swap(i, Ordering::Relaxed) != i {
+                tracing::info!(
+                    member = endpoints[i].as_str(),
+                    "etcd's raft leader is another member now: requests go there"
+                );
+            }
+        }
+    }
 }
 
 /// Runs `fut` on `rt` and waits for it from any thread, async worker or not.

@@ -495,9 +495,11 @@ impl Images {
         let img = self.image(user)?;
         Self::allowed(caller, user, img.uid)?;
         let size = match text.strip_prefix('+') {
-            Some(more) => crate::images::parse_image_size(more)
-                .map(|m| img.size.saturating_add(m))
-                .map_err(|e| FsError::invalid(format!("resize: {e}")))?,
+            // A growth of any size: the image it makes is at least as large as the one there.
+            Some(more) => match crate::jobs::spec::parse_size(more) {
+                Some(m) if m > 0 => img.size.saturating_add(m),
+                _ => return Err(FsError::invalid(format!("resize: +{more} is not a growth like +512M or +10G"))),
+            },
             None => crate::images::parse_image_size(text).map_err(|e| FsError::invalid(format!("resize: {e}")))?,
         };
         if size < img.size {

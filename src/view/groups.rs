@@ -109,10 +109,8 @@ impl GroupsView {
         if let Err(e) = root_only(caller) {
             return Answer::Now(Err(e));
         }
-        if self.created.take(name) && self.cluster.group(name).is_none() {
-            return Answer::Now(Ok(()));
-        }
-        let (cluster, name) = (self.cluster.clone(), name.to_string());
-        blocking(move || cluster.remove_group(&name))
+        let (cluster, stored) = (self.cluster.clone(), self.cluster.group(name).is_some());
+        let group = name.to_string();
+        self.created.remove(name, stored, move || cluster.remove_group(&group))
     }
 }

@@ -49,6 +49,14 @@ impl Created {
     pub fn names(&self) -> Vec<String> {
         self.0.iter().filter(|e| e.value().elapsed() < CREATED_KEPT).map(|e| e.key().clone()).collect()
     }
+
+    /// `rm` of `name`: one never written goes from here alone; a `stored` one by `remove`.
+    pub fn remove(&self, name: &str, stored: bool, remove: impl FnOnce() -> Result<()> + Send + 'static) -> Answer<()> {
+        if self.take(name) && !stored {
+            return Answer::Now(Ok(()));
+        }
+        blocking(remove)
+    }
 }
 
 /// Callers of another head's mount, whose processes this head cannot read: their groups, by

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
 
-use super::{Created, ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node, with_usage};
+use super::{Created, ERROR_FILE, FileSpec, README_FILE, Verb, command_text, readme, spec_node, with_usage};
 use crate::head::vms::{Desired, Vms};
 use crate::vms::{VmSpec, parse_spec, parse_template};
 
@@ -268,11 +268,9 @@ impl VmsView {
                 if let Err(e) = root_only(caller) {
                     return Answer::Now(Err(e));
                 }
-                if self.pending.take(t) && self.vms.template(t).is_none() {
-                    return Answer::Now(Ok(()));
-                }
-                let (vms, t) = (self.vms.clone(), t.to_string());
-                blocking(move || vms.remove_template(&t))
+                let (vms, stored) = (self.vms.clone(), self.vms.template(t).is_some());
+                let template = t.to_string();
+                self.pending.remove(t, stored, move || vms.remove_template(&template))
             }
             _ => Answer::Now(Err(FsError::new(Errno::Perm, "this file cannot be removed"))),
         }

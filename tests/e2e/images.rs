@@ -226,7 +226,10 @@ fn spares_mounts_leases_and_growth() {
 
     // Grow while mounted: online where the kernel permits it (CAP_SYS_RESOURCE), else the
     // filesystem follows at the next mount; the image file grows at once either way.
-    assert_eq!(c.write("images/cfalice/ctl", b"resize +64M\n"), Ok(()), "{}", c.read("images/cfalice/error"));
+    // A growth smaller than the smallest image is a growth all the same.
+    assert_eq!(c.write("images/cfalice/ctl", b"resize +8M\n"), Ok(()), "{}", c.read("images/cfalice/error"));
+    assert_eq!(c.read("images/cfalice/size"), format!("{}\n", 72u64 << 20));
+    assert_eq!(c.write("images/cfalice/ctl", b"resize +56M\n"), Ok(()), "{}", c.read("images/cfalice/error"));
     assert_eq!(c.read("images/cfalice/size"), format!("{}\n", 128u64 << 20));
     assert_eq!(std::fs::metadata(v.path("vol01/cfalice.img")).unwrap().len(), 128 << 20);
     let state = c.read("images/cfalice/state");
@@ -368,6 +371,7 @@ fn bad_image_requests_change_nothing() {
     for (cmd, errno) in [
         ("resize\n", libc::EINVAL),
         ("resize big\n", libc::EINVAL),
+        ("resize +0\n", libc::EINVAL),
         ("resize 100G\n", libc::ENOSPC),
         ("mount nosuchnode\n", libc::EINVAL),
         ("mount a b\n", libc::EINVAL),

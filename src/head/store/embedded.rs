@@ -22,7 +22,10 @@ impl Embedded {
     pub fn open(path: &Path) -> Result<Embedded, StoreError> {
         let open =
             |e: &dyn std::fmt::Display| StoreError::Open { path: path.display().to_string(), message: e.to_string() };
-        let db = open_db(path).map_err(|e| open(&e))?;
+        let db = open_db(path).map_err(|e| match e {
+            OpenError::InUse => StoreError::InUse { path: path.display().to_string() },
+            OpenError::Other(why) => open(&why),
+        })?;
         let txn = db.begin_write().map_err(|e| open(&e))?;
         txn.open_table(OBJECTS).map_err(|e| open(&e))?;
         txn.commit().map_err(|e| open(&e))?;
@@ -108,9 +111,31 @@ impl Backend for Embedded {
 /// Opens the file without ever damaging it further: a clean store opens as it is; one left
 /// by a crash is repaired from a copy kept until the repair succeeds (a failed repair puts
 /// the file back as it was); anything else is refused untouched.
-fn open_db(path: &Path) -> Result<Database, String> {
+/// Why a store file could not be opened.
+enum OpenError {
+    /// Another process holds it: nothing is wrong with the file.
+    InUse,
+    Other(String),
+}
+
+impl From<redb::DatabaseError> for OpenError {
+    fn from(e: redb::DatabaseError) -> OpenError {
+        match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => OpenError::InUse,
+            other => OpenError::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<String> for OpenError {
+    fn from(why: String) -> OpenError {
+        OpenError::Other(why)
+    }
+}
+
+fn open_db(path: &Path) -> Result<Database, OpenError> {
     if !path.exists() {
-        return Database::create(path).map_err(|e| e.to_string());
+        return Ok(Database::create(path)?);
     }
     match redb::Builder::new().open_read_only(path) {
         Ok(ro) => drop(ro),
@@ -126,11 +151,11 @@ fn open_db(path: &Path) -> Result<Database, String> {
                 Err(e) => {
                     // The repair failed: the file goes back to what it was.
                     let _ = std::fs::rename(&copy, path);
-                    Err(format!("its repair failed: {e}"))
+                    Err(OpenError::Other(format!("its repair failed: {e}")))
                 }
             };
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     }
-    Database::create(path).map_err(|e| e.to_string())
+    Ok(Database::create(path)?)
 }

@@ -19,6 +19,10 @@ use serde::de::DeserializeOwned;
 pub enum StoreError {
     #[error("store {path}: {message} (refusing to start on a store that cannot be read; restore it or move it away)")]
     Open { path: String, message: String },
+    #[error(
+        "store {path} is in use by another process (a head, or `clusterfs store`, on this state directory): stop that one, or give this head a state directory of its own"
+    )]
+    InUse { path: String },
     #[error("store: {0}")]
     Db(String),
     #[error("store object {key}: {message}")]
@@ -314,5 +318,15 @@ mod tests {
         let path = dir.path().join("store.redb");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
         assert!(matches!(Store::open(&path), Err(StoreError::Open { .. })));
+    }
+
+    #[test]
+    fn a_store_another_head_holds_is_said_to_be_in_use_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let _first = Store::open(&path).unwrap();
+        let e = Store::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::InUse { .. }), "{e}");
+        assert!(e.to_string().contains("in use by another process") && !e.to_string().contains("move it away"), "{e}");
     }
 }

@@ -234,6 +234,29 @@ impl Cluster {
             .map(|v| v.name)
     }
 
+    /// Forgets node `name` (decommissioned): its record leaves the store and it leaves every
+    /// set. Refused while its agent is connected. An agent that connects later makes it anew.
+    pub fn forget(&self, name: &str) -> Result<(), FsError> {
+        let connected = || {
+            FsError::new(
+                Errno::Busy,
+                format!("{name}'s agent is connected: stop it first (drain keeps a node out of placement)"),
+            )
+        };
+        let (_, entry) = match self.nodes.remove_if(name, |_, e| e.link.is_none()) {
+            Some(removed) => removed,
+            None if self.nodes.contains_key(name) => return Err(connected()),
+            None => return Err(FsError::not_found(format!("node {name}"))),
+        };
+        if let Err(e) = self.store.delete("nodes", name) {
+            // Not forgotten after all: the node stays as it was, unless its agent came back.
+            self.nodes.entry(name.to_string()).or_insert(entry);
+            return Err(e.into());
+        }
+        info!(node = name, "node forgotten");
+        Ok(())
+    }
+
     pub fn drain(&self, name: &str, reason: &str) -> Result<(), FsError> {
         self.set_drain(name, Some(reason.to_string()))
     }

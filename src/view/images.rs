@@ -71,6 +71,15 @@ fn lines(text: String) -> Answer<Vec<u8>> {
 }
 
 impl ImagesView {
+    /// The users whose image holds a mount lease on `node`.
+    pub fn on_node(&self, node: &str) -> Vec<String> {
+        self.images
+            .users()
+            .into_iter()
+            .filter(|u| self.images.get(u).is_some_and(|i| i.node.as_deref() == Some(node)))
+            .collect()
+    }
+
     pub fn new(images: Arc<Images>) -> ImagesView {
         ImagesView { images }
     }

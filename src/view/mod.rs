@@ -362,6 +362,20 @@ impl Tree for View {
 
     fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
         match path {
+            ["nodes", name] => {
+                let (jobs, images, vms) = (self.jobs.on_node(name), self.images.on_node(name), self.vms.on_node(name));
+                let mut holds = Vec::new();
+                if !jobs.is_empty() {
+                    holds.push(format!("jobs {}", jobs.trim_end().replace('\n', ",")));
+                }
+                if !images.is_empty() {
+                    holds.push(format!("the images of {}", images.join(",")));
+                }
+                if !vms.is_empty() {
+                    holds.push(format!("VMs {}", vms.join(",")));
+                }
+                nodes::forget(&self.cluster, name, caller, &holds)
+            }
             ["jobs", rest @ ..] => self.jobs.rmdir(rest, caller),
             ["images", rest @ ..] => self.images.rmdir(rest, caller),
             ["vms", rest @ ..] => self.vms.rmdir(rest, caller),

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clusterfs_fs::{Answer, Caller, FsError, Kind, Node, Result};
+use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
 
 use super::{ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node};
 use crate::head::cluster::{Cluster, Which};
@@ -14,6 +14,7 @@ const SETS: &[(&str, Which)] =
     &[("all", Which::All), ("up", Which::Up), ("down", Which::Down), ("drained", Which::Drained)];
 
 const DIR_FILES: &[FileSpec] = &[
+    README_FILE,
     FileSpec { name: "all", kind: Kind::Snapshot, perm: 0o444, help: "every known node, folded: cn[0-3,5-9]" },
     FileSpec { name: "up", kind: Kind::Snapshot, perm: 0o444, help: "nodes up and not drained" },
     FileSpec { name: "down", kind: Kind::Snapshot, perm: 0o444, help: "nodes whose agent is gone or silent" },
@@ -24,6 +25,7 @@ const DIR_FILES: &[FileSpec] = &[
         perm: 0o444,
         help: "the up, undrained node with the lowest load_index",
     },
+    ERROR_FILE,
 ];
 
 pub const NODE_FILES: &[FileSpec] = &[
@@ -76,6 +78,15 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
     let line = |s: String| Answer::Now(Ok(format!("{s}\n").into_bytes()));
     match path {
         ["best"] => line(cluster.best().unwrap_or_default()),
+        ["README"] => Answer::Now(Ok(readme(
+            "nodes/: every node the cluster knows",
+            DIR_FILES,
+            &[],
+            "  dir  <node>       one node: its sitrep, state, ctl (see its README)\n\n\
+             A node appears when its agent first connects and stays known. Root forgets a\n\
+             decommissioned node with `rmdir nodes/<node>`, once its agent is stopped and no\n\
+             job, image or VM is on it.\n",
+        ))),
         [set] => match SETS.iter().find(|(n, _)| n == set) {
             Some((_, which)) => line(cluster.set(*which).fold()),
             None => Answer::Now(Err(FsError::not_found(format!("nodes/{set}")))),
@@ -92,7 +103,9 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
                     &format!("nodes/{name}: one node of the cluster"),
                     NODE_FILES,
                     &[("ctl", VERBS)],
-                    "The sitrep keys, their units and the perf_score and load_index formulas are in README.md.\n",
+                    "The sitrep keys, their units and the perf_score and load_index formulas are in README.md.\n\
+                     Root forgets a decommissioned node with `rmdir nodes/<node>`, once its agent is\n\
+                     stopped and no job, image or VM is on it.\n",
                 )),
                 "sitrep" => Ok(sitrep.text().into_bytes()),
                 "sitrep.json" => Ok(sitrep.json().into_bytes()),
@@ -156,4 +169,21 @@ pub fn write(cluster: &Arc<Cluster>, path: &[&str], caller: &Caller, data: &[u8]
 
 fn with_usage(e: FsError) -> FsError {
     super::with_usage(e, "nodes/<node>/ctl", VERBS)
+}
+
+/// `rmdir nodes/<name>`: root forgets a decommissioned node, once nothing is on it (`holds`
+/// names what is) and its agent is gone.
+pub fn forget(cluster: &Arc<Cluster>, name: &str, caller: &Caller, holds: &[String]) -> Answer<()> {
+    if !caller.is_root() {
+        return Answer::Now(Err(FsError::denied("only root removes nodes")));
+    }
+    if !cluster.exists(name) {
+        return Answer::Now(Err(FsError::not_found(format!("node {name}"))));
+    }
+    if !holds.is_empty() {
+        let what = holds.join("; ");
+        return Answer::Now(Err(FsError::new(Errno::Busy, format!("{name} still has {what}: end or move them first"))));
+    }
+    let (cluster, name) = (cluster.clone(), name.to_string());
+    blocking(move || cluster.forget(&name))
 }

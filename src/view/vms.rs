@@ -60,6 +60,11 @@ fn root_only(caller: &Caller) -> Result<()> {
 }
 
 impl VmsView {
+    /// The VMs placed on `node`.
+    pub fn on_node(&self, node: &str) -> Vec<String> {
+        self.vms.names().into_iter().filter(|n| self.vms.get(n).is_some_and(|vm| vm.rec.node == node)).collect()
+    }
+
     pub fn new(vms: Arc<Vms>) -> VmsView {
         VmsView { vms, pending: Created::default() }
     }

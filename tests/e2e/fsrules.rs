@@ -266,7 +266,7 @@ fn readdir_cookies_resume_on_a_new_open_even_after_changes() {
     let c = Cluster::up("cn[0-9]", 200);
     let full = listing(&c.path("nodes"), None);
     let names: Vec<&str> = full.iter().map(|e| e.0.as_str()).collect();
-    assert_eq!(full.len(), 2 + 5 + 10, "{names:?}");
+    assert_eq!(full.len(), 2 + 7 + 10, "{names:?}");
     // Resume after the k-th entry on a fresh opendir, as an NFS server does with cookies.
     for k in [2, 7, 12] {
         let rest = listing(&c.path("nodes"), Some(full[k].1));

@@ -255,3 +255,43 @@ fn slow_agents_never_hold_fuse_threads() {
     assert!(err.starts_with("ETIMEDOUT: node cn5 did not answer") || err.starts_with("EHOSTDOWN: node cn5"), "{err:?}");
     signal(c.agent_pid(a), libc::SIGCONT);
 }
+
+#[test]
+fn root_forgets_a_decommissioned_node_once_its_agent_is_gone_and_nothing_runs_there() {
+    if !crate::can_mount() {
+        return;
+    }
+    crate::jobs::users();
+    let mut c = Cluster::up("cn0", 200);
+    let a = c.agent("cn7");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0,7]\n"));
+    let cn7 = c.path("nodes/cn7");
+    let rmdir = |who: &str| crate::harness::sh_as(who, &format!("rmdir {}", cn7.display()));
+    // Its agent is connected: EBUSY, with the reason.
+    assert_eq!(std::fs::remove_dir(&cn7).map_err(|e| e.raw_os_error()), Err(Some(libc::EBUSY)));
+    assert!(c.read("nodes/error").contains("cn7's agent is connected"), "{}", c.read("nodes/error"));
+    // A job running there: EBUSY, naming it, even once the agent is gone.
+    c.write("nodes/cn0/ctl", b"drain keep jobs on cn7\n").unwrap();
+    let id = crate::jobs::submit_as(&c, "root", "sleep 60\n");
+    assert!(eventually(Duration::from_secs(15), || c.read(&format!("jobs/{id}/state")).starts_with("running on cn7")));
+    assert_eq!(std::fs::remove_dir(&cn7).map_err(|e| e.raw_os_error()), Err(Some(libc::EBUSY)));
+    assert!(c.read("nodes/error").contains(&format!("jobs {id}")), "{}", c.read("nodes/error"));
+    c.write(&format!("jobs/{id}/ctl"), b"kill\n").unwrap();
+    assert!(eventually(Duration::from_secs(15), || c.read(&format!("jobs/{id}/state")).starts_with("killed")));
+    c.write("nodes/cn0/ctl", b"resume\n").unwrap();
+    c.kill_agent(a);
+    assert!(eventually(Duration::from_secs(15), || c.read("nodes/down") == "cn7\n"));
+    // Users may not; root may, and the node leaves every set, for good.
+    let (rc, _, _) = rmdir("cfbob");
+    assert_ne!(rc, 0, "a user removed a node");
+    let (rc, _, err) = rmdir("root");
+    assert_eq!(rc, 0, "{err}{}", c.read("nodes/error"));
+    assert_eq!((c.read("nodes/all"), c.read("nodes/down")), ("cn0\n".to_string(), "\n".to_string()));
+    assert!(!cn7.exists());
+    c.stop_head();
+    c.start_head();
+    assert_eq!(c.read("nodes/all"), "cn0\n", "a forgotten node came back after a restart");
+    // An agent that connects later makes it anew.
+    c.agent("cn7");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/all") == "cn[0,7]\n"));
+}

@@ -263,6 +263,24 @@ impl View {
     }
 }
 
+impl View {
+    /// What is on node `name`: its running jobs, the images mounted there, its VMs.
+    fn on_node(&self, name: &str) -> Vec<String> {
+        let (jobs, images, vms) = (self.jobs.on_node(name), self.images.on_node(name), self.vms.on_node(name));
+        let mut holds = Vec::new();
+        if !jobs.is_empty() {
+            holds.push(format!("jobs {}", jobs.trim_end().replace('\n', ",")));
+        }
+        if !images.is_empty() {
+            holds.push(format!("the images of {}", images.join(",")));
+        }
+        if !vms.is_empty() {
+            holds.push(format!("VMs {}", vms.join(",")));
+        }
+        holds
+    }
+}
+
 impl Tree for View {
     fn node(&self, path: &[&str]) -> Result<Node> {
         let node = match path {
@@ -362,20 +380,7 @@ impl Tree for View {
 
     fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
         match path {
-            ["nodes", name] => {
-                let (jobs, images, vms) = (self.jobs.on_node(name), self.images.on_node(name), self.vms.on_node(name));
-                let mut holds = Vec::new();
-                if !jobs.is_empty() {
-                    holds.push(format!("jobs {}", jobs.trim_end().replace('\n', ",")));
-                }
-                if !images.is_empty() {
-                    holds.push(format!("the images of {}", images.join(",")));
-                }
-                if !vms.is_empty() {
-                    holds.push(format!("VMs {}", vms.join(",")));
-                }
-                nodes::forget(&self.cluster, name, caller, &holds)
-            }
+            ["nodes", name] => nodes::forget(&self.cluster, name, caller, &self.on_node(name)),
             ["jobs", rest @ ..] => self.jobs.rmdir(rest, caller),
             ["images", rest @ ..] => self.images.rmdir(rest, caller),
             ["vms", rest @ ..] => self.vms.rmdir(rest, caller),

@@ -56,7 +56,20 @@ impl Election {
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
         let mut client = Client::connect(endpoints, Some(options)).await?;
         let ttl = i64::try_from(ttl_s).unwrap_or(i64::MAX);
-        let lease = client.lease_grant(ttl, None).await?.id();
+        // The client spreads requests over the members: one that is down fails the request
+        // sent to it, and the next goes to another.
+        let mut tries = 0;
+        let lease = loop {
+            match client.lease_grant(ttl, None).await {
+                Ok(granted) => break granted.id(),
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    debug!(error = %e, "cannot get a lease yet; asking again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         tokio::spawn(keep_alive(client.clone(), lease, ttl_s, lost));
         info!(lease, ttl_s, head = me.name, "joined the election");
         Ok(Election { client, name: format!("{prefix}/leader"), lease, me })

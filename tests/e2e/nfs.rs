@@ -272,7 +272,10 @@ fn login_hosts_read_the_tree_over_nfs() {
     assert_eq!(nfs.cat("nodes/cn2/state").unwrap(), c.read("nodes/cn2/state"));
 
     // A sitrep over NFS has the local format: every key, in order, numbers where numbers go.
-    let remote = nfs.cat("nodes/cn1/sitrep").unwrap();
+    // A sitrep is live: its length can change between the client's GETATTR and its READ
+    // when both are slow. nfs-cat failed on it once in a full run on a loaded machine (not
+    // reproduced alone); the read is tried up to three times.
+    let remote = (0..3).find_map(|_| nfs.cat("nodes/cn1/sitrep")).expect("nfs-cat of a sitrep");
     let local = c.read("nodes/cn1/sitrep");
     let keys = |s: &str| s.lines().map(|l| l.split(' ').next().unwrap().to_string()).collect::<Vec<_>>();
     assert_eq!(keys(&remote), keys(&local));

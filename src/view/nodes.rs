@@ -45,6 +45,10 @@ pub const VERBS: &[Verb] = &[
     Verb { name: "resume", args: "", help: "put a drained node back" },
 ];
 
+/// How a node is removed, in both READMEs of `nodes/`.
+const FORGET_HELP: &str = "Root forgets a decommissioned node with `rmdir nodes/<node>`, once its agent is\n\
+                           stopped and no job, image or VM is on it.\n";
+
 /// Longest drain reason kept.
 const MAX_REASON: usize = 256;
 
@@ -82,10 +86,10 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
             "nodes/: every node the cluster knows",
             DIR_FILES,
             &[],
-            "  dir  <node>       one node: its sitrep, state, ctl (see its README)\n\n\
-             A node appears when its agent first connects and stays known. Root forgets a\n\
-             decommissioned node with `rmdir nodes/<node>`, once its agent is stopped and no\n\
-             job, image or VM is on it.\n",
+            &format!(
+                "  dir  <node>       one node: its sitrep, state, ctl (see its README)\n\n\
+                 A node appears when its agent first connects and stays known.\n{FORGET_HELP}"
+            ),
         ))),
         [set] => match SETS.iter().find(|(n, _)| n == set) {
             Some((_, which)) => line(cluster.set(*which).fold()),
@@ -103,9 +107,10 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
                     &format!("nodes/{name}: one node of the cluster"),
                     NODE_FILES,
                     &[("ctl", VERBS)],
-                    "The sitrep keys, their units and the perf_score and load_index formulas are in README.md.\n\
-                     Root forgets a decommissioned node with `rmdir nodes/<node>`, once its agent is\n\
-                     stopped and no job, image or VM is on it.\n",
+                    &format!(
+                        "The sitrep keys, their units and the perf_score and load_index formulas are in README.md.\n\
+                         {FORGET_HELP}"
+                    ),
                 )),
                 "sitrep" => Ok(sitrep.text().into_bytes()),
                 "sitrep.json" => Ok(sitrep.json().into_bytes()),
@@ -176,9 +181,6 @@ fn with_usage(e: FsError) -> FsError {
 pub fn forget(cluster: &Arc<Cluster>, name: &str, caller: &Caller, holds: &[String]) -> Answer<()> {
     if !caller.is_root() {
         return Answer::Now(Err(FsError::denied("only root removes nodes")));
-    }
-    if !cluster.exists(name) {
-        return Answer::Now(Err(FsError::not_found(format!("node {name}"))));
     }
     if !holds.is_empty() {
         let what = holds.join("; ");

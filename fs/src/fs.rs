@@ -391,7 +391,10 @@ impl<T: Tree> SynthFs<T> {
 
     fn finish_open(&self, ino: u64, path: PathBuf, kind: Kind, bytes: Vec<u8>, caller: Caller) -> u64 {
         let bytes = Arc::new(bytes);
-        if kind != Kind::Blocking {
+        if kind == Kind::Blocking {
+            // What the wait saw happen is in every read after it, not a render from before.
+            self.renders.clear();
+        } else {
             self.renders.insert((ino, caller.uid), (Instant::now(), bytes.clone()));
         }
         self.new_handle(ino, path, kind, bytes, caller)

@@ -118,6 +118,20 @@ fn blocking_reads_wait_in_a_task_or_say_eagain() {
 }
 
 #[test]
+fn a_read_after_a_wait_ends_shows_what_the_wait_saw() {
+    let fs = fs();
+    let snap = ino(&fs, ROOT_INO, "snap");
+    let wait = ino(&fs, ROOT_INO, "wait");
+    let fh = now(fs.open(snap, false, &ROOT)).unwrap();
+    assert_eq!(now(fs.read(fh, 0, 100)).unwrap(), b"render 0\n");
+    // `cat wait; cat state` within one file TTL: the state must not predate the wait's answer.
+    *fs.tree().ready.lock().unwrap() = Some("done 0\n".into());
+    now(fs.open(wait, false, &ROOT)).unwrap();
+    let fh = now(fs.open(snap, false, &ROOT)).unwrap();
+    assert_eq!(now(fs.read(fh, 0, 100)).unwrap(), b"render 1\n");
+}
+
+#[test]
 fn readdir_cookies_are_inodes_in_order() {
     let fs = fs();
     let all = fs.readdir(ROOT_INO, 0).unwrap();

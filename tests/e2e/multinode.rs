@@ -36,6 +36,7 @@ fn a_command_on_100_nodes_is_summed_up_gathered_and_retried() {
     std::fs::write(d.join("cn42"), "").unwrap();
     let spec = format!(
         "#CLUSTER nodes=cn[0-99] isolate=none\n\
+         while [ -e {m}/hold ]; do sleep 0.05; done\n\
          if [ -e {m}/$CLUSTER_NODE ]; then echo \"broken on $CLUSTER_NODE\" >&2; exit 3; fi\n\
          echo release-1.2; echo \"$CLUSTER_NODE of $CLUSTER_NODES\" >&2\n",
         m = d.display()
@@ -91,8 +92,13 @@ fn a_command_on_100_nodes_is_summed_up_gathered_and_retried() {
     );
 
     // Once every node passed, there is nothing to retry.
+    // A retry runs on the nodes that did not pass, and its state says so.
     std::fs::remove_file(d.join("cn7")).unwrap();
+    std::fs::write(d.join("hold"), "").unwrap();
     assert_eq!(c.write(&format!("{j}/ctl"), b"retry-failed\n"), Ok(()));
+    let running = || c.read(&format!("{j}/state")) == "running on cn7 (attempt 3)\n";
+    assert!(eventually(Duration::from_secs(10), running), "{}", c.read(&format!("{j}/state")));
+    std::fs::remove_file(d.join("hold")).unwrap();
     assert_eq!(wait(&c, id), "0\n");
     assert_eq!(c.read(&format!("{j}/state")), "done 0\n");
     assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-99], SUM: 100\n");

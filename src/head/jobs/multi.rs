@@ -361,7 +361,17 @@ impl Jobs {
         }
         let mut p = entry.clone();
         p.state = State::Running;
-        p.reason = format!("on {}", spread.folded);
+        p.reason = match spread.attempts.last() {
+            // A retry runs on the nodes that did not pass, not on the whole set.
+            Some(a) if spread.attempts.len() > 1 => {
+                let mut on = NodeSet::new();
+                for &h in &a.hosts {
+                    let _ = on.insert(&spread.hosts[h as usize]);
+                }
+                format!("on {} (attempt {})", on.fold(), spread.attempts.len())
+            }
+            _ => format!("on {}", spread.folded),
+        };
         p.started_ms = Some(now_ms());
         p.spread = Some(spread.clone());
         changes.push(Store::change("jobs", &id.to_string(), &p).map_err(FsError::from)?);

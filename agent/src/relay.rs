@@ -399,13 +399,22 @@ fn write_file(run: &Run, file: &FileFacts, dest: &str, mut rx: mpsc::Receiver<Wr
         }
         f.sync_all().map_err(|e| format!("syncing {}: {e}", tmp.display()))?;
         let meta = f.metadata().map_err(|e| e.to_string())?;
+        let mut mode = file.mode;
         if std::os::unix::fs::MetadataExt::uid(&meta) != file.uid
             || std::os::unix::fs::MetadataExt::gid(&meta) != file.gid
         {
-            nix::unistd::fchown(&f, Some(file.uid.into()), Some(file.gid.into()))
-                .map_err(|e| format!("cannot give {} to {}:{}: {e}", dest.display(), file.uid, file.gid))?;
+            match nix::unistd::fchown(&f, Some(file.uid.into()), Some(file.gid.into())) {
+                Ok(()) => {}
+                // As `cp -p` does for a user not in the source's group: the copy stays in the
+                // user's own group, and without set-id bits, which were meant for the other.
+                Err(nix::errno::Errno::EPERM) if run.uid != 0 => {
+                    tracing::info!(run = run.run, dest = %dest.display(), gid = file.gid, "the copy keeps the user's group");
+                    mode &= !0o6000;
+                }
+                Err(e) => return Err(format!("cannot give {} to {}:{}: {e}", dest.display(), file.uid, file.gid)),
+            }
         }
-        nix::sys::stat::fchmod(&f, nix::sys::stat::Mode::from_bits_truncate(file.mode))
+        nix::sys::stat::fchmod(&f, nix::sys::stat::Mode::from_bits_truncate(mode))
             .map_err(|e| format!("cannot set the mode of {}: {e}", dest.display()))?;
         let mtime = nix::sys::time::TimeSpec::new(file.mtime_s, file.mtime_ns);
         nix::sys::stat::futimens(&f, &nix::sys::time::TimeSpec::UTIME_OMIT, &mtime)

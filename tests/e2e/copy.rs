@@ -168,6 +168,22 @@ fn copies_are_checked_and_run_as_the_user() {
     let state = c.read(&format!("jobs/{id}/nodes/cn0/state"));
     assert!(state.contains("copy failed") && state.contains("Permission denied"), "{state}");
     assert!(!root.join("cn0.bin").exists());
+
+    // Alice's file in a group she is not in (root's): the copies are hers, in her own group,
+    // without the set-group-id bit meant for root's group, as `cp -p` leaves them.
+    let odd = c.dir.path().join("odd.bin");
+    sh(&format!("echo odd > {o}; chown cfalice:root {o}; chmod 2750 {o}", o = odd.display()));
+    let id = submit_as(
+        &c,
+        "cfalice",
+        &format!("#CLUSTER nodes=cn[0-1] copy={} dest={}/odd-%n.bin\n", odd.display(), root.display()),
+    );
+    assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("jobs/{id}/nodes/cn0/state")));
+    let alice = std::fs::metadata(&src).unwrap();
+    for n in ["cn0", "cn1"] {
+        let m = std::fs::metadata(root.join(format!("odd-{n}.bin"))).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (alice.uid(), alice.gid(), 0o750), "{n}");
+    }
 }
 
 #[test]

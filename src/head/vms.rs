@@ -241,9 +241,12 @@ impl Vms {
             return Err(FsError::new(Errno::Exist, format!("VM {} exists", spec.name)));
         }
         let tname = spec.template.clone().unwrap_or_else(|| self.cfg.default_template.clone());
-        let template = self
-            .template(&tname)
-            .ok_or_else(|| FsError::not_found(format!("there is no template {tname} (see vms/templates/)")))?;
+        let template = self.template(&tname).ok_or_else(|| {
+            FsError::new(
+                Errno::NoEnt,
+                format!("there is no template {tname}: root writes one as vms/templates/{tname}"),
+            )
+        })?;
         let mem = spec.mem.unwrap_or(template.mem).0;
         let node = self.place(&spec, mem)?;
         let launch = Launch {

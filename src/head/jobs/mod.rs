@@ -548,7 +548,7 @@ impl Jobs {
     /// Signals one running run through its node's agent; a kill escalates to SIGKILL.
     async fn signal_run(&self, id: u64, signal: i32, who: &str) -> Result<(), FsError> {
         let Some(node) = self.with(id, |j| j.node.clone()).flatten() else {
-            return Err(FsError::not_found(format!("job {id} has no node")));
+            return Err(FsError::new(Errno::NoEnt, format!("job {id} is on no node")));
         };
         if signal == libc::SIGTERM || signal == libc::SIGKILL {
             self.update(id, |j| j.killed_by = Some(who.to_string()))?;
@@ -630,8 +630,10 @@ impl Jobs {
 
     /// Waits until job `id` ends; its final state.
     pub async fn wait(&self, id: u64) -> Result<Job, FsError> {
-        self.wait_for(|| self.get(id).ok_or_else(|| FsError::not_found(format!("job {id} (removed while waited on)"))))
-            .await
+        self.wait_for(|| {
+            self.get(id).ok_or_else(|| FsError::new(Errno::NoEnt, format!("job {id} was removed while waited on")))
+        })
+        .await
     }
 
     /// Waits until the job `look` finds has ended.

@@ -1,6 +1,7 @@
 //! clusterfs: the cluster model, protocol and head that serve a Linux cluster as one filesystem.
 
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod hsm;
 pub mod images;

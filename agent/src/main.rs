@@ -107,7 +107,11 @@ fn mover_config(args: &Args) -> anyhow::Result<Option<mover::MoverConfig>> {
     }))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    clusterfs::cli::exit_with("clusterfs-agent", run)
+}
+
+fn run() -> anyhow::Result<()> {
     // The per-run supervisor mode the agent starts for each job (not for people).
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if argv.len() == 3 && argv[1] == "--shim" {

@@ -89,4 +89,13 @@ fn bombs_and_bad_syntax_fail_cleanly() {
     assert!(ok, "100,000 names are within the default limit");
     let (ok, _) = ours(&["-f", "cn["]);
     assert!(!ok);
+    // A mistake is one line on stderr, even where RUST_BACKTRACE is set.
+    let out = Command::new(bin("clusterfs"))
+        .args(["nodeset", "--root", "/nonexistent", "-f", "cn[3-1]"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(err, "clusterfs: cn[3-1]: nodeset syntax: range '3-1' goes backwards\n");
 }

@@ -259,10 +259,15 @@ fn after_orders_jobs_and_queued_jobs_say_why() {
     let any = submit_as(&c, "root", &format!("#CLUSTER afterany={f}\necho anyway\n"));
     assert!(wait(&c, d).starts_with("failed dependency"), "{}", c.read(&format!("jobs/{d}/state")));
     assert_eq!(wait(&c, any), "0\n");
-    // Nothing fits: the job waits, saying why.
+    // No node is that big: the job waits for one that is, saying so.
+    let most = c.read("nodes/cn0/sitrep").lines().find_map(|l| l.strip_prefix("cpus ").map(String::from)).unwrap();
     let big = submit_as(&c, "root", "#CLUSTER cpus=999\ntrue\n");
-    assert!(eventually(Duration::from_secs(15), || c.read(&format!("jobs/{big}/state"))
-        == "queued waiting for a node with 999 free cpus\n"));
+    let said = format!("queued no node has 999 cpus (the most is {most}): waiting for one that has\n");
+    assert!(
+        eventually(Duration::from_secs(15), || c.read(&format!("jobs/{big}/state")) == said),
+        "{}",
+        c.read(&format!("jobs/{big}/state"))
+    );
     assert!(c.read("jobs/queue").contains(&format!("{big} root queued - -")));
     let err = std::fs::OpenOptions::new().read(true).custom_flags_nonblock().open(c.path(&format!("jobs/{big}/wait")));
     assert_eq!(err.unwrap_err().raw_os_error(), Some(libc::EAGAIN), "O_NONBLOCK wait returns at once");

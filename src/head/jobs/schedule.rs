@@ -35,6 +35,8 @@ pub(super) struct Free {
     no_fit: HashMap<(u32, Option<u64>), String>,
     /// How many of `nodes` have a free cpu.
     with_cpus: usize,
+    /// The most cpus and the most memory any known node has (up or not), free or not.
+    most: (u64, u64),
 }
 
 /// How a job that waits for free cpus is told so: this, the count, " free cpus".
@@ -60,9 +62,9 @@ fn waits_for_cpus(reason: &str, cpus: u32) -> bool {
 }
 
 impl Free {
-    fn new(nodes: Vec<(String, u64, u64, f64)>) -> Free {
+    fn new(nodes: Vec<(String, u64, u64, f64)>, most: (u64, u64)) -> Free {
         let with_cpus = nodes.iter().filter(|n| n.1 > 0).count();
-        Free { nodes, no_fit: HashMap::new(), with_cpus }
+        Free { nodes, no_fit: HashMap::new(), with_cpus, most }
     }
 
     /// Sets a node's free cpus and memory, keeping the count of nodes with a free cpu.
@@ -97,7 +99,12 @@ impl Free {
                 n.0.clone()
             });
         best.ok_or_else(|| {
-            if self.nodes.is_empty() {
+            // A size no node has waits for a node that has it, and says so: not for room.
+            if cpus > self.most.0 && self.most.0 > 0 {
+                format!("no node has {cpus} cpus (the most is {}): waiting for one that has", self.most.0)
+            } else if mem > self.most.1 && self.most.1 > 0 {
+                format!("no node has {mem} bytes of memory (the most is {}): waiting for one that has", self.most.1)
+            } else if self.nodes.is_empty() {
                 "waiting for a node to be up".to_string()
             } else if self.nodes.iter().all(|n| n.1 < cpus) {
                 format!("{WAIT_CPUS}{cpus} free cpus")
@@ -351,15 +358,17 @@ impl Jobs {
     /// are taken.
     fn free_nodes(&self, reserved: &HashMap<String, (u64, u64)>) -> Free {
         let mut nodes = Vec::new();
+        let mut most = (0, 0);
         for name in self.cluster.names() {
             let Some(v) = self.cluster.view(&name) else { continue };
+            most = (most.0.max(v.report.cpus), most.1.max(v.report.mem_total));
             if v.state == NodeState::Up {
                 let (cpus, mem) = reserved.get(&name).copied().unwrap_or_default();
                 let load = v.report.load_index();
                 nodes.push((name, v.report.cpus.saturating_sub(cpus), v.report.mem_total.saturating_sub(mem), load));
             }
         }
-        Free::new(nodes)
+        Free::new(nodes, most)
     }
 
     /// Whether the jobs `after` (exit 0 needed) and `afterany` have ended.
@@ -559,7 +568,7 @@ mod tests {
 
     #[test]
     fn a_full_cluster_is_seen_and_the_reason_it_repeats_is_recognized() {
-        let mut free = Free::new(vec![("cn1".into(), 1, 1 << 30, 0.0)]);
+        let mut free = Free::new(vec![("cn1".into(), 1, 1 << 30, 0.0)], (2, 1 << 30));
         assert!(!free.full());
         assert_eq!(free.place(1, None), Ok("cn1".to_string()));
         assert!(free.full());
@@ -568,16 +577,28 @@ mod tests {
         assert!(!waits_for_cpus(&why, 1));
         assert!(!waits_for_cpus("waiting for a node", 1));
         assert!(!waits_for_cpus("waiting for a node with 512 bytes of free memory", 1));
-        assert!(!Free::new(Vec::new()).full(), "no node up is not full");
+        assert!(!Free::new(Vec::new(), (0, 0)).full(), "no node up is not full");
         // Room given back and taken again is counted.
         free.give_back("cn1", 1, None);
         assert!(!free.full());
         assert_eq!(free.pick(1, 1, None), Ok(vec!["cn1".to_string()]));
         assert!(free.full());
-        let mut two = Free::new(vec![("cn1".into(), 2, 1 << 30, 0.0), ("cn2".into(), 1, 1 << 30, 1.0)]);
+        let mut two = Free::new(vec![("cn1".into(), 2, 1 << 30, 0.0), ("cn2".into(), 1, 1 << 30, 1.0)], (2, 1 << 30));
         two.take("cn1", 2, None);
         assert!(!two.full());
         two.hold("cn2");
         assert!(two.full());
+    }
+
+    #[test]
+    fn a_size_no_node_has_is_told_apart_from_one_that_waits_for_room() {
+        let mut free = Free::new(vec![("cn1".into(), 0, 1 << 30, 0.0)], (2, 2 << 30));
+        let why = free.place(2, None).unwrap_err();
+        assert!(waits_for_cpus(&why, 2), "two cpus exist, busy now: {why}");
+        let why = free.place(64, None).unwrap_err();
+        assert_eq!(why, "no node has 64 cpus (the most is 2): waiting for one that has");
+        assert!(!waits_for_cpus(&why, 64));
+        let why = free.place(1, Some(4 << 30)).unwrap_err();
+        assert!(why.starts_with("no node has 4294967296 bytes of memory (the most is 2147483648)"), "{why}");
     }
 }

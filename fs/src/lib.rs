@@ -57,9 +57,29 @@ impl Mount {
                 return Err(e.into());
             }
         }
-        session.umount_and_join()
+        // The kernel ends the threads' reads when the last reference to the mount goes. A
+        // process in a mount namespace of its own made while the tree was mounted (a job with
+        // isolate=ns) holds a copy of it until that process ends: the unmount is done here,
+        // the threads are not waited for past JOIN_WAIT (the process exits without them).
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(session.umount_and_join());
+        });
+        match done_rx.recv_timeout(JOIN_WAIT) {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    waited_ms = JOIN_WAIT.as_millis() as u64,
+                    "unmounted, but another mount namespace (a running job's) still holds the mount: not waiting for it"
+                );
+                Ok(())
+            }
+        }
     }
 }
+
+/// How long an unmount waits for the FUSE threads to end.
+const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for Mount {
     fn drop(&mut self) {

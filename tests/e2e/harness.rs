@@ -274,16 +274,21 @@ impl Cluster {
         Some(status)
     }
 
-    /// Stops the head with SIGTERM and waits for a clean unmount.
-    pub fn stop_head(&mut self) {
-        if let Some(mut h) = self.head.take() {
-            signal(pid(&h), libc::SIGTERM);
-            let done = eventually(Duration::from_secs(10), || matches!(h.try_wait(), Ok(Some(_))));
-            if !done {
-                let _ = h.kill();
-                let _ = h.wait();
-            }
+    /// Stops the head with SIGTERM and waits for a clean unmount; its exit status, or None
+    /// when it had to be killed after 10 s.
+    pub fn stop_head(&mut self) -> Option<std::process::ExitStatus> {
+        let mut h = self.head.take()?;
+        signal(pid(&h), libc::SIGTERM);
+        let mut status = None;
+        eventually(Duration::from_secs(10), || {
+            status = h.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if status.is_none() {
+            let _ = h.kill();
+            let _ = h.wait();
         }
+        status
     }
 
     pub fn is_mounted(&self) -> bool {

@@ -59,6 +59,9 @@ impl Images {
         }
         let dev = out.2.trim().to_string();
         let mounted = (|| {
+            if let Some(root) = mountpoint.parent() {
+                share(root)?;
+            }
             let (code, err, _) = command("e2fsck", &["-p", &dev])?;
             if code >= 4 {
                 return Err(format!(
@@ -249,6 +252,49 @@ fn mounts() -> Vec<(String, PathBuf)> {
         .collect()
 }
 
+/// Makes `root` (the mount root) a shared mount of its own, once. A job's mount namespace
+/// holds a copy of every mount made before it started, as a slave of the mount it copies
+/// (agent/src/isolate.rs): under a shared root, an image unmounted here is unmounted in every
+/// job's copy too, or the umount fails with EBUSY while a job uses it, so that its loop device
+/// is free after it and the image is never left mounted on two nodes.
+fn share(root: &Path) -> Result<(), String> {
+    fs::create_dir_all(root).map_err(|e| format!("cannot make {}: {e}", root.display()))?;
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let fail = |what: &str, e: nix::Error| format!("{what} {}: {e}", root.display());
+    match mount_at(&info, root) {
+        Some(true) => return Ok(()),
+        Some(false) => {}
+        // Images mounted under it before this agent did this stay where they are.
+        None if info.lines().filter_map(mount_point).any(|at| at.starts_with(root)) => {
+            warn!(root = %root.display(), "images are mounted under the mount root: it is made shared once they are gone");
+            return Ok(());
+        }
+        None => nix::mount::mount(Some(root), root, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| fail("bind", e))?,
+    }
+    nix::mount::mount(None::<&str>, root, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+        .map_err(|e| fail("make shared", e))?;
+    info!(root = %root.display(), "mount root made a shared mount");
+    Ok(())
+}
+
+/// The mount point of one mountinfo line.
+fn mount_point(line: &str) -> Option<PathBuf> {
+    line.split(' ').nth(4).map(|at| PathBuf::from(unescape(at)))
+}
+
+/// Whether `dir` is a mount point in `mountinfo`, and if so whether its topmost mount is shared.
+fn mount_at(mountinfo: &str, dir: &Path) -> Option<bool> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, _) = l.split_once(" - ")?;
+            let optional = left.split(' ').skip(6);
+            (mount_point(l)? == dir).then(|| optional.clone().any(|f| f.starts_with("shared:")))
+        })
+        .last()
+}
+
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
 fn unescape(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -282,6 +328,17 @@ fn detach(dev: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_and_their_sharing_are_read_from_mountinfo() {
+        let info = "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                    40 27 254:0 /m /m rw,relatime - ext4 /dev/vda rw\n\
+                    41 40 254:0 /m /m rw,relatime shared:5 - ext4 /dev/vda rw\n\
+                    42 27 0:50 / /a\\040b rw master:3 - tmpfs t rw\n";
+        assert_eq!(mount_at(info, Path::new("/m")), Some(true), "the topmost mount counts");
+        assert_eq!(mount_at(info, Path::new("/a b")), Some(false));
+        assert_eq!(mount_at(info, Path::new("/x")), None);
+    }
 
     #[test]
     fn mountinfo_names_are_unescaped_and_deleted_files_matched() {

@@ -207,17 +207,19 @@ impl ChildSetup {
         }
         // SAFETY: every pointer is a NUL-terminated string that lives in `self` or is static.
         unsafe {
-            // A mount namespace of the job's own: its /proc and root change nothing outside.
+            // A mount namespace of the job's own: its /proc and root change nothing outside,
+            // and the node's unmounts reach it (slave, not private): an image unmounted on the
+            // node is gone here too, or its umount fails with EBUSY while the job uses it.
             step(libc::unshare(libc::CLONE_NEWNS), "unshare the mount namespace")?;
             step(
                 libc::mount(
                     std::ptr::null(),
                     c"/".as_ptr(),
                     std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
+                    libc::MS_REC | libc::MS_SLAVE,
                     std::ptr::null(),
                 ),
-                "make mounts private",
+                "make mounts slaves of the node's",
             )?;
             if let Some(root) = &self.rootfs {
                 step(

@@ -7,7 +7,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 use crate::harness::{Cluster, eventually, sh, sh_as};
-use crate::jobs::users;
+use crate::jobs::{assert_killed, assert_running, submit_as, users, wait};
 
 /// Two volume directories and a mount root; dropping it unmounts and detaches whatever a
 /// failed test left under them.
@@ -63,7 +63,8 @@ impl Volumes {
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.split(' ').nth(4).map(String::from))
-            .filter(|m| m.starts_with(&root))
+            // The mount root itself is a bind the agent makes (shared, for jobs' namespaces).
+            .filter(|m| m.starts_with(&root) && *m != root)
             .collect()
     }
 
@@ -80,6 +81,7 @@ impl Drop for Volumes {
         for (dev, _) in self.loops() {
             let _ = Command::new("losetup").args(["-d", &dev]).status();
         }
+        let _ = nix::mount::umount2(&self.path("mnt"), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -211,6 +213,12 @@ fn spares_mounts_leases_and_growth() {
     assert_eq!(v.loops().len(), 1);
     let (code, _, err) = sh_as("cfalice", &format!("echo kept > {}/notes && sync", at.display()));
     assert_eq!(code, 0, "{err}");
+    // Jobs started now hold a copy of the mount in mount namespaces of their own: one works in
+    // the image, one does not touch it.
+    let busy = submit_as(&c, "cfalice", &format!("#CLUSTER nodes=cn1 cwd={}\nsleep 301\n", at.display()));
+    let idle = submit_as(&c, "cfalice", "#CLUSTER nodes=cn1 cwd=/\nsleep 302\n");
+    assert_running(&c, busy);
+    assert_running(&c, idle);
 
     // Never twice, never removed while mounted.
     assert_eq!(c.write("images/cfalice/ctl", b"mount cn0\n"), Err(libc::EBUSY));
@@ -234,10 +242,22 @@ fn spares_mounts_leases_and_growth() {
     assert_eq!(c.write("images/cfalice/ctl", b"resize 64M\n"), Err(libc::EINVAL));
     assert!(c.read("images/cfalice/error").contains("only grow"));
 
-    // umount detaches the loop device; the data is there on the next mount (on nodes/best).
+    // The node's umount reaches the jobs' copies: refused while a job works in the image...
+    assert_eq!(c.write("images/cfalice/ctl", b"umount\n"), Err(libc::EBUSY));
+    assert!(c.read("images/cfalice/error").contains("in use on this node"), "{}", c.read("images/cfalice/error"));
+    assert!(c.read("images/cfalice/state").starts_with("mounted on cn1\n"));
+    c.write(&format!("jobs/{busy}/ctl"), b"kill\n").unwrap();
+    assert_killed(&wait(&c, busy));
+    // ...and, once none does, done in every job's copy too: the loop device is free, and the
+    // image is mounted nowhere while the head says it is unmounted.
     assert_eq!(c.write("images/cfalice/ctl", b"umount\n"), Ok(()), "{}", c.read("images/cfalice/error"));
     assert!(!v.is_mounted("cfalice"));
     assert!(v.loops().is_empty(), "{:?}", v.loops());
+    let (_, pid, _) = sh("pgrep -xf 'sleep 302'");
+    let seen = std::fs::read_to_string(format!("/proc/{}/mountinfo", pid.trim())).unwrap();
+    assert!(!seen.contains(&format!(" {} ", at.display())), "the job still has the image mounted:\n{seen}");
+    c.write(&format!("jobs/{idle}/ctl"), b"kill\n").unwrap();
+    assert_killed(&wait(&c, idle));
     assert_eq!(c.read("images/cfalice/node"), "\n");
     assert_eq!(c.write("images/cfalice/ctl", b"umount\n"), Err(libc::EINVAL));
     assert_eq!(c.write("images/cfalice/ctl", b"fsck\n"), Ok(()));

@@ -285,14 +285,11 @@ fn mount_point(line: &str) -> Option<PathBuf> {
 
 /// Whether `dir` is a mount point in `mountinfo`, and if so whether its topmost mount is shared.
 fn mount_at(mountinfo: &str, dir: &Path) -> Option<bool> {
-    mountinfo
-        .lines()
-        .filter_map(|l| {
-            let (left, _) = l.split_once(" - ")?;
-            let optional = left.split(' ').skip(6);
-            (mount_point(l)? == dir).then(|| optional.clone().any(|f| f.starts_with("shared:")))
-        })
-        .last()
+    mountinfo.lines().rev().find_map(|l| {
+        let (left, _) = l.split_once(" - ")?;
+        let optional = left.split(' ').skip(6);
+        (mount_point(l)? == dir).then(|| optional.clone().any(|f| f.starts_with("shared:")))
+    })
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.

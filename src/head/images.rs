@@ -823,11 +823,12 @@ fn grow_offline(path: &Path, size: u64) -> Result<(), FsError> {
         .map_err(|e| FsError::new(Errno::Io, e))
 }
 
-/// Makes the filesystem's root directory belong to the user, without mounting it.
+/// Makes the filesystem's root directory the user's, private (mode 0700: the user may open
+/// it up), without mounting it.
 fn root_owner(path: &Path, uid: u32, gid: u32) -> Result<(), FsError> {
     let p = path.to_string_lossy();
-    for (field, id) in [("uid", uid), ("gid", gid)] {
-        let req = format!("set_inode_field <2> {field} {id}");
+    for (field, value) in [("uid", uid.to_string()), ("gid", gid.to_string()), ("mode", "040700".to_string())] {
+        let req = format!("set_inode_field <2> {field} {value}");
         let out = command("debugfs", &["-w", "-R", &req, &p]).map_err(|e| io_err("debugfs", e))?;
         check(out, "setting the filesystem's owner").map_err(|e| FsError::new(Errno::Io, e))?;
     }

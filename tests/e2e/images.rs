@@ -213,6 +213,10 @@ fn spares_mounts_leases_and_growth() {
     assert_eq!(v.loops().len(), 1);
     let (code, _, err) = sh_as("cfalice", &format!("echo kept > {}/notes && sync", at.display()));
     assert_eq!(code, 0, "{err}");
+    let root = std::fs::metadata(&at).unwrap();
+    assert_eq!((root.uid(), root.mode() & 0o7777), (meta.uid(), 0o700), "the image's root is alice's alone");
+    let (code, _, _) = sh_as("cfbob", &format!("ls {}", at.display()));
+    assert_ne!(code, 0, "bob cannot list alice's image");
     // Jobs started now hold a copy of the mount in mount namespaces of their own: one works in
     // the image, one does not touch it.
     let busy = submit_as(&c, "cfalice", &format!("#CLUSTER nodes=cn1 cwd={}\nsleep 301\n", at.display()));

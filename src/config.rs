@@ -173,11 +173,20 @@ pub struct JobsConfig {
     pub lost_after_s: u64,
     /// A `jobs/new` writer that neither writes nor closes for this long has finished its spec.
     pub release_after_ms: u64,
+    /// The most of each stream (stdout, stderr) of a run the head keeps: a run that writes more
+    /// is killed, the rest dropped, so that no job fills the head's disk. 0: no limit.
+    pub max_output: Bytes,
 }
 
 impl Default for JobsConfig {
     fn default() -> JobsConfig {
-        JobsConfig { allow_root: true, retention_s: 7 * 86400, lost_after_s: 300, release_after_ms: 1000 }
+        JobsConfig {
+            allow_root: true,
+            retention_s: 7 * 86400,
+            lost_after_s: 300,
+            release_after_ms: 1000,
+            max_output: Bytes(1 << 30),
+        }
     }
 }
 

@@ -559,3 +559,25 @@ fn a_run_whose_supervisor_dies_ends_and_says_so() {
     );
     assert_eq!(wait(&c, id), "255\n");
 }
+
+#[test]
+fn a_run_past_max_output_is_killed_and_the_head_keeps_only_the_limit() {
+    if !crate::can_mount() {
+        return;
+    }
+    let c = Cluster::up_with("cn0", 200, "[jobs]\nmax_output = \"1M\"\n");
+    // 3 MB on stdout, then a line on stderr, then it would run on: it is killed instead.
+    let id = submit_as(&c, "root", "head -c 3000000 /dev/zero | tr '\\0' x; echo on >&2; sleep 60\n");
+    assert_killed(&wait(&c, id));
+    assert_eq!(
+        c.read(&format!("jobs/{id}/state")),
+        "killed by clusterfs: its stdout passed max_output (1M; the rest was dropped)\n"
+    );
+    let out = std::fs::metadata(c.path(&format!("jobs/{id}/stdout"))).unwrap().len();
+    assert_eq!(out, 1 << 20, "the head kept the limit, no more");
+    assert!(c.read(&format!("jobs/{id}/stdout")).bytes().all(|b| b == b'x'));
+    // Under the limit, nothing changes.
+    let small = submit_as(&c, "root", "head -c 1000 /dev/zero | tr '\\0' y\n");
+    assert_eq!(wait(&c, small), "0\n");
+    assert_eq!(c.read(&format!("jobs/{small}/stdout")), "y".repeat(1000));
+}

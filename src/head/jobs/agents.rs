@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::{Jobs, State, now_ms};
+use crate::images::size_text;
 use crate::jobs::{Exit, RunStatus, STDERR, STDOUT, split_stream};
 use crate::proto::Message;
 
@@ -45,27 +46,64 @@ impl Jobs {
 
     /// Output from an agent; returns a resume request when a gap shows data was missed.
     /// `Err(Stray)` when the run is not running on `node`: nothing was done.
-    pub fn output(&self, node: &str, stream: u64, offset: u64, data: &[u8]) -> Result<Option<Message>, Stray> {
+    pub fn output(
+        self: &Arc<Self>,
+        node: &str,
+        stream: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Option<Message>, Stray> {
         let (run, s) = split_stream(stream);
         if !self.runs_on(run, node) {
             return Err(Stray);
         }
-        let len = self.output_len(run, s);
+        let (len, cap) = (self.output_len(run, s), self.max_output());
         if offset > len {
+            // Past the limit, the rest is dropped, not asked for again.
+            if len >= cap {
+                return Ok(None);
+            }
             return Ok(Some(Message::Resume {
                 run,
                 from: [self.output_len(run, STDOUT), self.output_len(run, STDERR)],
             }));
         }
         let skip = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len());
-        if skip < data.len() {
-            let appended = self.open_spool(run, s).and_then(|mut f| f.write_all(&data[skip..]));
+        let room = usize::try_from(cap.saturating_sub(len)).unwrap_or(usize::MAX);
+        let new = &data[skip..];
+        if !new.is_empty() {
+            let kept = &new[..new.len().min(room)];
+            let appended = self.open_spool(run, s).and_then(|mut f| f.write_all(kept));
             if let Err(e) = appended {
                 warn!(job = run, error = %e, "cannot write job output to the spool");
+            }
+            if kept.len() < new.len() {
+                self.over_limit(run, s, cap);
             }
             self.changed.notify_waiters();
         }
         Ok(None)
+    }
+
+    /// `max_output` in bytes (no limit: the most there is).
+    fn max_output(&self) -> u64 {
+        if self.cfg.max_output.0 == 0 { u64::MAX } else { self.cfg.max_output.0 }
+    }
+
+    /// Kills run `run`, whose stream `s` passed `cap`, once.
+    fn over_limit(self: &Arc<Self>, run: u64, s: u64, cap: u64) {
+        if self.with(run, |j| j.killed_by.is_some()).unwrap_or(true) {
+            return;
+        }
+        let stream = if s == STDOUT { "stdout" } else { "stderr" };
+        let who = format!("clusterfs: its {stream} passed max_output ({}; the rest was dropped)", size_text(cap));
+        warn!(job = run, stream, cap, "a run wrote more than max_output: killing it");
+        let jobs = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = jobs.signal_run(run, libc::SIGTERM, &who).await {
+                warn!(job = run, error = %e, "cannot kill a run past max_output");
+            }
+        });
     }
 
     /// A run ended on `node`. Accepted once all its output is here; then the agent may forget it.
@@ -80,7 +118,9 @@ impl Jobs {
     fn accept_exit(self: &Arc<Self>, node: &str, run: u64, exit: Exit, len: [u64; 2]) -> Option<Message> {
         let killed_by = self.with(run, |j| j.killed_by.clone())?;
         let have = [self.output_len(run, STDOUT), self.output_len(run, STDERR)];
-        if have != len {
+        // What passed max_output was dropped: all there is to wait for is up to it.
+        let cap = self.max_output();
+        if have != len.map(|l| l.min(cap)) {
             return Some(Message::Resume { run, from: have });
         }
         let (state, reason) = match (&killed_by, &exit.reason) {

@@ -392,6 +392,9 @@ fn a_mover_whose_node_stops_reporting_is_given_nothing_and_runs_each_request_onc
     let args: Vec<String> =
         ["--name", "m1", "--mover", "--mover-command", &cmd, "--max-archive", "4"].map(String::from).to_vec();
     let m1 = start_mover(&mut c, &args);
+    // Its node has reported (a mover is up before its first report: stopped then, its node
+    // would stay "down connected, no report yet").
+    assert!(eventually(Duration::from_secs(20), || c.read("nodes/m1/state") == "up\n"), "{}", c.read("nodes/m1/state"));
     // Stopped, not dead: its connection stays open, its reports stop, its node goes down.
     // Down for 2 s: a report it sent just before it stopped, read late by a head slowed by a
     // loaded machine, would bring it up again for a moment.

@@ -34,6 +34,8 @@ pub struct VmsConfig {
     pub bridge: String,
     /// An interface each node adds to the bridge, so VMs of several nodes share one segment.
     pub uplink: Option<String>,
+    /// The most of a VM's console the head keeps: past it, the oldest half goes. 0: no limit.
+    pub console_max: Bytes,
 }
 
 impl Default for VmsConfig {
@@ -46,6 +48,7 @@ impl Default for VmsConfig {
             subnet: None,
             bridge: "cfbr0".into(),
             uplink: None,
+            console_max: Bytes(8 << 20),
         }
     }
 }

@@ -171,16 +171,17 @@ impl Vms {
         self.cluster.store().delete("vmtemplates", name).map_err(FsError::from)
     }
 
-    fn console_path(&self, name: &str) -> PathBuf {
-        self.spool.join(format!("{name}.console"))
+    fn console_file(&self, name: &str) -> Console {
+        Console { path: self.spool.join(format!("{name}.console")) }
     }
 
+    /// The size of `console` as users read it (what the head keeps of it).
     pub fn console_len(&self, name: &str) -> u64 {
-        std::fs::metadata(self.console_path(name)).map_or(0, |m| m.len())
+        self.console_file(name).kept()
     }
 
     pub fn console_read(&self, name: &str, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
-        crate::jobs::read_at(&self.console_path(name), offset, size as usize)
+        crate::jobs::read_at(&self.console_file(name).path, offset, size as usize)
     }
 
     /// The address a VM gets from its name, when the VM network is configured.
@@ -274,7 +275,7 @@ impl Vms {
         };
         let name = rec.spec.name.clone();
         self.cluster.store().put("vms", &name, &rec).map_err(FsError::from)?;
-        let _ = std::fs::remove_file(self.console_path(&name));
+        self.console_file(&name).remove();
         let mut vm = Vm {
             rec,
             actual: Actual::Off,
@@ -360,7 +361,7 @@ impl Vms {
         }
         self.cluster.store().delete("vms", name).map_err(FsError::from)?;
         self.lock().remove(name);
-        let _ = std::fs::remove_file(self.console_path(name));
+        self.console_file(name).remove();
         info!(vm = name, "vm removed");
         Ok(())
     }
@@ -391,7 +392,7 @@ impl Vms {
                 vm.actual = actual;
                 vm.changed = SystemTime::now();
             }
-            let have = std::fs::metadata(self.console_path(&s.name)).map_or(0, |m| m.len());
+            let have = self.console_file(&s.name).received();
             if s.console_len > have {
                 out.push(Message::VmConsoleFrom { id: s.id, from: have });
             }
@@ -406,21 +407,8 @@ impl Vms {
         let name =
             self.lock().values().find(|v| v.rec.launch.id == id && v.rec.node == node).map(|v| v.rec.spec.name.clone());
         let Some(name) = name else { return };
-        let path = self.console_path(&name);
-        let have = std::fs::metadata(&path).map_or(0, |m| m.len());
-        if offset > have {
-            return;
-        }
-        let skip = usize::try_from(have - offset).unwrap_or(usize::MAX).min(data.len());
-        if skip < data.len() {
-            let appended = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .and_then(|mut f| f.write_all(&data[skip..]));
-            if let Err(e) = appended {
-                warn!(vm = name, error = %e, "cannot spool the console");
-            }
+        if let Err(e) = self.console_file(&name).append(offset, data, self.cfg.console_max.0) {
+            warn!(vm = name, error = %e, "cannot spool the console");
         }
     }
 
@@ -518,5 +506,98 @@ fn event(vm: &mut Vm, what: String) {
     vm.events.push_back(format!("{at} {what}"));
     while vm.events.len() > EVENTS {
         vm.events.pop_front();
+    }
+}
+
+/// A VM's console on the head: a file of at most `console_max` bytes, and in `<file>.dropped`
+/// how many of the first bytes the VM wrote were let go to keep it so. Offsets from agents
+/// count from the VM's first byte.
+#[derive(Debug)]
+struct Console {
+    path: PathBuf,
+}
+
+impl Console {
+    fn dropped_path(&self) -> PathBuf {
+        self.path.with_extension("console.dropped")
+    }
+
+    /// Bytes let go from the start.
+    fn dropped(&self) -> u64 {
+        std::fs::read_to_string(self.dropped_path()).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Bytes in the file.
+    fn kept(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// Bytes received from the VM's start: where the next ones go.
+    fn received(&self) -> u64 {
+        self.dropped() + self.kept()
+    }
+
+    /// Adds what of `data` (at `offset` from the VM's start) is new. Past `max` (0: no
+    /// limit), the file keeps its newest half of `max`: rewritten whole, then renamed in.
+    fn append(&self, offset: u64, data: &[u8], max: u64) -> std::io::Result<()> {
+        let (dropped, kept) = (self.dropped(), self.kept());
+        let have = dropped + kept;
+        if offset > have {
+            // A gap: the agent is asked again from `have` at its next status.
+            return Ok(());
+        }
+        let skip = usize::try_from(have - offset).unwrap_or(usize::MAX).min(data.len());
+        let new = &data[skip..];
+        if new.is_empty() {
+            return Ok(());
+        }
+        if max == 0 || kept + new.len() as u64 <= max {
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            return f.write_all(new);
+        }
+        let mut all = crate::jobs::read_at(&self.path, 0, usize::try_from(kept).unwrap_or(usize::MAX))?;
+        all.extend_from_slice(new);
+        let keep = usize::try_from(max / 2).unwrap_or(usize::MAX).min(all.len());
+        let gone = all.len() - keep;
+        let write = |path: &std::path::Path, bytes: &[u8]| {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, path)
+        };
+        write(&self.dropped_path(), (dropped + gone as u64).to_string().as_bytes())?;
+        write(&self.path, &all[gone..])
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.dropped_path());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_console_keeps_its_newest_half_past_its_limit_and_counts_what_went() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Console { path: dir.path().join("v.console") };
+        c.append(0, b"0123456789", 16).unwrap();
+        c.append(5, b"56789abc", 16).unwrap(); // resent in part: only "abc" is new
+        assert_eq!((c.kept(), c.received()), (13, 13));
+        // "defg" passes 16: the newest 8 bytes stay.
+        c.append(13, b"defg", 16).unwrap();
+        assert_eq!(std::fs::read(&c.path).unwrap(), b"89abcdefg"[1..]);
+        assert_eq!((c.dropped(), c.kept(), c.received()), (9, 8, 17));
+        // Offsets go on from the VM's start; a gap is not written.
+        c.append(17, b"h", 16).unwrap();
+        c.append(30, b"zz", 16).unwrap();
+        assert_eq!(std::fs::read(&c.path).unwrap(), b"9abcdefgh");
+        assert_eq!(c.received(), 18);
+        // No limit: nothing goes.
+        c.append(18, &[b'x'; 100], 0).unwrap();
+        assert_eq!((c.dropped(), c.kept()), (9, 109));
+        c.remove();
+        assert_eq!(c.received(), 0);
     }
 }

@@ -581,3 +581,25 @@ fn a_run_past_max_output_is_killed_and_the_head_keeps_only_the_limit() {
     assert_eq!(wait(&c, small), "0\n");
     assert_eq!(c.read(&format!("jobs/{small}/stdout")), "y".repeat(1000));
 }
+
+#[test]
+fn a_kill_its_node_is_too_slow_to_answer_is_kept_and_delivered_once_it_answers() {
+    if !crate::can_mount() {
+        return;
+    }
+    let mut c = Cluster::up("cn0", 200);
+    let slow = c.agent("cn7");
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/up") == "cn[0,7]\n"));
+    c.write("nodes/cn0/ctl", b"drain\n").unwrap();
+    let id = submit_as(&c, "root", "sleep 60\n");
+    assert_running(&c, id);
+    assert_eq!(c.read(&format!("jobs/{id}/nodes")), "cn7\n");
+    // The agent stalls (a loaded machine): the kill gets no answer within ping_timeout_ms, yet
+    // the writer is told it is taken, not ETIMEDOUT.
+    crate::harness::signal(c.agent_pid(slow), libc::SIGSTOP);
+    assert_eq!(c.write(&format!("jobs/{id}/ctl"), b"kill\n"), Ok(()));
+    assert!(c.read(&format!("jobs/{id}/state")).starts_with("running"));
+    crate::harness::signal(c.agent_pid(slow), libc::SIGCONT);
+    assert_killed(&wait(&c, id));
+    assert_eq!(c.read(&format!("jobs/{id}/state")), "killed by root\n");
+}

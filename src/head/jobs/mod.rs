@@ -554,23 +554,35 @@ impl Jobs {
             self.update(id, |j| j.killed_by = Some(who.to_string()))?;
         }
         let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
+        let kill = signal == libc::SIGTERM || signal == libc::SIGKILL;
         // A run placed a moment ago may not have its process yet: its supervisor starts it
         // within milliseconds, so ask again for a little while.
         let mut tries = 0;
-        while self.cluster.request(&node, Op::Signal { run: id, signal }, timeout).await? == Reply::NotYet {
-            tries += 1;
-            if tries > 50 {
-                return Err(FsError::new(Errno::Again, format!("job {id} has not started on {node} yet; try again")));
+        loop {
+            match self.cluster.request(&node, Op::Signal { run: id, signal }, timeout).await {
+                Ok(Reply::NotYet) => {
+                    tries += 1;
+                    if tries > 50 {
+                        return Err(FsError::new(
+                            Errno::Again,
+                            format!("job {id} has not started on {node} yet; try again"),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(_) => break,
+                // A node slow to answer (a loaded machine): the kill is recorded, and asked
+                // again until the node answers; the caller is not left with ETIMEDOUT.
+                Err(e) if kill && e.errno == Errno::TimedOut => {
+                    warn!(job = id, node, error = %e, "a kill was not answered in time: asking again");
+                    tokio::spawn(kill_again(self.cluster.clone(), node, id, signal, timeout));
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if signal == libc::SIGTERM {
-            // A job that ignores SIGTERM gets SIGKILL a second later.
-            let cluster = self.cluster.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let _ = cluster.request(&node, Op::Signal { run: id, signal: libc::SIGKILL }, timeout).await;
-            });
+            tokio::spawn(escalate(self.cluster.clone(), node, id, timeout));
         }
         Ok(())
     }
@@ -649,4 +661,25 @@ impl Jobs {
             notified.await;
         }
     }
+}
+
+/// A job that ignores SIGTERM gets SIGKILL a second later.
+async fn escalate(cluster: Arc<Cluster>, node: String, run: u64, timeout: Duration) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = cluster.request(&node, Op::Signal { run, signal: libc::SIGKILL }, timeout).await;
+}
+
+/// Sends a kill that got no answer again, every second for up to a minute, until the node
+/// answers (a run that has ended meanwhile is not signalled by its agent).
+async fn kill_again(cluster: Arc<Cluster>, node: String, run: u64, signal: i32, timeout: Duration) {
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match cluster.request(&node, Op::Signal { run, signal }, timeout).await {
+            Ok(Reply::NotYet) => continue,
+            Err(e) if e.errno == Errno::TimedOut => continue,
+            Ok(_) if signal == libc::SIGTERM => return escalate(cluster, node, run, timeout).await,
+            _ => return,
+        }
+    }
+    warn!(job = run, node, "a kill was never answered");
 }

@@ -193,7 +193,17 @@ pub async fn head_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let nh = nonce();
     conn.send(&Message::Challenge { nonce: hex::encode(nh), proof: secret.proof("head", &node, &na, &nh) }).await?;
-    match conn.recv().await? {
+    let answer = match conn.recv().await {
+        Ok(answer) => answer,
+        // An agent leaves at this point when the head's proof did not match its secret.
+        Err(ProtoError::Closed) => {
+            return Err(ProtoError::Auth(format!(
+                "{node:?} hung up on the head's proof: it holds another cluster secret (or is no agent)"
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    match answer {
         Message::Proof { proof } if secret.verify("agent", &node, &na, &nh, &proof) => {
             Ok(Peer { node, agent_version: agent_version.chars().take(32).collect() })
         }

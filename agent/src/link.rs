@@ -109,6 +109,9 @@ pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) 
         match session(&node, head, &cfg, &probe, &roles, &mut done).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(ProtoError::Refused(reason)) => warn!(node, head, reason, "refused by the head"),
+            Err(ProtoError::Auth(reason)) => {
+                warn!(node, head, reason, "authentication failed: --secret-file must be the head's state_dir/secret")
+            }
             Err(e) => debug!(node, head, error = %e, "link lost"),
         }
         next_head += 1;

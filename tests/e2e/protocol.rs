@@ -39,6 +39,24 @@ fn wrong_secret_is_refused_and_changes_nothing() {
     assert_eq!(c.read("nodes/all"), "cn0\n", "a rogue agent adds no node");
     // The real secret works, through the same code path.
     assert_eq!(handshake(&c.addr(), &c.secret_file(), "cn8").unwrap(), 200);
+    // A real agent given another secret says why it cannot join, and so does the head.
+    let log = c.dir.path().join("forged-agent.log");
+    let mut agent = std::process::Command::new(crate::harness::bin("clusterfs-agent"))
+        .args(["--name", "cn9", "--head", &c.addr(), "--secret-file"])
+        .arg(&forged)
+        .arg("--state")
+        .arg(c.dir.path().join("forged-agent"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("authentication failed: --secret-file must be")
+            && c.log().contains("\"cn9\" hung up on the head's proof: it holds another cluster secret")
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(said, "agent:\n{}\nhead:\n{}", std::fs::read_to_string(&log).unwrap_or_default(), c.log());
+    assert_eq!(c.read("nodes/all"), "cn0\n");
 }
 
 #[test]

@@ -103,14 +103,24 @@ pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) 
     let mut backoff = Duration::from_millis(100);
     let mut done = Done::default();
     let mut next_head = 0usize;
+    // Whether the last dial failed too: the first failure of a run of them is said, the
+    // redials after it only in debug.
+    let mut failing = false;
     loop {
         let head = &cfg.heads[next_head % cfg.heads.len()];
         let roles = Roles { runner: runner.clone(), mover: mover.clone(), vms: vms.clone() };
         match session(&node, head, &cfg, &probe, &roles, &mut done).await {
-            Ok(()) => backoff = Duration::from_millis(100),
+            Ok(()) => {
+                backoff = Duration::from_millis(100);
+                failing = false;
+            }
             Err(ProtoError::Refused(reason)) => warn!(node, head, reason, "refused by the head"),
             Err(ProtoError::Auth(reason)) => {
                 warn!(node, head, reason, "authentication failed: --secret-file must be the head's state_dir/secret")
+            }
+            Err(e) if !failing => {
+                warn!(node, head, error = %e, "no link to the head: dialling again (every head of --head in turn)");
+                failing = true;
             }
             Err(e) => debug!(node, head, error = %e, "link lost"),
         }

@@ -159,6 +159,7 @@ fn run() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        zygote::stopping();
         tracing::info!("stopping");
         Ok(())
     })

@@ -46,6 +46,14 @@ pub fn get() -> Option<&'static Zygote> {
     ZYGOTE.get()
 }
 
+/// Set when the agent stops: the zygote ending then is expected, not news.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The agent is stopping.
+pub fn stopping() {
+    STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 fn fork_zygote() -> std::io::Result<Zygote> {
     let (ours, theirs) = UnixDatagram::pair()?;
     let parent = nix::unistd::getpid();
@@ -62,7 +70,9 @@ fn fork_zygote() -> std::io::Result<Zygote> {
             std::thread::Builder::new().name("zygote-reader".into()).spawn(move || read_notes(&ours, &woken))?;
             std::thread::Builder::new().name("zygote-reaper".into()).spawn(move || {
                 let _ = nix::sys::wait::waitpid(child, None);
-                warn!("the zygote ended: runs are started by exec from now on");
+                if !STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+                    warn!("the zygote ended: runs are started by exec from now on");
+                }
             })?;
             Ok(zygote)
         }

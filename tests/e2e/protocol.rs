@@ -60,6 +60,31 @@ fn wrong_secret_is_refused_and_changes_nothing() {
 }
 
 #[test]
+fn an_agent_that_cannot_reach_its_head_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, format!("{}\n", "cd".repeat(32))).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let log = dir.path().join("agent.log");
+    // Nothing listens on port 1 of this host.
+    let mut agent = std::process::Command::new(crate::harness::bin("clusterfs-agent"))
+        .args(["--name", "lonely", "--head", "127.0.0.1:1", "--relay-listen", "127.0.0.1:0", "--secret-file"])
+        .arg(&secret)
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = || std::fs::read_to_string(&log).unwrap_or_default().matches("no link to the head").count();
+    let seen = eventually(Duration::from_secs(10), || said() == 1);
+    // Its redials (several within 2 s) are not said again.
+    std::thread::sleep(Duration::from_secs(2));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(seen && said() == 1, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+}
+
+#[test]
 fn bad_node_names_are_refused_with_a_reason() {
     if !crate::can_mount() {
         return;

@@ -547,7 +547,9 @@ fn a_run_whose_supervisor_dies_ends_and_says_so() {
     let c = Cluster::up("cn0", 200);
     let id = submit_as(&c, "root", "sleep 12\n");
     assert_running(&c, id);
-    let shim = || sh(&format!("pgrep -f -- '--shim .*/{id}$'")).1.lines().find_map(|l| l.trim().parse::<i32>().ok());
+    // This cluster's shim: other tests' clusters have a job {id} too.
+    let pattern = format!("--shim {}/.*/{id}$", c.state.display());
+    let shim = || sh(&format!("pgrep -f -- '{pattern}'")).1.lines().find_map(|l| l.trim().parse::<i32>().ok());
     assert!(eventually(Duration::from_secs(10), || shim().is_some()), "no shim of job {id}: {}", sh("ps -ef").1);
     crate::harness::signal(shim().unwrap(), libc::SIGKILL);
     // Found at the agent's next report: the run ends with the reason, its exit is 255.

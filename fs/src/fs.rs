@@ -102,7 +102,15 @@ pub struct SynthFs<T: Tree> {
     errors: ErrorBook,
     /// Tells the kernel to drop cached attributes (set once mounted).
     notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// Each directory's listing as its last read from the start made it, for the reads that go
+    /// on from a cookie: one listing is one walk of the tree, however many reads it takes.
+    listings: DashMap<u64, (Instant, Arc<Vec<DirEntry>>)>,
 }
+
+/// How long a listing serves the reads that go on from a cookie.
+const LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// The most entries one readdir answers with (a kernel buffer holds fewer).
+const READDIR_MAX: usize = 4096;
 
 impl<T: Tree> std::fmt::Debug for SynthFs<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,6 +129,7 @@ impl<T: Tree> SynthFs<T> {
             renders: DashMap::new(),
             errors: ErrorBook::default(),
             notifier: std::sync::OnceLock::new(),
+            listings: DashMap::new(),
         })
     }
 
@@ -289,6 +298,25 @@ impl<T: Tree> SynthFs<T> {
     }
 
     pub fn readdir(&self, ino: u64, offset: u64) -> Result<Vec<DirEntry>> {
+        // A read from the start lists anew; one going on from a cookie uses that listing.
+        let cached = self.listings.get(&ino).filter(|l| offset > 2 && l.0.elapsed() < LISTING_TTL).map(|l| l.1.clone());
+        let all = match cached {
+            Some(all) => all,
+            None => {
+                let all = Arc::new(self.list_dir(ino)?);
+                if self.listings.len() > 256 {
+                    self.listings.retain(|_, l| l.0.elapsed() < LISTING_TTL);
+                }
+                self.listings.insert(ino, (Instant::now(), all.clone()));
+                all
+            }
+        };
+        let from = all.partition_point(|e| e.cookie <= offset);
+        Ok(all[from..].iter().take(READDIR_MAX).cloned().collect())
+    }
+
+    /// Every entry of directory `ino`, "." and ".." first, then by cookie.
+    fn list_dir(&self, ino: u64) -> Result<Vec<DirEntry>> {
         let path = self.resolve(ino)?;
         let node = self.node(&path)?;
         if !node.kind.is_dir() {
@@ -312,7 +340,7 @@ impl<T: Tree> SynthFs<T> {
             DirEntry { ino, cookie: 1, kind: FileType::Directory, name: ".".into() },
             DirEntry { ino: parent_ino, cookie: 2, kind: FileType::Directory, name: "..".into() },
         ];
-        Ok(dots.into_iter().chain(entries).filter(|e| e.cookie > offset).collect())
+        Ok(dots.into_iter().chain(entries).collect())
     }
 
     fn new_handle(&self, ino: u64, path: PathBuf, kind: Kind, snapshot: Arc<Vec<u8>>, caller: Caller) -> u64 {

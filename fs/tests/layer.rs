@@ -147,6 +147,23 @@ fn readdir_cookies_are_inodes_in_order() {
 }
 
 #[test]
+fn a_listing_is_one_walk_of_the_tree_however_many_reads_it_takes() {
+    let fs = fs();
+    let lists = || fs.tree().lists.load(std::sync::atomic::Ordering::SeqCst);
+    let all = fs.readdir(ROOT_INO, 0).unwrap();
+    let walked = lists();
+    // Reads going on from a cookie use that listing (a 100,000-entry directory is read in
+    // thousands of them).
+    for e in &all[2..] {
+        fs.readdir(ROOT_INO, e.cookie).unwrap();
+    }
+    assert_eq!(lists(), walked);
+    // A read from the start lists anew.
+    assert_eq!(fs.readdir(ROOT_INO, 0).unwrap(), all);
+    assert!(lists() > walked);
+}
+
+#[test]
 fn inodes_from_a_previous_process_resolve_by_walking() {
     let a = fs();
     let d = ino(&a, ROOT_INO, "d");

@@ -16,6 +16,8 @@ pub struct Toy {
     pub released: std::sync::Arc<Mutex<Vec<u64>>>,
     /// Set: the tree says its `node` and `list` are answered elsewhere, and `slow` takes 1.5 s.
     pub remote: std::sync::atomic::AtomicBool,
+    /// How many times a directory was listed.
+    pub lists: AtomicU64,
 }
 
 impl Tree for Toy {
@@ -41,6 +43,7 @@ impl Tree for Toy {
     }
 
     fn list(&self, path: &[&str]) -> Result<Vec<String>> {
+        self.lists.fetch_add(1, Ordering::SeqCst);
         match path {
             [] => Ok(["log", "snap", "ctl", "wait", "d"].map(String::from).to_vec()),
             ["d"] => Ok(vec!["error".into(), "ctl".into()]),

@@ -113,6 +113,20 @@ fn array_tasks_run_every_index_within_their_limit() {
     std::fs::remove_dir(c.path(&format!("jobs/{id}"))).unwrap();
     assert_eq!(errno_of_read(&c, &format!("jobs/{id}/tasks/3/state")), Some(libc::ENOENT));
     assert!(!c.state.join("spool").join((id + 3).to_string()).exists());
+
+    // A kill while short tasks come and go answers success, whatever ended in between, and
+    // the thousands of tasks go with their job in one removal.
+    for _ in 0..3 {
+        let id = submit_as(&c, "root", "#CLUSTER array=1-100000%4 isolate=none\ntrue\n");
+        assert!(eventually(Duration::from_secs(20), || c.read(&format!("jobs/{id}/state")).contains(" ended")));
+        let killed = c.write(&format!("jobs/{id}/ctl"), b"kill\n");
+        assert_eq!(killed, Ok(()), "{}", c.read(&format!("jobs/{id}/error")));
+        wait(&c, id);
+        let state = c.read(&format!("jobs/{id}/state"));
+        assert!(state.starts_with("killed by root ("), "{state}");
+        std::fs::remove_dir(c.path(&format!("jobs/{id}"))).unwrap();
+        assert_eq!(errno_of_read(&c, &format!("jobs/{id}/state")), Some(libc::ENOENT));
+    }
 }
 
 #[test]

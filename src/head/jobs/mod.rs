@@ -560,6 +560,8 @@ impl Jobs {
         let mut tries = 0;
         loop {
             match self.cluster.request(&node, Op::Signal { run: id, signal }, timeout).await {
+                // A run that has ended meanwhile (its agent has forgotten it) needs no signal.
+                Ok(Reply::NotYet) if !self.with(id, |j| j.state == State::Running).unwrap_or(false) => return Ok(()),
                 Ok(Reply::NotYet) => {
                     tries += 1;
                     if tries > 50 {
@@ -587,17 +589,20 @@ impl Jobs {
         Ok(())
     }
 
-    /// Forgets a job: its record, its spool, its dispatch state. The id counter is stored with
-    /// the removal, so that no later head gives the job's ids again.
-    fn drop_record(&self, id: u64) -> Result<(), FsError> {
+    /// Forgets jobs (a job and its tasks): their records in one store write, their spools,
+    /// their dispatch state. The id counter is stored with the removal, so that no later head
+    /// gives their ids again.
+    fn drop_records(&self, ids: &[u64]) -> Result<(), FsError> {
         let next = self.next_id.load(Ordering::SeqCst);
-        let changes =
-            vec![(format!("jobs/{id}"), None), Store::change("meta", "next_job", &next).map_err(FsError::from)?];
+        let mut changes: Vec<_> = ids.iter().map(|id| (format!("jobs/{id}"), None)).collect();
+        changes.push(Store::change("meta", "next_job", &next).map_err(FsError::from)?);
         self.cluster.store().write(changes).map_err(FsError::from)?;
-        self.jobs.remove(&id);
-        self.active.remove(&id);
-        self.dispatching.remove(&id);
-        let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));
+        for id in ids {
+            self.jobs.remove(id);
+            self.active.remove(id);
+            self.dispatching.remove(id);
+            let _ = std::fs::remove_dir_all(self.spool.join(id.to_string()));
+        }
         Ok(())
     }
 
@@ -626,15 +631,16 @@ impl Jobs {
     pub async fn remove(&self, id: u64) -> Result<(), FsError> {
         let mut runs = self.scan(|j| (j.task.is_some_and(|t| t.parent == id)).then_some(j.id));
         runs.push(id);
-        for run in runs {
+        for &run in &runs {
             let Some((state, node)) = self.with(run, |j| (j.state, j.node.clone())) else { continue };
             if let (State::Running, Some(node)) = (state, node) {
                 let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
                 // The agent kills a run it is told to forget; a down node is told when it returns.
                 let _ = self.cluster.request(&node, Op::Forget { run }, timeout).await;
             }
-            self.drop_record(run)?;
         }
+        // One store write for them all: an array job's 100,000 tasks are not 100,000 commits.
+        self.drop_records(&runs)?;
         self.changed.notify_waiters();
         info!(job = id, "job removed");
         Ok(())

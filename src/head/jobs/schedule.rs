@@ -538,10 +538,12 @@ impl Jobs {
     fn expire(&self, id: u64) {
         let Some(ended) = self.with(id, |j| j.ended_ms.unwrap_or(j.submitted_ms)) else { return };
         if now_ms().saturating_sub(ended) > self.cfg.retention_s.saturating_mul(1000) {
-            for task in self.scan(|j| j.task.is_some_and(|t| t.parent == id).then_some(j.id)) {
-                let _ = self.drop_record(task);
+            let mut ids = self.scan(|j| j.task.is_some_and(|t| t.parent == id).then_some(j.id));
+            ids.push(id);
+            if let Err(e) = self.drop_records(&ids) {
+                warn!(job = id, error = %e, "an expired job could not be removed; trying again later");
+                return;
             }
-            let _ = self.drop_record(id);
             info!(job = id, "job expired");
         }
     }

@@ -244,10 +244,8 @@ fn mounts() -> Vec<(String, PathBuf)> {
     let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
         .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let at = left.split(' ').nth(4)?;
-            let source = right.split(' ').nth(1)?;
-            Some((unescape(source), PathBuf::from(unescape(at))))
+            let source = l.split_once(" - ")?.1.split(' ').nth(1)?;
+            Some((unescape(source), mount_point(l)?))
         })
         .collect()
 }

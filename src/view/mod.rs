@@ -380,7 +380,7 @@ impl Tree for View {
 
     fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
         match path {
-            ["nodes", name] => nodes::forget(&self.cluster, name, caller, &self.on_node(name)),
+            ["nodes", name] => nodes::forget(&self.cluster, name, caller, || self.on_node(name)),
             ["jobs", rest @ ..] => self.jobs.rmdir(rest, caller),
             ["images", rest @ ..] => self.images.rmdir(rest, caller),
             ["vms", rest @ ..] => self.vms.rmdir(rest, caller),

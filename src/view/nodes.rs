@@ -178,10 +178,11 @@ fn with_usage(e: FsError) -> FsError {
 
 /// `rmdir nodes/<name>`: root forgets a decommissioned node, once nothing is on it (`holds`
 /// names what is) and its agent is gone.
-pub fn forget(cluster: &Arc<Cluster>, name: &str, caller: &Caller, holds: &[String]) -> Answer<()> {
+pub fn forget(cluster: &Arc<Cluster>, name: &str, caller: &Caller, holds: impl FnOnce() -> Vec<String>) -> Answer<()> {
     if !caller.is_root() {
         return Answer::Now(Err(FsError::denied("only root removes nodes")));
     }
+    let holds = holds();
     if !holds.is_empty() {
         let what = holds.join("; ");
         return Answer::Now(Err(FsError::new(Errno::Busy, format!("{name} still has {what}: end or move them first"))));

@@ -550,11 +550,11 @@ impl Jobs {
         let Some(node) = self.with(id, |j| j.node.clone()).flatten() else {
             return Err(FsError::new(Errno::NoEnt, format!("job {id} is on no node")));
         };
-        if signal == libc::SIGTERM || signal == libc::SIGKILL {
+        let kill = signal == libc::SIGTERM || signal == libc::SIGKILL;
+        if kill {
             self.update(id, |j| j.killed_by = Some(who.to_string()))?;
         }
         let timeout = Duration::from_millis(self.cluster.cfg.ping_timeout_ms);
-        let kill = signal == libc::SIGTERM || signal == libc::SIGKILL;
         // A run placed a moment ago may not have its process yet: its supervisor starts it
         // within milliseconds, so ask again for a little while.
         let mut tries = 0;

@@ -15,8 +15,11 @@ pub struct Etcd {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// `n` distinct free ports: each listener is held until all are picked, so the system cannot
+/// hand out one port twice (two members on one client port left a 3-member cluster with 2).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 impl Etcd {
@@ -28,8 +31,9 @@ impl Etcd {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let peer_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut ports = free_ports(2 * n);
+        let peer_ports = ports.split_off(n);
+        let client_ports = ports;
         let initial: Vec<String> =
             peer_ports.iter().enumerate().map(|(i, p)| format!("m{i}=http://127.0.0.1:{p}")).collect();
         let members = (0..n)

@@ -502,11 +502,17 @@ impl<T: Tree> SynthFs<T> {
     }
 
     /// What a read of `handle` gives: from what the handle holds, or a log file's from the tree.
-    pub fn read(&self, handle: u64, offset: u64, size: u32) -> Answer<Vec<u8>> {
+    /// A log's failed read is the reader's last failure in its directory.
+    pub fn read(self: &Arc<Self>, handle: u64, offset: u64, size: u32) -> Answer<Vec<u8>> {
         let log = self.handles.get(&handle).filter(|h| h.kind == Kind::Log).map(|h| (h.path.clone(), h.caller));
-        match log {
-            Some((path, caller)) => self.tree.read_log(&refs(&path), &caller, offset, size),
-            None => Answer::Now(self.read_held(handle, offset, size)),
+        let Some((path, caller)) = log else { return Answer::Now(self.read_held(handle, offset, size)) };
+        let dir = parent_of(&path);
+        match self.tree.read_log(&refs(&path), &caller, offset, size) {
+            Answer::Now(r) => Answer::Now(self.note_failure(&dir, caller.uid, r)),
+            Answer::Later(fut) => {
+                let this = self.clone();
+                Answer::later(async move { this.note_failure(&dir, caller.uid, fut.await) })
+            }
         }
     }
 

@@ -168,6 +168,13 @@ fn a_head_keeps_its_state_in_a_three_member_etcd_and_refuses_writes_without_a_qu
     assert!(eventually(Duration::from_secs(10), || c.read(&state) == "done 0\n"), "{}", c.read(&state));
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), "from etcd\n");
     assert_eq!(std::fs::read_to_string(c.state.join("secret")).unwrap(), secret);
+    // A head whose spool lacks an ended job's output (another head's, without a shared_dir
+    // between them; here it is removed) says so rather than show the job as silent.
+    std::fs::remove_dir_all(c.state.join("spool").join(id.to_string())).unwrap();
+    let stdout = std::fs::read(c.path(&format!("jobs/{id}/stdout")));
+    assert_eq!(stdout.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+    let why = c.read(&format!("jobs/{id}/error"));
+    assert!(why.contains("10 bytes were spooled") && why.contains("shared_dir"), "{why}");
 
     // One member down: nothing stops.
     etcd.kill(0);

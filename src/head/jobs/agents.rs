@@ -138,6 +138,7 @@ impl Jobs {
             j.reason = reason;
             j.exit = Some(exit);
             j.ended_ms = Some(now_ms());
+            j.spooled = Some(have);
         });
         if let Ok((_, ticket)) = ended {
             self.forget_when_durable(node, run, ticket);

@@ -105,6 +105,10 @@ pub struct Job {
     /// For a copy job: the size of its file, once read.
     #[serde(default)]
     pub copy_size: Option<u64>,
+    /// Once it ended: the bytes of stdout and stderr the head spooled, so that a head whose
+    /// spool lacks them (another head's `shared_dir`) says so instead of showing less.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spooled: Option<[u64; 2]>,
 }
 
 /// What a job is made of, for the scheduler.
@@ -184,6 +188,7 @@ impl Job {
             task_base: 0,
             spread: None,
             copy_size: None,
+            spooled: None,
         }
     }
 }
@@ -437,6 +442,7 @@ impl Jobs {
             task_base: id + 1,
             spread,
             copy_size: None,
+            spooled: None,
         };
         // Committed with the next commit: concurrent submissions share one. The job's record
         // holds its ids (see `Job::ids_end`), so submissions share no key.
@@ -619,8 +625,17 @@ impl Jobs {
         }
     }
 
-    /// Up to `len` bytes of a job's output from `offset` (none before its first output).
+    /// Up to `len` bytes of a job's output from `offset` (none before its first output). An
+    /// error when this head's spool holds less than was spooled when the job ended.
     pub fn read_output(&self, id: u64, stream: u64, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let spooled = self.with(id, |j| j.spooled).flatten().map_or(0, |s| s[usize::from(stream != STDOUT)]);
+        let here = self.output_len(id, stream);
+        if here < spooled {
+            return Err(std::io::Error::other(format!(
+                "{spooled} bytes were spooled when job {id} ended, and this head's spool has {here}: the head that \
+                 ran it kept them in its own shared_dir (give every head the same shared_dir)"
+            )));
+        }
         match crate::jobs::read_at(&self.spool_path(id, stream), offset, len) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
             other => other,

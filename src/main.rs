@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
 use anyhow::{Context, bail};
-use clap::{ArgGroup, Parser, Subcommand};
+use clap::{ArgGroup, CommandFactory, FromArgMatches, Parser, Subcommand};
 use clusterfs::config::Config;
 use clusterfs::head;
 use clusterfs::nodeset::NodeSet;
@@ -79,7 +79,25 @@ enum Cmd {
         /// Nodesets; several are united.
         #[arg(required = true)]
         sets: Vec<String>,
+        /// Take SET out of what the arguments before it make (applied in command-line order).
+        #[arg(short = 'x', long, value_name = "SET")]
+        exclude: Vec<String>,
+        /// Keep only what is also in SET.
+        #[arg(short = 'i', long, value_name = "SET")]
+        intersection: Vec<String>,
+        /// Keep what is in exactly one of the two (symmetric difference).
+        #[arg(short = 'X', long, value_name = "SET")]
+        xor: Vec<String>,
     },
+}
+
+/// How a nodeset argument joins what the arguments before it made, as cluset's options do.
+#[derive(Debug, Clone, Copy)]
+enum SetOp {
+    Union,
+    Exclude,
+    Intersection,
+    Xor,
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,7 +119,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CLUSTERFS_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -116,7 +135,10 @@ fn run() -> anyhow::Result<()> {
             println!("clusterfs: copied {n} objects and the cluster secret from {from} to {to}");
             Ok(())
         }
-        Cmd::Nodeset { fold, expand, count, root, limit, sets } => nodeset(&sets, &root, limit, fold, expand, count),
+        Cmd::Nodeset { fold, expand, count, root, limit, .. } => {
+            let sets = matches.subcommand_matches("nodeset").map(in_order).unwrap_or_default();
+            nodeset(&sets, &root, limit, fold, expand, count)
+        }
     }
 }
 
@@ -208,15 +230,44 @@ fn stop_child(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn nodeset(sets: &[String], root: &Path, limit: usize, fold: bool, expand: bool, count: bool) -> anyhow::Result<()> {
+/// The nodeset arguments with how each joins the ones before it, in command-line order.
+fn in_order(m: &clap::ArgMatches) -> Vec<(SetOp, String)> {
+    let mut all = Vec::new();
+    for (id, op) in [
+        ("sets", SetOp::Union),
+        ("exclude", SetOp::Exclude),
+        ("intersection", SetOp::Intersection),
+        ("xor", SetOp::Xor),
+    ] {
+        if let (Some(values), Some(at)) = (m.get_many::<String>(id), m.indices_of(id)) {
+            all.extend(at.zip(values).map(|(i, v)| (i, op, v.clone())));
+        }
+    }
+    all.sort_by_key(|(i, _, _)| *i);
+    all.into_iter().map(|(_, op, v)| (op, v)).collect()
+}
+
+fn nodeset(
+    sets: &[(SetOp, String)],
+    root: &Path,
+    limit: usize,
+    fold: bool,
+    expand: bool,
+    count: bool,
+) -> anyhow::Result<()> {
     let groups = |name: &str| {
         clusterfs::names::check("group", name).ok()?;
         std::fs::read_to_string(root.join("groups").join(name)).ok()
     };
     let mut all = NodeSet::new();
-    for s in sets {
+    for (op, s) in sets {
         let set = NodeSet::parse_with(s, &groups, limit).map_err(|e| anyhow::anyhow!("{s}: {e}"))?;
-        all.union(&set);
+        match op {
+            SetOp::Union => all.union(&set),
+            SetOp::Exclude => all.difference(&set),
+            SetOp::Intersection => all.intersection(&set),
+            SetOp::Xor => all.symmetric_difference(&set),
+        }
         if all.len() > limit {
             bail!("nodeset too large: {} names, the limit is {limit}", all.len());
         }

@@ -57,6 +57,20 @@ fn fold_expand_count_match_cluset() {
     }
     // Several arguments are united.
     assert_eq!(ours(&["-f", "cn1", "cn2"]), run("cluset", &["-f", "cn1", "cn2"]));
+    // -x, -i and -X join what the arguments before them made, in command-line order.
+    let operations: [&[&str]; 6] = [
+        &["-f", "cn[1-10]", "-x", "cn5"],
+        &["-e", "cn[1-10]", "-i", "cn[5-20]"],
+        &["-f", "cn[1-5]", "--xor", "cn[4-8]"],
+        &["-f", "cn[1-5]", "-x", "cn3", "cn3"],
+        &["-c", "cn[1-10]", "-x", "cn[2-3]", "-i", "cn[1-4]"],
+        &["-f", "cn[1-10]", "--intersection", "cn[2-9]", "--exclude", "cn[4-5]", "-X", "cn[8-12]"],
+    ];
+    for args in operations {
+        let mine = ours(args);
+        assert!(mine.0, "{args:?}");
+        assert_eq!(mine, run("cluset", args), "cluset {args:?}");
+    }
 }
 
 #[test]

@@ -632,8 +632,8 @@ impl Jobs {
         let here = self.output_len(id, stream);
         if here < spooled {
             return Err(std::io::Error::other(format!(
-                "{spooled} bytes were spooled when job {id} ended, and this head's spool has {here}: the head that \
-                 ran it kept them in its own shared_dir (give every head the same shared_dir)"
+                "{spooled} bytes were spooled when job {id} ended, and this head's spool has {here}: the rest is \
+                 in another head's spool (give every head the same shared_dir) or was removed"
             )));
         }
         match crate::jobs::read_at(&self.spool_path(id, stream), offset, len) {

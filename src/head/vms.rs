@@ -180,8 +180,9 @@ impl Vms {
         self.console_file(name).kept()
     }
 
+    /// Up to `size` bytes of VM `name`'s console from `offset` (none before its first byte).
     pub fn console_read(&self, name: &str, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
-        crate::jobs::read_at(&self.console_file(name).path, offset, size as usize)
+        crate::jobs::read_spooled(&self.console_file(name).path, offset, size as usize)
     }
 
     /// The address a VM gets from its name, when the VM network is configured.
@@ -477,7 +478,12 @@ impl Vms {
                                 event(vm, format!("started on {node}"));
                             }
                             Ok(_) if verb == "powerdown" => event(vm, "ACPI shutdown asked".into()),
-                            Ok(_) => event(vm, "destroyed after the shutdown timeout".into()),
+                            Ok(_) => {
+                                event(vm, "destroyed after the shutdown timeout".into());
+                                // Not again until its node has had the time to say it is off:
+                                // each pass re-sent it, and its events filled the history.
+                                vm.shutdown_by = Some(Instant::now() + timeout);
+                            }
                             Err(e) => {
                                 warn!(vm = name, verb, error = %e, "vm operation failed");
                                 event(vm, format!("{verb} failed: {}", e.message));

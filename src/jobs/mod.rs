@@ -76,6 +76,15 @@ pub fn read_at(path: &std::path::Path, offset: u64, len: usize) -> std::io::Resu
     Ok(buf)
 }
 
+/// [`read_at`] of a spooled log (a job's output, a VM's console), which reads as empty until
+/// its first byte is spooled.
+pub fn read_spooled(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    match read_at(path, offset, len) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        other => other,
+    }
+}
+
 /// Marks `dir` as a top of unrelated trees for ext4 (`chattr +T`), so each subdirectory (a
 /// run's on a node, a job's spool on the head) and its files go to a block group of their own:
 /// hundreds of runs a second make and free thousands of inodes, and an ext4 without a journal

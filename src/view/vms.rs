@@ -165,7 +165,9 @@ impl VmsView {
                 if caller.uid != 0 && caller.uid != vm.rec.uid {
                     return Err(FsError::denied(format!("VM {name} is not yours")));
                 }
-                self.vms.console_read(name, offset, size).map_err(|e| FsError::new(Errno::Io, e.to_string()))
+                self.vms
+                    .console_read(name, offset, size)
+                    .map_err(|e| FsError::new(Errno::Io, format!("reading the console's spool: {e}")))
             }
             _ => Err(FsError::invalid("not a log file")),
         }

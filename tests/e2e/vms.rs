@@ -292,6 +292,13 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     c.write("vms/vmb/ctl", b"shutdown\n").unwrap();
     wait_state(&c, "vmb", "off on vmnode", 30);
     assert!(qemu_pid(&vms_dir.join("vmb")).is_none());
+    // Its history says each step once, and keeps what came before.
+    std::thread::sleep(Duration::from_secs(1));
+    let history = c.read("vms/vmb/state");
+    for step in ["asked to be off", "ACPI shutdown asked", "destroyed after the shutdown timeout", "Z off\n"] {
+        assert_eq!(history.matches(step).count(), 1, "{step:?} in {history}");
+    }
+    assert!(history.contains("crashed: it stopped without being asked to"), "{history}");
     // A VM that dies on its own is crashed, and stays down (restart=never) until started.
     let _ = Command::new("kill").args(["-9", &pid_a.to_string()]).status();
     wait_state(&c, "vma", "crashed on vmnode", 20);
@@ -314,6 +321,9 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     // mkdir clones the default template on the best node and starts it.
     fs::create_dir(c.path("vms/vmc")).unwrap();
     assert!(c.read("vms/vmc/state").starts_with("starting on ") || c.read("vms/vmc/state").starts_with("running on "));
+    // Its console reads (empty at first: nothing spooled yet), as `tail -f` does at once.
+    let console = fs::read(c.path("vms/vmc/console"));
+    assert!(console.is_ok(), "{console:?}: {}", c.read("vms/vmc/error"));
 
     // destroy stops it at once.
     wait_state(&c, "vmc", "running on ", 30);

@@ -636,10 +636,7 @@ impl Jobs {
                  in another head's spool (give every head the same shared_dir) or was removed"
             )));
         }
-        match crate::jobs::read_at(&self.spool_path(id, stream), offset, len) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            other => other,
-        }
+        crate::jobs::read_spooled(&self.spool_path(id, stream), offset, len)
     }
 
     /// `rmdir jobs/<id>`: kills it if running and removes it with its output (and its tasks).

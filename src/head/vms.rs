@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::VmsConfig;
 use crate::head::cluster::{Cluster, NodeState};
+use crate::head::store::Store;
 use crate::proto::{Message, Op};
 use crate::vms::{Launch, Net, Restart, Template, VmSpec, VmStatus, ip, mac, parse_subnet};
 
@@ -41,6 +42,9 @@ pub struct Record {
     pub node: String,
     pub desired: Desired,
     pub created_ms: u64,
+    /// Its history, newest last: the last `EVENTS` events, kept across head restarts.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub events: VecDeque<String>,
 }
 
 /// What its node last said of it.
@@ -63,7 +67,8 @@ pub struct Vm {
     busy: bool,
     /// A crashed VM is started again only when asked (or restart=always).
     start_asked: bool,
-    pub events: VecDeque<String>,
+    /// Events noted so far, to know when the record has one to store.
+    noted: u64,
     pub changed: SystemTime,
 }
 
@@ -115,7 +120,7 @@ impl Vms {
                     shutdown_by: None,
                     busy: false,
                     start_asked: false,
-                    events: VecDeque::new(),
+                    noted: 0,
                     changed: SystemTime::now(),
                 },
             );
@@ -273,20 +278,21 @@ impl Vms {
             node: node.clone(),
             desired: Desired::Running,
             created_ms: now_ms(),
+            events: VecDeque::new(),
         };
         let name = rec.spec.name.clone();
-        self.cluster.store().put("vms", &name, &rec).map_err(FsError::from)?;
-        self.console_file(&name).remove();
         let mut vm = Vm {
             rec,
             actual: Actual::Off,
             shutdown_by: None,
             busy: false,
             start_asked: true,
-            events: VecDeque::new(),
+            noted: 0,
             changed: SystemTime::now(),
         };
         event(&mut vm, format!("made on {node}"));
+        self.cluster.store().put("vms", &name, &vm.rec).map_err(FsError::from)?;
+        self.console_file(&name).remove();
         self.lock().insert(name.clone(), vm);
         info!(vm = name, node, "vm made");
         self.wake.notify_one();
@@ -304,10 +310,10 @@ impl Vms {
     fn update(&self, name: &str, f: impl FnOnce(&mut Vm)) -> Result<(), FsError> {
         let mut vms = self.lock();
         let vm = vms.get_mut(name).ok_or_else(|| FsError::not_found(format!("VM {name}")))?;
-        let before = vm.rec.desired;
+        let before = (vm.rec.desired, vm.noted);
         f(vm);
         vm.changed = SystemTime::now();
-        if vm.rec.desired != before {
+        if (vm.rec.desired, vm.noted) != before {
             self.cluster.store().put("vms", name, &vm.rec).map_err(FsError::from)?;
         }
         drop(vms);
@@ -370,6 +376,7 @@ impl Vms {
     /// An agent reported its VMs; the answer asks for console bytes the head lacks.
     pub fn report(&self, node: &str, list: Vec<VmStatus>) -> Vec<Message> {
         let mut out = Vec::new();
+        let mut noted = Vec::new();
         let mut vms = self.lock();
         for s in list {
             let Some(vm) = vms.get_mut(&s.name).filter(|v| v.rec.node == node && v.rec.launch.id == s.id) else {
@@ -392,6 +399,7 @@ impl Vms {
                 }
                 vm.actual = actual;
                 vm.changed = SystemTime::now();
+                noted.push(Store::change("vms", &s.name, &vm.rec));
             }
             let have = self.console_file(&s.name).received();
             if s.console_len > have {
@@ -399,6 +407,10 @@ impl Vms {
             }
         }
         drop(vms);
+        let noted: Result<Vec<_>, _> = noted.into_iter().collect();
+        if let Err(e) = noted.and_then(|changes| self.cluster.store().write(changes)) {
+            warn!(node, error = %e, "cannot store the VMs' new events");
+        }
         self.wake.notify_one();
         out
     }
@@ -509,10 +521,11 @@ impl Vms {
 
 fn event(vm: &mut Vm, what: String) {
     let at = humantime::format_rfc3339_seconds(SystemTime::now());
-    vm.events.push_back(format!("{at} {what}"));
-    while vm.events.len() > EVENTS {
-        vm.events.pop_front();
+    vm.rec.events.push_back(format!("{at} {what}"));
+    while vm.rec.events.len() > EVENTS {
+        vm.rec.events.pop_front();
     }
+    vm.noted += 1;
 }
 
 /// A VM's console on the head: a file of at most `console_max` bytes, and in `<file>.dropped`

@@ -133,9 +133,9 @@ impl VmsView {
                 };
                 match *file {
                     "README" => Answer::Now(Ok(readme(&format!("vms/{name}: a VM"), VM_FILES, &[("ctl", VERBS)], ""))),
-                    "state" => {
-                        text(vm.state_line() + "\n" + &vm.events.iter().map(|e| format!("{e}\n")).collect::<String>())
-                    }
+                    "state" => text(
+                        vm.state_line() + "\n" + &vm.rec.events.iter().map(|e| format!("{e}\n")).collect::<String>(),
+                    ),
                     "node" => text(format!("{}\n", vm.rec.node)),
                     "spec" => text(
                         serde_json::to_string_pretty(&serde_json::json!({

@@ -281,6 +281,9 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
     wait_state(&c, "vmb", "running on vmnode", 30);
     assert_eq!(qemu_pid(&vms_dir.join("vma")), Some(pid_a), "vma was started again after a head crash");
     assert_eq!(qemu_pid(&vms_dir.join("vmb")), Some(pid_b), "vmb was started again after a head crash");
+    // Their history too came through the crash.
+    let history = c.read("vms/vma/state");
+    assert!(history.contains("made on vmnode") && history.contains("started on vmnode"), "{history}");
 
     // vmb has restart=always: killed, it is started again.
     let pid_b = qemu_pid(&vms_dir.join("vmb")).expect("vmb's qemu runs");

@@ -204,11 +204,19 @@ impl Vms {
     }
 
     /// The node for a new VM: the one it names, or the up, undrained node with the lowest load
-    /// index that has `mem` free.
-    fn place(&self, spec: &VmSpec, mem: u64) -> Result<String, FsError> {
+    /// index that has `mem` free; either with at least `cpus` cpus, which a VM's vcpus never
+    /// outnumber.
+    fn place(&self, spec: &VmSpec, mem: u64, cpus: u32) -> Result<String, FsError> {
+        let too_few = |v: &crate::head::cluster::NodeView| {
+            FsError::new(
+                Errno::NoSpc,
+                format!("node {} has {} cpus, fewer than the VM's {cpus} vcpus", v.name, v.report.cpus),
+            )
+        };
         if let Some(n) = &spec.node {
             let v = self.cluster.view(n).ok_or_else(|| FsError::not_found(format!("node {n}")))?;
             return match v.state {
+                NodeState::Up if v.report.cpus < u64::from(cpus) => Err(too_few(&v)),
                 NodeState::Up => Ok(n.clone()),
                 s => Err(FsError::new(Errno::HostDown, format!("node {n} is {}", s.line()))),
             };
@@ -225,13 +233,28 @@ impl Vms {
             let cpus = placed.get(&v.name).map_or(0, |p| p.1);
             v.report.load_index() + 100.0 * cpus as f64 / v.report.perf_score()
         };
-        self.cluster
+        let up: Vec<_> = self
+            .cluster
             .names()
             .into_iter()
             .filter_map(|n| self.cluster.view(&n))
+            .filter(|v| v.state == NodeState::Up)
+            .collect();
+        let most = up.iter().map(|v| v.report.cpus).max().unwrap_or(0);
+        if !up.is_empty() && most < u64::from(cpus) {
+            return Err(FsError::new(
+                Errno::NoSpc,
+                format!(
+                    "no up, undrained node has {cpus} cpus (the most is {most}): a VM's vcpus never outnumber its node's cpus"
+                ),
+            ));
+        }
+        up.into_iter()
             .filter(|v| {
                 let given = placed.get(&v.name).map_or(0, |p| p.0);
-                v.state == NodeState::Up && v.report.mem_avail >= mem && v.report.mem_total.saturating_sub(given) >= mem
+                v.report.cpus >= u64::from(cpus)
+                    && v.report.mem_avail >= mem
+                    && v.report.mem_total.saturating_sub(given) >= mem
             })
             .min_by(|a, b| load(a).total_cmp(&load(b)))
             .map(|v| v.name)
@@ -255,11 +278,12 @@ impl Vms {
             )
         })?;
         let mem = spec.mem.unwrap_or(template.mem).0;
-        let node = self.place(&spec, mem)?;
+        let cpus = spec.cpus.unwrap_or(template.cpus);
+        let node = self.place(&spec, mem, cpus)?;
         let launch = Launch {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             name: spec.name.clone(),
-            cpus: spec.cpus.unwrap_or(template.cpus),
+            cpus,
             template,
             mem,
             data_disk: spec.data_disk.map(|d| d.0),

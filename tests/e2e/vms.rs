@@ -211,6 +211,8 @@ fn clones_boot_share_a_bridge_survive_an_agent_restart_and_leave_nothing() {
         (r#"{"name":"v1","cpus":0}"#, libc::EINVAL, "cpus"),
         (r#"{"name":"a/b"}"#, libc::EINVAL, "name"),
         (r#"{"name":"v1","colour":"red"}"#, libc::EINVAL, "colour"),
+        (r#"{"name":"v1","cpus":256}"#, libc::ENOSPC, "no up, undrained node has 256 cpus (the most is"),
+        (r#"{"name":"v1","cpus":256,"node":"cn1"}"#, libc::ENOSPC, "fewer than the VM's 256 vcpus"),
     ] {
         assert_eq!(c.write("vms/new", spec.as_bytes()), Err(errno), "{spec}");
         let err = c.read("vms/error");

@@ -152,6 +152,10 @@ impl Vms {
             }
             None => None,
         };
+        // A qemu just killed may still hold its pid file's lock: it left /proc's cmdline (so
+        // it counts as stopped) a moment before its files close, and a new qemu refuses to
+        // start while the lock is held ("Cannot lock pid file").
+        wait_unlocked(&dir.join("pid"), Duration::from_secs(10));
         let _ = std::fs::remove_file(dir.join("qmp.sock"));
         let mut cmd = Command::new(&l.qemu);
         cmd.arg("-name")
@@ -429,6 +433,29 @@ impl Mask for Net {
 }
 
 /// `kvm` needs the KVM device on the node; the error says what to do instead.
+/// Returns once no process holds a lock on `path` (or it does not exist), or after `most`.
+fn wait_unlocked(path: &Path, most: Duration) {
+    use std::os::fd::AsRawFd;
+    let Ok(file) = std::fs::File::open(path) else { return };
+    let deadline = std::time::Instant::now() + most;
+    loop {
+        // SAFETY: a zeroed flock is valid; F_GETLK fills it for this open descriptor.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: the descriptor is open for the call and `lock` outlives it.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
+        if rc != 0 || lock.l_type == libc::F_UNLCK as libc::c_short {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            warn!(path = %path.display(), holder = lock.l_pid, "a pid file stays locked: starting anyway");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn accel_check(accel: &str, kvm: &Path) -> Result<(), String> {
     if accel == "kvm" && !kvm.exists() {
         return Err(format!("KVM is not available on this node (no {}): set vms.accel = \"tcg\"", kvm.display()));
@@ -534,6 +561,38 @@ fn domain_xml(l: &Launch, dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_waits_for_the_last_qemu_to_let_go_of_its_pid_file() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pid");
+        std::fs::write(&path, "1\n").unwrap();
+        // An open file description's lock, as a qemu holds it (OFD locks conflict within a
+        // process too).
+        let held = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        // SAFETY: a zeroed flock is valid; the descriptor is open for the call.
+        let rc = unsafe {
+            let mut lock: libc::flock = std::mem::zeroed();
+            lock.l_type = libc::F_WRLCK as libc::c_short;
+            libc::fcntl(held.as_raw_fd(), libc::F_OFD_SETLK, &mut lock)
+        };
+        assert_eq!(rc, 0);
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        wait_unlocked(&path, Duration::from_secs(5));
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250) && waited < Duration::from_secs(4), "{waited:?}");
+        release.join().unwrap();
+        // Nothing holds it now, and a missing file: at once.
+        let started = std::time::Instant::now();
+        wait_unlocked(&path, Duration::from_secs(5));
+        wait_unlocked(&dir.path().join("none"), Duration::from_secs(5));
+        assert!(started.elapsed() < Duration::from_millis(200));
+    }
 
     #[test]
     fn kvm_without_its_device_is_a_clear_error() {

@@ -94,7 +94,7 @@ pub async fn run(node: String, cfg: Arc<LinkConfig>, probe: Arc<Mutex<Shared>>) 
         Ok(r) => Arc::new(r),
         Err(e) => return warn!(node, error = %e, "cannot keep runs: this node will not serve"),
     };
-    let mover = cfg.mover.clone().map(|m| Arc::new(Mover::new(m, &node)));
+    let mover = cfg.mover.clone().map(|m| Mover::new(m, &node));
     let vms = Arc::new(Vms::new(cfg.state.join(&node).join("vms")));
     {
         let vms = vms.clone();

@@ -161,6 +161,7 @@ fn run() -> anyhow::Result<()> {
         }
         zygote::stopping();
         tracing::info!("stopping");
+        mover::interrupt_all();
         Ok(())
     })
 }

@@ -54,11 +54,37 @@ pub struct Mover {
     early_cancels: Mutex<std::collections::VecDeque<u64>>,
 }
 
+/// Every mover of this process, for [`interrupt_all`].
+static ALL: Mutex<Vec<std::sync::Weak<Mover>>> = Mutex::new(Vec::new());
+
+/// A stopping agent stops what its movers run: its connections are gone, so an end it waited
+/// for could not be told, and the head gives those requests to a mover again (at once when
+/// this one reconnects holding nothing). Waiting would hold the stop for as long as a copy runs.
+pub fn interrupt_all() {
+    let all = ALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    for mover in all.iter().filter_map(std::sync::Weak::upgrade) {
+        let items = mover.lock();
+        let running: Vec<u64> = items.values().filter(|i| i.status.is_none()).map(|i| i.req.cookie).collect();
+        drop(items);
+        if !running.is_empty() {
+            tracing::info!(requests = running.len(), "stopping: interrupting the HSM requests under way");
+        }
+        for cookie in running {
+            mover.cancel(cookie);
+        }
+    }
+}
+
 impl Mover {
-    pub fn new(cfg: MoverConfig, node: &str) -> Mover {
+    pub fn new(cfg: MoverConfig, node: &str) -> Arc<Mover> {
         let archive_root = PathBuf::from(cfg.archive_root.to_string_lossy().replace("%n", node));
         let limit = Arc::new(Semaphore::new(cfg.threads.max(1)));
-        Mover { cfg, archive_root, items: Mutex::default(), limit, early_cancels: Mutex::default() }
+        let mover =
+            Arc::new(Mover { cfg, archive_root, items: Mutex::default(), limit, early_cancels: Mutex::default() });
+        let mut all = ALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.retain(|m| m.strong_count() > 0);
+        all.push(Arc::downgrade(&mover));
+        mover
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Item>> {

@@ -381,6 +381,40 @@ fn running_requests_cancel_move_after_the_grace_and_owners_share_fairly() {
 }
 
 #[test]
+fn a_mover_told_to_stop_interrupts_its_copies_and_exits_and_the_request_runs_once_when_it_is_back() {
+    if !can_mount() {
+        return;
+    }
+    let mut c = Cluster::up_with("cn1", 200, "[hsm]\nreporting_hint = \"cr\"\n");
+    let t = Tree::new(&c);
+    let log = t.archive.join("ran.log");
+    let slow: Vec<String> = ["--name", "m1", "--mover", "--mover-command", "sleep 299"].map(String::from).to_vec();
+    let m1 = start_mover(&mut c, &slow);
+    let json = "{\"fid\":\"0x200000401:0x7:0x0\",\"cookie\":7,\"action\":\"archive\",\"data\":\"cr=stop\"}\n";
+    c.write("hsm/queue", json.as_bytes()).unwrap();
+    wait_for(&c, "hsm/stop", &format!("sent {} m1\n", fid(7)), 10);
+    // SIGTERM (systemctl stop): the copy under way is stopped, not waited for (its end could
+    // not be told: the connection goes with the stop).
+    let pid = c.agent_pid(m1);
+    signal(pid, libc::SIGTERM);
+    let exited = eventually(Duration::from_secs(5), || {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+    });
+    assert!(exited, "a mover told to stop waited for its copy");
+    c.kill_agent(m1);
+    let left = std::process::Command::new("pgrep").args(["-f", "sleep 299"]).output().unwrap();
+    assert!(left.stdout.is_empty(), "the copy outlived its mover: {:?}", String::from_utf8_lossy(&left.stdout));
+    // Back, holding nothing: the request is sent to it again at once and runs once.
+    let cmd = format!("echo $CLUSTER_HSM_COOKIE >> {}", log.display());
+    let back: Vec<String> = ["--name", "m1", "--mover", "--mover-command", &cmd].map(String::from).to_vec();
+    start_mover(&mut c, &back);
+    wait_for(&c, "hsm/stop", &format!("done {} 0\n", fid(7)), 20);
+    assert!(eventually(Duration::from_secs(10), || quiet(&c)));
+    assert_eq!(fs::read_to_string(&log).unwrap(), "0x7\n");
+}
+
+#[test]
 fn a_mover_whose_node_stops_reporting_is_given_nothing_and_runs_each_request_once_when_back() {
     if !can_mount() {
         return;

@@ -432,7 +432,6 @@ impl Mask for Net {
     }
 }
 
-/// `kvm` needs the KVM device on the node; the error says what to do instead.
 /// Returns once no process holds a lock on `path` (or it does not exist), or after `most`.
 fn wait_unlocked(path: &Path, most: Duration) {
     use std::os::fd::AsRawFd;
@@ -456,6 +455,7 @@ fn wait_unlocked(path: &Path, most: Duration) {
     }
 }
 
+/// `kvm` needs the KVM device on the node; the error says what to do instead.
 fn accel_check(accel: &str, kvm: &Path) -> Result<(), String> {
     if accel == "kvm" && !kvm.exists() {
         return Err(format!("KVM is not available on this node (no {}): set vms.accel = \"tcg\"", kvm.display()));

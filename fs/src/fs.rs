@@ -487,10 +487,7 @@ impl<T: Tree> SynthFs<T> {
             this.renders.insert((ino, caller.uid), (Instant::now(), bytes.clone()));
             this.reread(handle, bytes, size)
         };
-        Some(match self.tree.render(&refs(&path), &caller, false) {
-            Answer::Now(r) => Answer::Now(rendered(r)),
-            Answer::Later(fut) => Answer::later(async move { rendered(fut.await) }),
-        })
+        Some(self.tree.render(&refs(&path), &caller, false).then(rendered))
     }
 
     /// Puts a new render into `handle` and reads it from the start.
@@ -506,14 +503,8 @@ impl<T: Tree> SynthFs<T> {
     pub fn read(self: &Arc<Self>, handle: u64, offset: u64, size: u32) -> Answer<Vec<u8>> {
         let log = self.handles.get(&handle).filter(|h| h.kind == Kind::Log).map(|h| (h.path.clone(), h.caller));
         let Some((path, caller)) = log else { return Answer::Now(self.read_held(handle, offset, size)) };
-        let dir = parent_of(&path);
-        match self.tree.read_log(&refs(&path), &caller, offset, size) {
-            Answer::Now(r) => Answer::Now(self.note_failure(&dir, caller.uid, r)),
-            Answer::Later(fut) => {
-                let this = self.clone();
-                Answer::later(async move { this.note_failure(&dir, caller.uid, fut.await) })
-            }
-        }
+        let (dir, this) = (parent_of(&path), self.clone());
+        self.tree.read_log(&refs(&path), &caller, offset, size).then(move |r| this.note_failure(&dir, caller.uid, r))
     }
 
     /// A read of what a (not log) handle holds.
@@ -668,13 +659,8 @@ impl<T: Tree> SynthFs<T> {
     /// Records a failure of `answer` in `dir`'s error book, now or when it completes; a
     /// success drops cached renders so the next read shows what the change did.
     fn recorded<X: Send + 'static>(self: &Arc<Self>, dir: PathBuf, uid: u32, answer: Answer<X>) -> Answer<X> {
-        match answer {
-            Answer::Now(r) => Answer::Now(self.settle(&dir, uid, r)),
-            Answer::Later(fut) => {
-                let this = self.clone();
-                Answer::later(async move { this.settle(&dir, uid, fut.await) })
-            }
-        }
+        let this = self.clone();
+        answer.then(move |r| this.settle(&dir, uid, r))
     }
 
     fn settle<X>(&self, dir: &PathBuf, uid: u32, r: Result<X>) -> Result<X> {

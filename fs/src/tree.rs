@@ -97,6 +97,17 @@ impl<T> Answer<T> {
         Answer::Later(Box::pin(f))
     }
 
+    /// `f` applied to the result, now or when it comes.
+    pub fn then<U>(self, f: impl FnOnce(Result<T>) -> Result<U> + Send + 'static) -> Answer<U>
+    where
+        T: 'static,
+    {
+        match self {
+            Answer::Now(r) => Answer::Now(f(r)),
+            Answer::Later(fut) => Answer::later(async move { f(fut.await) }),
+        }
+    }
+
     /// The result, waited for if it comes later.
     pub async fn finish(self) -> Result<T> {
         match self {

@@ -207,16 +207,13 @@ impl Vms {
     /// index that has `mem` free; either with at least `cpus` cpus, which a VM's vcpus never
     /// outnumber.
     fn place(&self, spec: &VmSpec, mem: u64, cpus: u32) -> Result<String, FsError> {
-        let too_few = |v: &crate::head::cluster::NodeView| {
-            FsError::new(
-                Errno::NoSpc,
-                format!("node {} has {} cpus, fewer than the VM's {cpus} vcpus", v.name, v.report.cpus),
-            )
-        };
         if let Some(n) = &spec.node {
             let v = self.cluster.view(n).ok_or_else(|| FsError::not_found(format!("node {n}")))?;
             return match v.state {
-                NodeState::Up if v.report.cpus < u64::from(cpus) => Err(too_few(&v)),
+                NodeState::Up if v.report.cpus < u64::from(cpus) => Err(FsError::new(
+                    Errno::NoSpc,
+                    format!("node {n} has {} cpus, fewer than the VM's {cpus} vcpus", v.report.cpus),
+                )),
                 NodeState::Up => Ok(n.clone()),
                 s => Err(FsError::new(Errno::HostDown, format!("node {n} is {}", s.line()))),
             };
@@ -423,17 +420,27 @@ impl Vms {
                 }
                 vm.actual = actual;
                 vm.changed = SystemTime::now();
-                noted.push(Store::change("vms", &s.name, &vm.rec));
+                match Store::change("vms", &s.name, &vm.rec) {
+                    Ok(change) => noted.push(change),
+                    Err(e) => warn!(vm = s.name, error = %e, "cannot store the VM's new event"),
+                }
             }
             let have = self.console_file(&s.name).received();
             if s.console_len > have {
                 out.push(Message::VmConsoleFrom { id: s.id, from: have });
             }
         }
+        // Queued with the VMs locked, so in the order their records changed; the commit is
+        // waited for off the agent's connection task.
+        let ticket = (!noted.is_empty()).then(|| self.cluster.store().write_later(noted));
         drop(vms);
-        let noted: Result<Vec<_>, _> = noted.into_iter().collect();
-        if let Err(e) = noted.and_then(|changes| self.cluster.store().write(changes)) {
-            warn!(node, error = %e, "cannot store the VMs' new events");
+        if let Some(ticket) = ticket {
+            let (cluster, node) = (self.cluster.clone(), node.to_string());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = cluster.store().wait(ticket) {
+                    warn!(node, error = %e, "cannot store the VMs' new events");
+                }
+            });
         }
         self.wake.notify_one();
         out

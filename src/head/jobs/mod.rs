@@ -629,8 +629,8 @@ impl Jobs {
     /// error when this head's spool holds less than was spooled when the job ended.
     pub fn read_output(&self, id: u64, stream: u64, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
         let spooled = self.with(id, |j| j.spooled).flatten().map_or(0, |s| s[usize::from(stream != STDOUT)]);
-        let here = self.output_len(id, stream);
-        if here < spooled {
+        // Only an ended job's output is looked at first (a running one's grows here).
+        if let Some(here) = (spooled > 0).then(|| self.output_len(id, stream)).filter(|here| *here < spooled) {
             return Err(std::io::Error::other(format!(
                 "{spooled} bytes were spooled when job {id} ended, and this head's spool has {here}: the rest is \
                  in another head's spool (give every head the same shared_dir) or was removed"

@@ -2,7 +2,9 @@
 # Sends a BENCH_COPY_MIB MiB file to 4 and to 16 agents, each in its own network namespace
 # whose veth link (and the head's) is limited to 1 Gbit/s each way with tc, and prints a
 # Markdown table: time against the ideal (size / link speed) for a chain (fanout=1), a tree of
-# width 2, and a star (the head sends to every node itself: fanout >= nodes).
+# width 2, and a star (the head sends to every node itself: fanout >= nodes), and, in the same
+# namespaces, the floor: a bare relay (benches/bare_relay.py: receive, write, send; no protocol,
+# no checksum) in a chain and a tree of width 2, and a chain that writes nothing.
 #   BENCH_COPY_MIB=1024 BENCH_LINK=1gbit benches/broadcast.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,7 @@ source benches/lib.sh
 bench_work clusterfs-bench
 bench_cleanup() {
   pkill -f "clusterfs-agent --head 10.77.0.1" 2>/dev/null
+  pkill -f "bare_relay.py relay" 2>/dev/null
   for i in $(seq 1 $MAX); do ip netns del "cfbn$i" 2>/dev/null; done
   ip netns del cfbsw 2>/dev/null
   ip link del cfh0 2>/dev/null
@@ -71,12 +74,41 @@ copy() {
   grep -q "^PASS: .*SUM: $1\$" "$work/mnt/jobs/$id/summary" || { cat "$work/mnt/jobs/$id/summary" >&2; exit 1; }
   awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
 }
+# bare NODES FANOUT WRITE: seconds for the bare relay to take the file to every node (WRITE=0:
+# the nodes write it nowhere), nodes laid out as in a heap (node i relays to nodes
+# FANOUT*i+1..FANOUT*i+FANOUT), each copy compared with the source.
+bare() {
+  local n=$1 f=$2 port=$((9000 + RANDOM % 1000)) relays=() kids tops t0 t1 i k
+  rm -rf "${work:?}/dest/"*
+  for i in $(seq 1 "$n"); do
+    kids=()
+    for k in $(seq $((f * i + 1)) $((f * i + f))); do [ "$k" -le "$n" ] && kids+=("10.77.0.$((10 + k))"); done
+    ip netns exec "cfbn$i" python3 benches/bare_relay.py relay "10.77.0.$((10 + i))" "$port" \
+      "$([ "$3" = 1 ] && echo "$work/dest/$i.bin" || echo -)" "${kids[@]}" &
+    relays+=($!)
+  done
+  tops=()
+  for k in $(seq 1 "$f"); do [ "$k" -le "$n" ] && tops+=("10.77.0.$((10 + k))"); done
+  t0=$(now)
+  python3 benches/bare_relay.py send "$work/src.bin" "$port" "${tops[@]}"
+  wait "${relays[@]}"
+  t1=$(now)
+  if [ "$3" = 1 ]; then
+    for i in $(seq 1 "$n"); do cmp -s "$work/src.bin" "$work/dest/$i.bin" || { echo "bench: bare copy $i differs" >&2; exit 1; }; done
+  fi
+  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
+}
 ideal=$(awk -v m="$MIB" -v l="${LINK%gbit}" 'BEGIN { printf "%.2f", m * 1048576 * 8 / (l * 1e9) }')
 rows=""
 for n in $COUNTS; do
   for f in 1 2 "$n"; do
     t=$(copy "$n" "$f")
     kind=$([ "$f" = "$n" ] && echo "star" || echo "tree, fanout $f")
+    rows+="| $n | $kind | $t | $(awk -v t="$t" -v i="$ideal" 'BEGIN { printf "%.2fx", t / i }') |"$'\n'
+  done
+  for shape in "1 1 bare relay, chain" "2 1 bare relay, tree, fanout 2" "1 0 bare relay, chain, no writes"; do
+    read -r f w kind <<< "$shape"
+    t=$(bare "$n" "$f" "$w")
     rows+="| $n | $kind | $t | $(awk -v t="$t" -v i="$ideal" 'BEGIN { printf "%.2fx", t / i }') |"$'\n'
   done
 done
@@ -86,7 +118,8 @@ cat <<EOF
 Each agent is in its own network namespace, and each link (every node's and the head's) is a
 veth pair limited to $LINK each way with \`tc tbf\`; copies land on a tmpfs. Time is from the
 write to \`jobs/new\` to \`wait\` returning, every node checked (chunk and whole-file
-checksums) and renamed in place. Ideal: size / link speed = $ideal s.
+checksums) and renamed in place. Ideal: size / link speed = $ideal s. The bare relay rows are
+the floor on this machine: a relay doing only what every node must (receive, write, send).
 
 | nodes | shape | seconds | vs ideal |
 |---|---|---|---|

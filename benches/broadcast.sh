@@ -103,7 +103,7 @@ rows=""
 for n in $COUNTS; do
   for f in 1 2 "$n"; do
     t=$(copy "$n" "$f")
-    kind=$([ "$f" = "$n" ] && echo "star" || echo "tree, fanout $f")
+    kind=$([ "$f" = "$n" ] && echo "star" || { [ "$f" = 1 ] && echo "chain (fanout 1)" || echo "tree, fanout $f"; })
     rows+="| $n | $kind | $t | $(awk -v t="$t" -v i="$ideal" 'BEGIN { printf "%.2fx", t / i }') |"$'\n'
   done
   for shape in "1 1 bare relay, chain" "2 1 bare relay, tree, fanout 2" "1 0 bare relay, chain, no writes"; do

@@ -184,6 +184,38 @@ fn copies_are_checked_and_run_as_the_user() {
         let m = std::fs::metadata(root.join(format!("odd-{n}.bin"))).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (alice.uid(), alice.gid(), 0o750), "{n}");
     }
+
+    // The source is checked again on the file opened when the copy starts: alice's link, turned
+    // toward a file only root may read while her copy waited, sends nothing.
+    let links = c.dir.path().join("links");
+    let secret = c.dir.path().join("secret.bin");
+    let (code, _, err) = sh(&format!(
+        "mkdir {l} && chown cfalice: {l} && echo root-only > {x} && chmod 600 {x} && ln -s {s} {l}/src && chown -h cfalice: {l}/src",
+        l = links.display(),
+        x = secret.display(),
+    ));
+    assert_eq!(code, 0, "{err}");
+    let first = submit_as(&c, "cfalice", "#CLUSTER nodes=cn0\nsleep 2\n");
+    let id = submit_as(
+        &c,
+        "cfalice",
+        &format!(
+            "#CLUSTER nodes=cn[0-1] after={first} copy={}/src dest={}/late-%n.bin\n",
+            links.display(),
+            root.display()
+        ),
+    );
+    let (code, _, err) = sh_as("cfalice", &format!("ln -sfn {} {}/src", secret.display(), links.display()));
+    assert_eq!(code, 0, "{err}");
+    let before = c.read(&format!("jobs/{first}/state"));
+    assert!(before.starts_with("running"), "the copy started before the link was turned: {before}");
+    assert_ne!(wait(&c, id), "0\n");
+    let state = c.read(&format!("jobs/{id}/nodes/cn0/state"));
+    assert!(
+        state.contains("EACCES") && state.contains("cfalice may not read it (checked again when the copy started)"),
+        "{state}"
+    );
+    assert!(!root.join("late-cn0.bin").exists() && !root.join("late-cn1.bin").exists());
 }
 
 #[test]

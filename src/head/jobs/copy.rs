@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clusterfs_fs::FsError;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -36,16 +35,37 @@ fn may_read(owner: &Owner, meta: &std::fs::Metadata) -> bool {
         || mode & 0o004 != 0
 }
 
-/// Size, mode, owner, mtime and checksum of the file at `src`.
-fn facts_of(src: &str) -> std::io::Result<FileFacts> {
+/// Whether `owner` may send the file `meta` describes: a regular file it may read and, for
+/// anyone but root, owns (its owner is kept on the nodes).
+fn may_send(owner: &Owner, src: &str, meta: &std::fs::Metadata) -> Result<(), FsError> {
+    if !meta.is_file() {
+        return Err(FsError::invalid(format!("copy={src}: not a regular file")));
+    }
+    if !may_read(owner, meta) {
+        return Err(FsError::denied(format!("copy={src}: {} may not read it", owner.user)));
+    }
+    if owner.uid != 0 && meta.uid() != owner.uid {
+        return Err(FsError::denied(format!(
+            "copy={src}: only root may copy a file someone else owns (its owner is kept)"
+        )));
+    }
+    Ok(())
+}
+
+/// Opens a copy's source once, when the copy starts, checks the file that was opened (not the
+/// path: it may have become a symlink to another file since the submission was checked), and
+/// reads its size, mode, owner, mtime and checksum. Every feed reads this open file.
+fn open_source(owner: &Owner, src: &str) -> Result<(Arc<std::fs::File>, FileFacts), String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(src)?;
-    let meta = f.metadata()?;
+    let unreadable = |e: std::io::Error| format!("cannot read {src}: {e}");
+    let mut f = std::fs::File::open(src).map_err(unreadable)?;
+    let meta = f.metadata().map_err(unreadable)?;
+    may_send(owner, src, &meta).map_err(|e| format!("{e} (checked again when the copy started)"))?;
     let mut sum = FileSum::default();
     let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read(&mut buf).map_err(unreadable)?;
         if n == 0 {
             break;
         }
@@ -53,9 +73,9 @@ fn facts_of(src: &str) -> std::io::Result<FileFacts> {
         size += n as u64;
     }
     if size != meta.len() {
-        return Err(std::io::Error::other(format!("{src} changed while it was read")));
+        return Err(format!("cannot read {src}: it changed while it was read"));
     }
-    Ok(FileFacts {
+    let facts = FileFacts {
         size,
         mode: meta.mode() & 0o7777,
         uid: meta.uid(),
@@ -63,7 +83,8 @@ fn facts_of(src: &str) -> std::io::Result<FileFacts> {
         mtime_s: meta.mtime(),
         mtime_ns: meta.mtime_nsec(),
         sum: sum.hex(),
-    })
+    };
+    Ok((Arc::new(f), facts))
 }
 
 /// Every branch of `tree`, by run.
@@ -75,24 +96,12 @@ fn by_run(tree: &[Branch], out: &mut HashMap<u64, Branch>) {
 }
 
 impl Jobs {
-    /// A copy job's source, checked at submission: a regular file on the head that its
-    /// submitter may read (and, for anyone but root, owns: its owner is kept on the nodes).
+    /// A copy job's source, checked at submission (and again on the file opened when the copy
+    /// starts): see [`may_send`].
     pub(super) fn check_copy(owner: &Owner, spec: &Spec) -> Result<(), FsError> {
         let Some(c) = &spec.copy else { return Ok(()) };
         let meta = std::fs::metadata(&c.src).map_err(|e| FsError::invalid(format!("copy={}: {e}", c.src)))?;
-        if !meta.is_file() {
-            return Err(FsError::invalid(format!("copy={}: not a regular file", c.src)));
-        }
-        if !may_read(owner, &meta) {
-            return Err(FsError::denied(format!("copy={}: {} may not read it", c.src, owner.user)));
-        }
-        if owner.uid != 0 && meta.uid() != owner.uid {
-            return Err(FsError::denied(format!(
-                "copy={}: only root may copy a file someone else owns (its owner is kept)",
-                c.src
-            )));
-        }
-        Ok(())
+        may_send(owner, &c.src, &meta)
     }
 
     /// Bytes of copy run `run` written on its node so far, from the agent.
@@ -160,8 +169,8 @@ impl Jobs {
     /// task: the head feeds the top of the tree; a node that drops out (down, or its feed
     /// fails) is reported lost and the head feeds its children itself, from the start.
     pub(super) fn drive_copy(self: &Arc<Self>, id: u64, runs: Vec<(String, u64)>) {
-        let Some((src, dest, fanout)) =
-            self.with(id, |j| j.spec.copy.clone().map(|c| (c.src, c.dest, j.spec.fanout))).flatten()
+        let Some((src, dest, fanout, owner)) =
+            self.with(id, |j| j.spec.copy.clone().map(|c| (c.src, c.dest, j.spec.fanout, j.owner.clone()))).flatten()
         else {
             return;
         };
@@ -169,12 +178,12 @@ impl Jobs {
         let this = self.clone();
         tokio::spawn(async move {
             let read = src.clone();
-            let facts = tokio::task::spawn_blocking(move || facts_of(&read)).await.map_err(std::io::Error::other);
-            let facts = match facts.and_then(|f| f) {
-                Ok(f) => f,
+            let opened = tokio::task::spawn_blocking(move || open_source(&owner, &read)).await;
+            let (file, facts) = match opened.map_err(|e| e.to_string()).and_then(|o| o) {
+                Ok(o) => o,
                 Err(why) => {
                     for (_, run) in runs {
-                        this.end_copy_run(run, State::Failed, format!("cannot read {src}: {why}"));
+                        this.end_copy_run(run, State::Failed, why.clone());
                     }
                     return;
                 }
@@ -207,7 +216,7 @@ impl Jobs {
             info!(job = id, nodes = branches.len(), fanout, size = facts.size, "copy started");
             let (failed, mut failures) = mpsc::unbounded_channel::<(u64, String)>();
             for b in top {
-                this.feed(facts.clone(), src.clone(), b, failed.clone());
+                this.feed(facts.clone(), file.clone(), b, failed.clone());
             }
             let mut dropped: HashSet<u64> = HashSet::new();
             loop {
@@ -241,7 +250,7 @@ impl Jobs {
                     warn!(job = id, node = b.node, why, "a node dropped out of the copy tree");
                     this.end_copy_run(run, State::Lost, format!("dropped out of the copy tree: {why}"));
                     for child in &b.children {
-                        this.feed(facts.clone(), src.clone(), child.clone(), failed.clone());
+                        this.feed(facts.clone(), file.clone(), child.clone(), failed.clone());
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -251,33 +260,45 @@ impl Jobs {
     }
 
     /// Feeds `branch` from the head, from a task; a failure is sent to `failed`.
-    fn feed(&self, file: FileFacts, src: String, branch: Branch, failed: mpsc::UnboundedSender<(u64, String)>) {
+    fn feed(
+        &self,
+        facts: FileFacts,
+        file: Arc<std::fs::File>,
+        branch: Branch,
+        failed: mpsc::UnboundedSender<(u64, String)>,
+    ) {
         let (secret, max_frame) = (self.secret.clone(), self.cluster.cfg.max_frame);
         tokio::spawn(async move {
             let run = branch.run;
-            let plan = Plan { file, tree: branch };
-            if let Err(e) = send_file(&secret, max_frame, &src, plan).await {
+            let plan = Plan { file: facts, tree: branch };
+            if let Err(e) = send_file(&secret, max_frame, file, plan).await {
                 let _ = failed.send((run, format!("its feed failed: {e}")));
             }
         });
     }
 }
 
-/// Sends the file at `src` to `plan.tree`'s relay, then waits for it to close the connection
-/// (it does once it has the whole file).
-pub(crate) async fn send_file(
+/// Sends `file` (the copy's opened source) to `plan.tree`'s relay, then waits for it to close
+/// the connection (it does once it has the whole file).
+async fn send_file(
     secret: &crate::auth::Secret,
     max_frame: usize,
-    src: &str,
+    file: Arc<std::fs::File>,
     plan: Plan,
 ) -> Result<(), ProtoError> {
+    use std::os::unix::fs::FileExt;
     let size = plan.file.size;
     let mut conn = copy::open_feed(secret, max_frame, plan).await?;
-    let mut f = tokio::fs::File::open(src).await?;
     let mut offset = 0u64;
     while offset < size {
-        let mut buf = vec![0u8; CHUNK.min(usize::try_from(size - offset).unwrap_or(CHUNK))];
-        f.read_exact(&mut buf).await?;
+        let len = CHUNK.min(usize::try_from(size - offset).unwrap_or(CHUNK));
+        let f = file.clone();
+        let buf = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, offset).map(|()| buf)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         let sum = copy::chunk_sum(&buf);
         conn.send_frame(&Frame::Chunk { offset, sum, data: Bytes::from(buf) }).await?;
         offset += CHUNK as u64;

@@ -237,6 +237,9 @@ impl ChildSetup {
                 step(libc::syscall(libc::SYS_pivot_root, dot, dot) as libc::c_int, "pivot_root")?;
                 step(libc::umount2(dot, libc::MNT_DETACH), "detach the old root")?;
                 step(libc::chdir(c"/".as_ptr()), "chdir /")?;
+                // The tree is the user's choice: a set-user-id program in it (with its own
+                // /etc/passwd beside it) must not make the job root. Nor may anything it runs.
+                step(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")?;
             }
             let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
             step(

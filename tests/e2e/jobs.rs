@@ -404,6 +404,7 @@ fn jobs_are_isolated_limited_and_can_run_in_their_own_root() {
     if !crate::can_mount() {
         return;
     }
+    users();
     let c = Cluster::up("cn3", 200);
     // Default isolation: own PID, mount, UTS namespaces; limited to its cpus.
     let id = submit_as(&c, "root", "echo $$; hostname; ls /proc | grep -c '^[0-9]'\n");
@@ -443,13 +444,20 @@ fn jobs_are_isolated_limited_and_can_run_in_their_own_root() {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for tool in ["sh", "ls", "cat", "echo"] {
+    for tool in ["sh", "ls", "cat", "echo", "grep"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
     }
     std::fs::write(root.join("only-here"), "inside\n").unwrap();
     let id = submit_as(&c, "root", &format!("#CLUSTER rootfs={}\nls /; cat /only-here\n", root.display()));
     assert_eq!(wait(&c, id), "0\n", "{}{}", c.read(&format!("jobs/{id}/state")), c.read(&format!("jobs/{id}/stderr")));
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), "bin\nonly-here\nproc\ntmp\ninside\n");
+    std::fs::set_permissions(c.dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // A user's rootfs job can gain no privilege: set-user-id programs in the tree (which its
+    // user may have filled) do nothing, for the job and everything it starts.
+    let id =
+        submit_as(&c, "cfalice", &format!("#CLUSTER rootfs={}\ngrep NoNewPrivs /proc/self/status\n", root.display()));
+    assert_eq!(wait(&c, id), "0\n", "{}{}", c.read(&format!("jobs/{id}/state")), c.read(&format!("jobs/{id}/stderr")));
+    assert_eq!(c.read(&format!("jobs/{id}/stdout")), "NoNewPrivs:\t1\n");
     // A rootfs without a shell: a clear failure, not a hang.
     let empty = c.dir.path().join("empty");
     std::fs::create_dir_all(empty.join("proc")).unwrap();

@@ -58,6 +58,20 @@ fn a_command_on_100_nodes_is_summed_up_gathered_and_retried() {
     assert_eq!(c.read(&format!("{j}/nodes/cn5/stdout")), "release-1.2\n");
     assert_eq!(c.read(&format!("{j}/nodes/cn5/stderr")), "cn5 of cn[0-99]\n");
     assert_eq!(c.read(&format!("{j}/nodes/cn5/state")), "done 0\n");
+    // The job's own stdout and stderr: every node's lines, prefixed with its name, as clush
+    // and pdsh print them.
+    let sorted = |text: String| {
+        let mut v: Vec<String> = text.lines().map(String::from).collect();
+        v.sort();
+        v
+    };
+    let mut want: Vec<String> =
+        (0..100).filter(|n| ![7, 42].contains(n)).map(|n| format!("cn{n}: release-1.2")).collect();
+    want.sort();
+    assert_eq!(sorted(c.read(&format!("{j}/stdout"))), want);
+    let err = sorted(c.read(&format!("{j}/stderr")));
+    assert_eq!(err.len(), 100, "{err:?}");
+    assert!(err.contains(&"cn42: broken on cn42".to_string()) && err.contains(&"cn5: cn5 of cn[0-99]".to_string()));
     // Anyone may read the summary; only the owner the outputs.
     let (code, out, _) = sh_as("cfbob", &format!("cat {}/summary", c.path(&j).display()));
     assert_eq!((code, out.lines().count()), (0, 2));
@@ -75,6 +89,17 @@ fn a_command_on_100_nodes_is_summed_up_gathered_and_retried() {
     assert_eq!(wait(&c, id), "3\n");
     assert_eq!(c.read(&format!("{j}/summary")), "PASS: cn[0-6,8-99], SUM: 99\nFAILED: cn7, SUM: 1\n");
     assert_eq!(ls(&c, &format!("{j}/attempts")), ["1", "2"]);
+    let out = c.read(&format!("{j}/stdout"));
+    assert_eq!((out.lines().count(), out.lines().filter(|l| *l == "cn42: release-1.2").count()), (99, 1));
+    // A last line with no newline joins the job's stdout when its run ends.
+    let two = submit_as(&c, "cfalice", "#CLUSTER nodes=cn[0-2] isolate=none\nprintf 'a\\nb'\n");
+    assert_eq!(wait(&c, two), "0\n");
+    let out = c.read(&format!("jobs/{two}/stdout"));
+    for n in 0..3 {
+        let mine: Vec<&str> = out.lines().filter(|l| l.starts_with(&format!("cn{n}: "))).collect();
+        assert_eq!(mine, [format!("cn{n}: a"), format!("cn{n}: b")], "{out}");
+    }
+    assert_eq!(c.read(&format!("jobs/{two}/nodes/cn1/stdout")), "a\nb");
     assert_eq!(c.read(&format!("{j}/attempts/2/summary")), "PASS: cn42, SUM: 1\nFAILED: cn7, SUM: 1\n");
     assert_eq!(ls(&c, &format!("{j}/attempts/2/nodes")), ["cn42", "cn7"]);
     assert_eq!(
@@ -211,9 +236,15 @@ fn a_multi_node_job_survives_a_head_crash_and_runs_once_per_node() {
     users();
     let mut c = Cluster::up("cn[0-9]", 200);
     let d = marks(&c);
-    let spec = format!("#CLUSTER nodes=cn[0-9]\nsleep 2\necho $CLUSTER_NODE >> {}/ran\necho done\n", d.display());
+    let spec = format!(
+        "#CLUSTER nodes=cn[0-9]\nprintf half-; sleep 2\necho $CLUSTER_NODE >> {}/ran\necho done\n",
+        d.display()
+    );
     let id = submit_as(&c, "cfalice", &spec);
     assert!(eventually(Duration::from_secs(10), || c.read("nodes/cn9/jobs") == format!("{id}\n")));
+    // Each node's line is half written when the head crashes.
+    let halves = || (0..10).all(|n| c.read(&format!("jobs/{id}/nodes/cn{n}/stdout")) == "half-");
+    assert!(eventually(Duration::from_secs(10), halves));
     c.crash_head();
     c.start_head();
     let exit = wait(&c, id);
@@ -226,7 +257,13 @@ fn a_multi_node_job_survives_a_head_crash_and_runs_once_per_node() {
     let mut want: Vec<String> = (0..10).map(|n| format!("cn{n}")).collect();
     want.sort();
     assert_eq!(ran, want, "each node ran it exactly once");
-    assert_eq!(c.read(&format!("jobs/{id}/nodes/cn3/stdout")), "done\n");
+    assert_eq!(c.read(&format!("jobs/{id}/nodes/cn3/stdout")), "half-done\n");
+    // The job's stdout has each line whole, its first half from before the crash.
+    let mut lines: Vec<String> = c.read(&format!("jobs/{id}/stdout")).lines().map(String::from).collect();
+    lines.sort();
+    let mut want: Vec<String> = (0..10).map(|n| format!("cn{n}: half-done")).collect();
+    want.sort();
+    assert_eq!(lines, want);
 }
 
 #[test]

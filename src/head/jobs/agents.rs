@@ -32,6 +32,7 @@ impl Jobs {
                     j.reason = format!("the agent on {node} no longer knows it");
                     j.ended_ms = Some(now_ms());
                 });
+                self.end_lines(id, node);
             } else if let Some(job) = self.get(id) {
                 self.dispatch(job);
             }
@@ -73,6 +74,7 @@ impl Jobs {
         let new = &data[skip..];
         if !new.is_empty() {
             let kept = &new[..new.len().min(room)];
+            self.merge_lines(run, s, node, len, kept);
             let appended = self.open_spool(run, s).and_then(|mut f| f.write_all(kept));
             if let Err(e) = appended {
                 warn!(job = run, error = %e, "cannot write job output to the spool");
@@ -83,6 +85,73 @@ impl Jobs {
             self.changed.notify_waiters();
         }
         Ok(None)
+    }
+
+    /// For a run of a multi-node job: adds `data` (its stream `s`, which held `len` bytes
+    /// before) to the job's own stream as whole lines, each prefixed with the node's name
+    /// (`cn3: text`), as clush and pdsh print them, so `tail -f jobs/<id>/stdout` follows
+    /// every node at once. A line longer than [`LONGEST_LINE`] is passed on in pieces.
+    fn merge_lines(&self, run: u64, s: u64, node: &str, len: u64, data: &[u8]) {
+        let Some(parent) = self.with(run, |j| j.task.filter(|t| t.attempt.is_some()).map(|t| t.parent)).flatten()
+        else {
+            return;
+        };
+        let mut partial = self.partial.entry((run, s)).or_insert_with(|| self.unfinished_line(run, s, len));
+        partial.extend_from_slice(data);
+        let mut out = Vec::new();
+        let mut done = 0;
+        while let Some(nl) = partial[done..].iter().position(|b| *b == b'\n') {
+            prefixed(&mut out, node, &partial[done..=done + nl]);
+            done += nl + 1;
+        }
+        if partial.len() - done > LONGEST_LINE {
+            prefixed(&mut out, node, &partial[done..]);
+            done = partial.len();
+        }
+        partial.drain(..done);
+        drop(partial);
+        self.append_merged(parent, s, &out);
+    }
+
+    /// A run's output after its last newline, read back from its spool: what `partial` held
+    /// before a head restart.
+    fn unfinished_line(&self, run: u64, s: u64, len: u64) -> Vec<u8> {
+        let from = len.saturating_sub(LONGEST_LINE as u64);
+        let mut tail =
+            crate::jobs::read_spooled(&self.spool_path(run, s), from, (len - from) as usize).unwrap_or_default();
+        match tail.iter().rposition(|b| *b == b'\n') {
+            Some(nl) => tail.split_off(nl + 1),
+            None if from == 0 => tail,
+            None => Vec::new(),
+        }
+    }
+
+    /// A run of a multi-node job ended: its last line, if unfinished, joins the job's streams.
+    pub(super) fn end_lines(&self, run: u64, node: &str) {
+        let parent = self.with(run, |j| j.task.filter(|t| t.attempt.is_some()).map(|t| t.parent)).flatten();
+        for s in [STDOUT, STDERR] {
+            let rest = self.partial.remove(&(run, s)).map(|(_, rest)| rest);
+            if let Some(parent) = parent {
+                let rest = rest.unwrap_or_else(|| self.unfinished_line(run, s, self.output_len(run, s)));
+                if rest.is_empty() {
+                    continue;
+                }
+                let mut out = Vec::new();
+                prefixed(&mut out, node, &rest);
+                self.append_merged(parent, s, &out);
+            }
+        }
+    }
+
+    /// Appends to a multi-node job's own stream, up to `max_output` (each node's stream keeps
+    /// all of its own).
+    fn append_merged(&self, parent: u64, s: u64, out: &[u8]) {
+        if out.is_empty() || self.output_len(parent, s) >= self.max_output() {
+            return;
+        }
+        if let Err(e) = self.open_spool(parent, s).and_then(|mut f| f.write_all(out)) {
+            warn!(job = parent, error = %e, "cannot write a multi-node job's gathered lines to the spool");
+        }
     }
 
     /// `max_output` in bytes (no limit: the most there is).
@@ -133,6 +202,7 @@ impl Jobs {
             (None, None) => (State::Failed, String::new()),
         };
         info!(job = run, node, code = exit.code, state = state.word(), "job ended");
+        self.end_lines(run, node);
         let ended = self.update_later(run, |j| {
             j.state = state;
             j.reason = reason;
@@ -144,5 +214,18 @@ impl Jobs {
             self.forget_when_durable(node, run, ticket);
         }
         None
+    }
+}
+
+/// Bytes of one run's line held back waiting for its end, at most.
+const LONGEST_LINE: usize = 64 * 1024;
+
+/// Adds `line` to `out` as `node: line`, ending it with a newline if it has none.
+fn prefixed(out: &mut Vec<u8>, node: &str, line: &[u8]) {
+    out.extend_from_slice(node.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(line);
+    if !line.ends_with(b"\n") {
+        out.push(b'\n');
     }
 }

@@ -531,6 +531,7 @@ impl Jobs {
                 j.reason = reason;
                 j.ended_ms = Some(now_ms());
             });
+            self.end_lines(id, &node);
         }
     }
 

@@ -1,5 +1,6 @@
 //! Job isolation on the node: namespaces, a root filesystem, and cgroup limits (v1 or v2).
 
+use clusterfs::jobs::Run;
 use std::ffi::CString;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -161,6 +162,36 @@ pub unsafe fn fork_under_init() -> std::io::Result<()> {
     }
 }
 
+/// Makes the calling thread's file-system identity (fsuid, fsgid and groups) the given one:
+/// its file accesses are checked as that user's. Raw system calls: other threads keep theirs.
+pub fn set_fs_identity(uid: u32, gid: u32, groups: &[u32]) -> std::io::Result<()> {
+    // SAFETY: setgroups reads `groups.len()` gids from a live slice; the raw syscall changes
+    // only the calling thread's credentials.
+    let rc = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: setfsgid and setfsuid take plain ids and change only this thread's fs identity.
+    unsafe {
+        libc::setfsgid(gid);
+        libc::setfsuid(uid);
+    }
+    Ok(())
+}
+
+/// Runs `f` with the calling thread's file-system identity set to `run`'s user, then puts
+/// this process's own back.
+fn as_user<T>(run: &Run, f: impl FnOnce() -> T) -> std::io::Result<T> {
+    if run.uid == 0 {
+        return Ok(f());
+    }
+    let own: Vec<u32> = nix::unistd::getgroups()?.into_iter().map(|g| g.as_raw()).collect();
+    set_fs_identity(run.uid, run.gid, &run.groups)?;
+    let out = f();
+    set_fs_identity(nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw(), &own)?;
+    Ok(out)
+}
+
 /// What the child does before exec, prepared before fork so that it only makes system calls.
 #[derive(Debug)]
 pub struct ChildSetup {
@@ -169,17 +200,30 @@ pub struct ChildSetup {
 }
 
 impl ChildSetup {
-    pub fn new(rootfs: Option<&str>, namespaces: bool) -> std::io::Result<ChildSetup> {
-        let rootfs = match rootfs {
+    /// Checks `run`'s rootfs as its user sees it: the root enters it as root, so without this a
+    /// job could reach a tree under a directory its user may not enter.
+    pub fn new(run: &Run, namespaces: bool) -> std::io::Result<ChildSetup> {
+        let rootfs = match &run.rootfs {
             Some(r) => {
+                let c = CString::new(r.as_str()).map_err(|_| std::io::Error::other("rootfs has a NUL byte"))?;
                 let p = Path::new(r);
-                if !p.join("bin/sh").exists() && !p.join("bin/sh").is_symlink() {
-                    return Err(std::io::Error::other(format!("rootfs {r} has no /bin/sh")));
+                let why = as_user(run, || {
+                    // SAFETY: `c` is a NUL-terminated path; faccessat reads it only.
+                    let rc = unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS) };
+                    if rc != 0 {
+                        Some(format!("{} may not enter it ({})", run.user, std::io::Error::last_os_error()))
+                    } else if !p.join("bin/sh").exists() && !p.join("bin/sh").is_symlink() {
+                        Some("it has no /bin/sh".to_string())
+                    } else if !p.join("proc").is_dir() {
+                        Some("it has no /proc directory".to_string())
+                    } else {
+                        None
+                    }
+                })?;
+                if let Some(why) = why {
+                    return Err(std::io::Error::other(format!("rootfs {r}: {why}")));
                 }
-                if !p.join("proc").is_dir() {
-                    return Err(std::io::Error::other(format!("rootfs {r} has no /proc directory")));
-                }
-                Some(CString::new(r).map_err(|_| std::io::Error::other("rootfs has a NUL byte"))?)
+                Some(c)
             }
             None => None,
         };

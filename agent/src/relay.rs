@@ -354,19 +354,7 @@ fn become_user(run: &Run) -> Result<(), String> {
     if run.uid == 0 {
         return Ok(());
     }
-    let groups: Vec<libc::gid_t> = run.groups.clone();
-    // SAFETY: setgroups reads `groups.len()` gids from a live vector; the raw syscall changes
-    // only the calling thread's credentials.
-    let rc = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
-    if rc != 0 {
-        return Err(format!("setgroups: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: setfsgid and setfsuid take plain ids and change only this thread's fs identity.
-    unsafe {
-        libc::setfsgid(run.gid);
-        libc::setfsuid(run.uid);
-    }
-    Ok(())
+    crate::isolate::set_fs_identity(run.uid, run.gid, &run.groups).map_err(|e| format!("setgroups: {e}"))
 }
 
 /// Writes the file to `dest` from `rx`, as the run's user: parents made, a temporary name in

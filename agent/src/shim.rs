@@ -58,7 +58,7 @@ fn execute(dir: &Path, run: &Run) -> std::io::Result<Exit> {
             let host = run.env.get("CLUSTER_NODE").map_or("", String::as_str);
             unshare_namespaces(host).map_err(|e| std::io::Error::other(format!("namespaces: {e}")))?;
         }
-        supervise(dir, run, ChildSetup::new(run.rootfs.as_deref(), namespaces)?)
+        supervise(dir, run, ChildSetup::new(run, namespaces)?)
     })();
     // Whatever happened above, the cgroup goes.
     let oom = cgroup.as_ref().is_some_and(Cgroup::oom_killed);
@@ -290,7 +290,7 @@ mod tests {
         // SAFETY: only the disposition changes (no handler runs), put back below.
         unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) }.unwrap();
         let started = Instant::now();
-        let exit = supervise(dir.path(), &run, ChildSetup::new(None, false).unwrap());
+        let exit = supervise(dir.path(), &run, ChildSetup::new(&run, false).unwrap());
         // SAFETY: as above.
         unsafe { signal(Signal::SIGTERM, SigHandler::SigDfl) }.unwrap();
         assert_eq!(exit.map(|e| (e.code, e.reason)).unwrap(), (143, None));

@@ -458,6 +458,17 @@ fn jobs_are_isolated_limited_and_can_run_in_their_own_root() {
         submit_as(&c, "cfalice", &format!("#CLUSTER rootfs={}\ngrep NoNewPrivs /proc/self/status\n", root.display()));
     assert_eq!(wait(&c, id), "0\n", "{}{}", c.read(&format!("jobs/{id}/state")), c.read(&format!("jobs/{id}/stderr")));
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), "NoNewPrivs:\t1\n");
+    // A tree under a directory its user may not enter is refused (the root is entered as root).
+    let vault = c.dir.path().join("vault");
+    let (code, _, err) = sh(&format!("mkdir -m 700 {v} && cp -a {r} {v}/", v = vault.display(), r = root.display()));
+    assert_eq!(code, 0, "{err}");
+    let spec = format!("#CLUSTER rootfs={}/rootfs\ncat /only-here\n", vault.display());
+    let id = submit_as(&c, "cfalice", &spec);
+    assert_eq!(wait(&c, id), "127\n", "{}", c.read(&format!("jobs/{id}/stdout")));
+    let state = c.read(&format!("jobs/{id}/state"));
+    assert!(state.contains("cfalice may not enter it (Permission denied"), "{state}");
+    let id = submit_as(&c, "root", &spec);
+    assert_eq!(wait(&c, id), "0\n", "{}", c.read(&format!("jobs/{id}/state")));
     // A rootfs without a shell: a clear failure, not a hang.
     let empty = c.dir.path().join("empty");
     std::fs::create_dir_all(empty.join("proc")).unwrap();

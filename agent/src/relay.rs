@@ -269,7 +269,7 @@ impl Relay {
             }
         }
         st.children = alive;
-        st.sum.update(&data);
+        st.sum.add_chunk(sum);
         st.have = end;
         inc.bytes.store(end, Ordering::Relaxed);
         if let Ok(mut t) = inc.last_data.lock() {

@@ -4,7 +4,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use clusterfs::jobs::copy::FileSum;
 use clusterfs::nodeset::NodeSet;
 
 use crate::harness::{Cluster, eventually, sh, sh_as};
@@ -12,16 +11,16 @@ use crate::jobs::{submit_as, users, wait};
 
 const MIB: u64 = 1 << 20;
 
-/// The xxh3-128 of a file's content.
+/// The xxh3-128 of a file's content (not the copy's own checksum: an independent check).
 fn sum_of(path: &Path) -> String {
     use std::io::Read;
     let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut sum = FileSum::default();
+    let mut sum = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).unwrap();
         if n == 0 {
-            return sum.hex();
+            return format!("{:032x}", sum.digest128());
         }
         sum.update(&buf[..n]);
     }

@@ -65,12 +65,22 @@ fn open_source(owner: &Owner, src: &str) -> Result<(Arc<std::fs::File>, FileFact
     let mut buf = vec![0u8; CHUNK];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(unreadable)?;
+        // Whole chunks, as the feeds send them: a short read is not a chunk's end.
+        let mut n = 0;
+        while n < CHUNK {
+            match f.read(&mut buf[n..]).map_err(unreadable)? {
+                0 => break,
+                got => n += got,
+            }
+        }
         if n == 0 {
             break;
         }
-        sum.update(&buf[..n]);
+        sum.add_chunk(copy::chunk_sum(&buf[..n]));
         size += n as u64;
+        if n < CHUNK {
+            break;
+        }
     }
     if size != meta.len() {
         return Err(format!("cannot read {src}: it changed while it was read"));

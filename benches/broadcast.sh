@@ -99,12 +99,13 @@ bare() {
   awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
 }
 ideal=$(awk -v m="$MIB" -v l="${LINK%gbit}" 'BEGIN { printf "%.2f", m * 1048576 * 8 / (l * 1e9) }')
-# Untimed: memory this VM has not touched for a while costs the first run that writes it up to
-# 2.5x more CPU (16 GiB into a tmpfs: 38 CPU-seconds the first time, 13-23 after); one bare
-# copy to every node first, so that no row pays it for the others.
-bare "$MAX" 1 1 > /dev/null
 rows=""
 for n in $COUNTS; do
+  # Untimed: memory this VM has not touched for a while (its freed pages go back to the host)
+  # costs the first run that writes it up to 2.5x more CPU (16 GiB into a tmpfs: 38
+  # CPU-seconds the first time, 13-23 after); one bare copy to these nodes first, so that
+  # the first row does not pay it for the others.
+  bare "$n" 1 1 > /dev/null
   for f in 1 2 "$n"; do
     t=$(copy "$n" "$f")
     kind=$([ "$f" = "$n" ] && echo "star" || { [ "$f" = 1 ] && echo "chain (fanout 1)" || echo "tree, fanout $f"; })

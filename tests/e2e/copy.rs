@@ -215,6 +215,24 @@ fn copies_are_checked_and_run_as_the_user() {
         "{state}"
     );
     assert!(!root.join("late-cn0.bin").exists() && !root.join("late-cn1.bin").exists());
+    // Turned toward a FIFO of hers: refused, not a head waiting forever in open(2).
+    let (code, _, err) = sh_as("cfalice", &format!("mkfifo {l}/fifo && ln -sfn {s} {l}/src", l = links.display()));
+    assert_eq!(code, 0, "{err}");
+    let first = submit_as(&c, "cfalice", "#CLUSTER nodes=cn0\nsleep 2\n");
+    let id = submit_as(
+        &c,
+        "cfalice",
+        &format!(
+            "#CLUSTER nodes=cn[0-1] after={first} copy={}/src dest={}/fifo-%n.bin\n",
+            links.display(),
+            root.display()
+        ),
+    );
+    let (code, _, err) = sh_as("cfalice", &format!("ln -sfn {l}/fifo {l}/src", l = links.display()));
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(wait(&c, id), "0\n");
+    let state = c.read(&format!("jobs/{id}/nodes/cn0/state"));
+    assert!(state.contains("not a regular file (checked again when the copy started)"), "{state}");
 }
 
 #[test]

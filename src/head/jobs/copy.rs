@@ -1,7 +1,7 @@
 //! Copy jobs on the head: the file's facts, the relay tree, feeding its top, progress, and routing around nodes that drop out.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,7 +58,12 @@ fn may_send(owner: &Owner, src: &str, meta: &std::fs::Metadata) -> Result<(), Fs
 fn open_source(owner: &Owner, src: &str) -> Result<(Arc<std::fs::File>, FileFacts), String> {
     use std::io::Read;
     let unreadable = |e: std::io::Error| format!("cannot read {src}: {e}");
-    let mut f = std::fs::File::open(src).map_err(unreadable)?;
+    // Not blocking: a path turned into a FIFO must not hold the open (its check comes after).
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(src)
+        .map_err(unreadable)?;
     let meta = f.metadata().map_err(unreadable)?;
     may_send(owner, src, &meta).map_err(|e| format!("{e} (checked again when the copy started)"))?;
     let mut sum = FileSum::default();

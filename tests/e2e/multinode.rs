@@ -264,6 +264,12 @@ fn a_multi_node_job_survives_a_head_crash_and_runs_once_per_node() {
     let mut want: Vec<String> = (0..10).map(|n| format!("cn{n}: half-done")).collect();
     want.sort();
     assert_eq!(lines, want);
+    // As for any job, a head whose spool lost them says so rather than show the job silent.
+    std::fs::remove_dir_all(c.state.join("spool").join(id.to_string())).unwrap();
+    let stdout = std::fs::read(c.path(&format!("jobs/{id}/stdout")));
+    assert_eq!(stdout.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)));
+    let why = c.read(&format!("jobs/{id}/error"));
+    assert!(why.contains("150 bytes were spooled"), "{why}");
 }
 
 #[test]

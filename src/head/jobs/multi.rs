@@ -403,10 +403,13 @@ impl Jobs {
             worst = worst.max(run.and_then(|r| r.exit.as_ref()).map_or(UNREACHABLE, |e| e.code));
         }
         let n = runs.len();
+        // Its own gathered lines, as for any job: a head whose spool has less says so.
+        let spooled = [self.output_len(id, crate::jobs::STDOUT), self.output_len(id, crate::jobs::STDERR)];
         let _ = self.update(id, |p| {
             if p.state != State::Running {
                 return;
             }
+            p.spooled = Some(spooled);
             (p.state, p.reason) = match (&p.killed_by, bad.is_empty()) {
                 (Some(who), _) => (State::Killed, format!("by {who}")),
                 (None, true) => (State::Done, String::new()),

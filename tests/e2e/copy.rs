@@ -194,22 +194,24 @@ fn copies_are_checked_and_run_as_the_user() {
         x = secret.display(),
     ));
     assert_eq!(code, 0, "{err}");
-    let first = submit_as(&c, "cfalice", "#CLUSTER nodes=cn0\nsleep 2\n");
-    let id = submit_as(
-        &c,
-        "cfalice",
-        &format!(
-            "#CLUSTER nodes=cn[0-1] after={first} copy={}/src dest={}/late-%n.bin\n",
+    // Alice's copy of `links/src`, queued behind a 2 s job, with the link turned toward
+    // `target` while it waits: the copy's state on cn0 once it ended.
+    let turned = |target: &Path, dest: &str| {
+        let first = submit_as(&c, "cfalice", "#CLUSTER nodes=cn0\nsleep 2\n");
+        let spec = format!(
+            "#CLUSTER nodes=cn[0-1] after={first} copy={}/src dest={}/{dest}\n",
             links.display(),
             root.display()
-        ),
-    );
-    let (code, _, err) = sh_as("cfalice", &format!("ln -sfn {} {}/src", secret.display(), links.display()));
-    assert_eq!(code, 0, "{err}");
-    let before = c.read(&format!("jobs/{first}/state"));
-    assert!(before.starts_with("running"), "the copy started before the link was turned: {before}");
-    assert_ne!(wait(&c, id), "0\n");
-    let state = c.read(&format!("jobs/{id}/nodes/cn0/state"));
+        );
+        let id = submit_as(&c, "cfalice", &spec);
+        let (code, _, err) = sh_as("cfalice", &format!("ln -sfn {} {}/src", target.display(), links.display()));
+        assert_eq!(code, 0, "{err}");
+        let before = c.read(&format!("jobs/{first}/state"));
+        assert!(before.starts_with("running"), "the copy started before the link was turned: {before}");
+        assert_ne!(wait(&c, id), "0\n");
+        c.read(&format!("jobs/{id}/nodes/cn0/state"))
+    };
+    let state = turned(&secret, "late-%n.bin");
     assert!(
         state.contains("EACCES") && state.contains("cfalice may not read it (checked again when the copy started)"),
         "{state}"
@@ -218,20 +220,7 @@ fn copies_are_checked_and_run_as_the_user() {
     // Turned toward a FIFO of hers: refused, not a head waiting forever in open(2).
     let (code, _, err) = sh_as("cfalice", &format!("mkfifo {l}/fifo && ln -sfn {s} {l}/src", l = links.display()));
     assert_eq!(code, 0, "{err}");
-    let first = submit_as(&c, "cfalice", "#CLUSTER nodes=cn0\nsleep 2\n");
-    let id = submit_as(
-        &c,
-        "cfalice",
-        &format!(
-            "#CLUSTER nodes=cn[0-1] after={first} copy={}/src dest={}/fifo-%n.bin\n",
-            links.display(),
-            root.display()
-        ),
-    );
-    let (code, _, err) = sh_as("cfalice", &format!("ln -sfn {l}/fifo {l}/src", l = links.display()));
-    assert_eq!(code, 0, "{err}");
-    assert_ne!(wait(&c, id), "0\n");
-    let state = c.read(&format!("jobs/{id}/nodes/cn0/state"));
+    let state = turned(&links.join("fifo"), "fifo-%n.bin");
     assert!(state.contains("not a regular file (checked again when the copy started)"), "{state}");
 }
 

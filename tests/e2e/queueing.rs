@@ -60,6 +60,12 @@ fn array_tasks_run_every_index_within_their_limit() {
         assert_eq!(c.read(&format!("{t}/wait")), "0\n");
         assert!(["cn0\n", "cn1\n"].contains(&c.read(&format!("{t}/nodes")).as_str()));
     }
+    // The array job's own stdout: every task's lines, prefixed with its index.
+    let mut lines: Vec<String> = c.read(&format!("jobs/{id}/stdout")).lines().map(String::from).collect();
+    lines.sort();
+    let mut want: Vec<String> = (1..=8).map(|n| format!("{n}: task {n} of {id}")).collect();
+    want.sort();
+    assert_eq!(lines, want);
     // At most 2 at once, and the limit was used: 2 ran together.
     let iv = intervals(&marks, 8);
     let most = iv.iter().map(|(s, _)| iv.iter().filter(|(a, b)| a <= s && s < b).count()).max().unwrap();

@@ -25,7 +25,7 @@ impl Jobs {
             .scan(|j| (j.state == State::Running && j.node.as_deref() == Some(node)).then_some((j.id, j.confirmed)));
         for (id, confirmed) in here {
             if known.contains(&id) {
-                out.push(Message::Resume { run: id, from: [self.output_len(id, STDOUT), self.output_len(id, STDERR)] });
+                out.push(Message::Resume { run: id, from: self.output_lens(id) });
             } else if confirmed {
                 let _ = self.update(id, |j| {
                     j.state = State::Lost;
@@ -64,10 +64,7 @@ impl Jobs {
             if len >= cap {
                 return Ok(None);
             }
-            return Ok(Some(Message::Resume {
-                run,
-                from: [self.output_len(run, STDOUT), self.output_len(run, STDERR)],
-            }));
+            return Ok(Some(Message::Resume { run, from: self.output_lens(run) }));
         }
         let skip = usize::try_from(len - offset).unwrap_or(usize::MAX).min(data.len());
         let room = usize::try_from(cap.saturating_sub(len)).unwrap_or(usize::MAX);
@@ -87,25 +84,30 @@ impl Jobs {
         Ok(None)
     }
 
-    /// For a run of a multi-node job: adds `data` (its stream `s`, which held `len` bytes
-    /// before) to the job's own stream as whole lines, each prefixed with the node's name
-    /// (`cn3: text`), as clush and pdsh print them, so `tail -f jobs/<id>/stdout` follows
-    /// every node at once. A line longer than [`LONGEST_LINE`] is passed on in pieces.
+    /// The job run `run` (on `node`) belongs to, and the tag of its lines there: an array
+    /// task's index, a multi-node run's node name. None for a job of its own.
+    fn gathered_in(&self, run: u64, node: &str) -> Option<(u64, String)> {
+        let task = self.with(run, |j| j.task).flatten()?;
+        Some((task.parent, if task.attempt.is_some() { node.to_string() } else { task.index.to_string() }))
+    }
+
+    /// For a run of a multi-node or array job: adds `data` (its stream `s`, which held `len`
+    /// bytes before) to the job's own stream as whole lines, each prefixed with the node's name
+    /// (`cn3: text`, as clush and pdsh print them) or the task's index (`7: text`), so
+    /// `tail -f jobs/<id>/stdout` follows them all at once. A line longer than
+    /// [`LONGEST_LINE`] is passed on in pieces.
     fn merge_lines(&self, run: u64, s: u64, node: &str, len: u64, data: &[u8]) {
-        let Some(parent) = self.with(run, |j| j.task.filter(|t| t.attempt.is_some()).map(|t| t.parent)).flatten()
-        else {
-            return;
-        };
+        let Some((parent, tag)) = self.gathered_in(run, node) else { return };
         let mut partial = self.partial.entry((run, s)).or_insert_with(|| self.unfinished_line(run, s, len));
         partial.extend_from_slice(data);
         let mut out = Vec::new();
         let mut done = 0;
         while let Some(nl) = partial[done..].iter().position(|b| *b == b'\n') {
-            prefixed(&mut out, node, &partial[done..=done + nl]);
+            prefixed(&mut out, &tag, &partial[done..=done + nl]);
             done += nl + 1;
         }
         if partial.len() - done > LONGEST_LINE {
-            prefixed(&mut out, node, &partial[done..]);
+            prefixed(&mut out, &tag, &partial[done..]);
             done = partial.len();
         }
         partial.drain(..done);
@@ -126,19 +128,20 @@ impl Jobs {
         }
     }
 
-    /// A run of a multi-node job ended: its last line, if unfinished, joins the job's streams.
+    /// A run of a multi-node or array job ended: its last line, if unfinished, joins the
+    /// job's streams.
     pub(super) fn end_lines(&self, run: u64, node: &str) {
-        let parent = self.with(run, |j| j.task.filter(|t| t.attempt.is_some()).map(|t| t.parent)).flatten();
+        let gathered = self.gathered_in(run, node);
         for s in [STDOUT, STDERR] {
             let rest = self.partial.remove(&(run, s)).map(|(_, rest)| rest);
-            if let Some(parent) = parent {
+            if let Some((parent, tag)) = &gathered {
                 let rest = rest.unwrap_or_else(|| self.unfinished_line(run, s, self.output_len(run, s)));
                 if rest.is_empty() {
                     continue;
                 }
                 let mut out = Vec::new();
-                prefixed(&mut out, node, &rest);
-                self.append_merged(parent, s, &out);
+                prefixed(&mut out, tag, &rest);
+                self.append_merged(*parent, s, &out);
             }
         }
     }
@@ -186,7 +189,7 @@ impl Jobs {
 
     fn accept_exit(self: &Arc<Self>, node: &str, run: u64, exit: Exit, len: [u64; 2]) -> Option<Message> {
         let killed_by = self.with(run, |j| j.killed_by.clone())?;
-        let have = [self.output_len(run, STDOUT), self.output_len(run, STDERR)];
+        let have = self.output_lens(run);
         // What passed max_output was dropped: all there is to wait for is up to it.
         let cap = self.max_output();
         if have != len.map(|l| l.min(cap)) {
@@ -220,9 +223,9 @@ impl Jobs {
 /// Bytes of one run's line held back waiting for its end, at most.
 const LONGEST_LINE: usize = 64 * 1024;
 
-/// Adds `line` to `out` as `node: line`, ending it with a newline if it has none.
-fn prefixed(out: &mut Vec<u8>, node: &str, line: &[u8]) {
-    out.extend_from_slice(node.as_bytes());
+/// Adds `line` to `out` as `tag: line`, ending it with a newline if it has none.
+fn prefixed(out: &mut Vec<u8>, tag: &str, line: &[u8]) {
+    out.extend_from_slice(tag.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(line);
     if !line.ends_with(b"\n") {

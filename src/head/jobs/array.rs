@@ -241,7 +241,10 @@ impl Jobs {
         let started = tasks.iter().filter(|t| t.3).count();
         let bad: Vec<u32> = tasks.iter().filter(|t| t.1 != State::Done).map(|t| t.0).collect();
         let worst = tasks.iter().filter_map(|t| t.2).max();
+        // Its own gathered lines, as for any job: a head whose spool has less says so.
+        let spooled = self.output_lens(id);
         let _ = self.update(id, |p| {
+            p.spooled = Some(spooled);
             let done = tasks.len() as u32 == n && bad.is_empty();
             p.state = match (&p.killed_by, done) {
                 (Some(_), _) => State::Killed,

@@ -365,6 +365,11 @@ impl Jobs {
         std::fs::metadata(self.spool_path(id, stream)).map_or(0, |m| m.len())
     }
 
+    /// Bytes of job `id`'s stdout and stderr on this head's spool.
+    pub fn output_lens(&self, id: u64) -> [u64; 2] {
+        [self.output_len(id, crate::jobs::STDOUT), self.output_len(id, crate::jobs::STDERR)]
+    }
+
     /// Queues `job` for the next store commit; its ticket, for `durable`. Called with the job
     /// locked, so its changes reach the store in the order they happened.
     fn store_later(&self, job: &Job) -> Result<u64, FsError> {

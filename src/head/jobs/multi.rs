@@ -404,7 +404,7 @@ impl Jobs {
         }
         let n = runs.len();
         // Its own gathered lines, as for any job: a head whose spool has less says so.
-        let spooled = [self.output_len(id, crate::jobs::STDOUT), self.output_len(id, crate::jobs::STDERR)];
+        let spooled = self.output_lens(id);
         let _ = self.update(id, |p| {
             if p.state != State::Running {
                 return;

@@ -131,29 +131,28 @@ impl Jobs {
     /// A run of a multi-node or array job ended: its last line, if unfinished, joins the
     /// job's streams.
     pub(super) fn end_lines(&self, run: u64, node: &str) {
-        let gathered = self.gathered_in(run, node);
+        let Some((parent, tag)) = self.gathered_in(run, node) else { return };
         for s in [STDOUT, STDERR] {
-            let rest = self.partial.remove(&(run, s)).map(|(_, rest)| rest);
-            if let Some((parent, tag)) = &gathered {
-                let rest = rest.unwrap_or_else(|| self.unfinished_line(run, s, self.output_len(run, s)));
-                if rest.is_empty() {
-                    continue;
-                }
+            let rest = match self.partial.remove(&(run, s)) {
+                Some((_, rest)) => rest,
+                None => self.unfinished_line(run, s, self.output_len(run, s)),
+            };
+            if !rest.is_empty() {
                 let mut out = Vec::new();
-                prefixed(&mut out, tag, &rest);
-                self.append_merged(*parent, s, &out);
+                prefixed(&mut out, &tag, &rest);
+                self.append_merged(parent, s, &out);
             }
         }
     }
 
-    /// Appends to a multi-node job's own stream, up to `max_output` (each node's stream keeps
-    /// all of its own).
+    /// Appends to a multi-node or array job's own stream, up to `max_output` (each run's
+    /// stream keeps all of its own).
     fn append_merged(&self, parent: u64, s: u64, out: &[u8]) {
         if out.is_empty() || self.output_len(parent, s) >= self.max_output() {
             return;
         }
         if let Err(e) = self.open_spool(parent, s).and_then(|mut f| f.write_all(out)) {
-            warn!(job = parent, error = %e, "cannot write a multi-node job's gathered lines to the spool");
+            warn!(job = parent, error = %e, "cannot write a job's gathered lines to the spool");
         }
     }
 

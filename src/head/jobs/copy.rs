@@ -67,25 +67,17 @@ fn open_source(owner: &Owner, src: &str) -> Result<(Arc<std::fs::File>, FileFact
     let meta = f.metadata().map_err(unreadable)?;
     may_send(owner, src, &meta).map_err(|e| format!("{e} (checked again when the copy started)"))?;
     let mut sum = FileSum::default();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = Vec::with_capacity(CHUNK);
     let mut size = 0u64;
     loop {
         // Whole chunks, as the feeds send them: a short read is not a chunk's end.
-        let mut n = 0;
-        while n < CHUNK {
-            match f.read(&mut buf[n..]).map_err(unreadable)? {
-                0 => break,
-                got => n += got,
-            }
-        }
+        buf.clear();
+        let n = (&mut f).take(CHUNK as u64).read_to_end(&mut buf).map_err(unreadable)?;
         if n == 0 {
             break;
         }
-        sum.add_chunk(copy::chunk_sum(&buf[..n]));
+        sum.add_chunk(copy::chunk_sum(&buf));
         size += n as u64;
-        if n < CHUNK {
-            break;
-        }
     }
     if size != meta.len() {
         return Err(format!("cannot read {src}: it changed while it was read"));

@@ -219,8 +219,8 @@ pub struct Jobs {
     dispatching: DashMap<u64, Dispatch>,
     /// Bytes each copy run has written on its node, as its agent last said.
     copied: DashMap<u64, u64>,
-    /// A multi-node job's runs' output past their last whole line, by (run, stream): it joins
-    /// the job's own stdout or stderr once its line is complete.
+    /// The output of a multi-node or array job's runs past their last whole line, by (run,
+    /// stream): it joins the job's own stdout or stderr once its line is complete.
     partial: DashMap<(u64, u64), Vec<u8>>,
     /// The cluster secret: the head authenticates to the relays it feeds.
     secret: Arc<crate::auth::Secret>,

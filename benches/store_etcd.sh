@@ -34,11 +34,12 @@ for i in 0 1 2; do
 done
 store="etcd://127.0.0.1:${clients[0]},127.0.0.1:${clients[1]},127.0.0.1:${clients[2]}/bench"
 
-# submit MNT COUNT: COUNT jobs from 4 shells; prints the seconds.
-submit4() {
-  local per=$(($2 / 4)) t0 t1
+# submit MNT COUNT: COUNT jobs from $SHELLS shells; prints the seconds.
+SHELLS=${BENCH_STORE_SHELLS:-4}
+submit() {
+  local per=$(($2 / SHELLS)) t0 t1
   t0=$(now)
-  for s in 1 2 3 4; do
+  for ((s = 0; s < SHELLS; s++)); do
     ( for ((i = 0; i < per; i++)); do echo true > "$1/jobs/new"; done ) &
   done
   wait
@@ -71,11 +72,11 @@ declare -A submit
 for kind in "${kinds[@]}"; do submit[$kind]=0; done
 for ((r = 0; r < ROUNDS; r++)); do
   for kind in "${kinds[@]}"; do
-    t=$(submit4 "$work/mnt-$kind" $((N / ROUNDS)))
+    t=$(submit "$work/mnt-$kind" $((N / ROUNDS)))
     submit[$kind]=$(awk -v a="${submit[$kind]}" -v b="$t" 'BEGIN { printf "%.3f", a + b }')
   done
 done
-done_n=$(((N / ROUNDS / 4) * 4 * ROUNDS))
+done_n=$(((N / ROUNDS / SHELLS) * SHELLS * ROUNDS))
 for kind in embedded etcd; do
   want=$([ $kind = etcd ] && echo $((2 * done_n)) || echo $done_n)
   queued=$(grep -c . "$work/mnt-$kind/jobs/queue" || true)

@@ -158,7 +158,17 @@ fn higher_priority_starts_first_and_only_root_raises_it() {
         ids.push(submit_as(&c, "root", &spec));
     }
     let state = c.read(&format!("jobs/{}/state", ids[0]));
-    assert_eq!(state, format!("queued waiting for a node with {cpus} free cpus\n"));
+    let busy = format!("queued waiting for a node with {cpus} free cpus\n");
+    assert_eq!(state, busy);
+    // Every waiting job says so when the only node is drained, and again when it is back;
+    // the order holds through both.
+    let all_say = |want: &str| {
+        eventually(Duration::from_secs(5), || ids.iter().all(|id| c.read(&format!("jobs/{id}/state")) == want))
+    };
+    c.write("nodes/cn0/ctl", b"drain\n").unwrap();
+    assert!(all_say("queued waiting for a node to be up\n"), "{}", c.read("jobs/queue"));
+    c.write("nodes/cn0/ctl", b"resume\n").unwrap();
+    assert!(all_say(&busy), "{}", c.read("jobs/queue"));
     std::fs::write(&gate, "").unwrap();
     for id in &ids {
         assert_eq!(wait(&c, *id), "0\n");

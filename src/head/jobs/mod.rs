@@ -228,12 +228,16 @@ pub struct Jobs {
     /// scheduler pass reads, not the thousands kept for retention. Every write of a job not
     /// ended adds it.
     active: dashmap::DashSet<u64>,
-    /// Queued jobs told they wait for free cpus and waiting for nothing else, by (-priority,
-    /// id): the start order. Kept out of `active`: a pass takes them from the front only while
-    /// a node has a free cpu, so thousands waiting cost a pass on a full cluster nothing.
+    /// Queued jobs told they wait for free cpus (or for a node to be up) and waiting for
+    /// nothing else, by (-priority, id): the start order. Kept out of `active`: a pass takes
+    /// them from the front only while a node has a free cpu, so thousands waiting cost a pass
+    /// on a full cluster, or one with no node up, nothing.
     room: std::sync::Mutex<std::collections::BTreeSet<(i32, u64)>>,
     /// When a scheduler pass last read every job.
     full_pass_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Why no waiter could start at the last pass's start, if none could: a pass that finds
+    /// the same skips the waiting room, whose jobs were told so already.
+    room_blocked: std::sync::Mutex<Option<schedule::Blocked>>,
 }
 
 impl Jobs {
@@ -281,6 +285,7 @@ impl Jobs {
             active,
             room: std::sync::Mutex::default(),
             full_pass_at: std::sync::Mutex::new(None),
+            room_blocked: std::sync::Mutex::new(None),
         })
     }
 

@@ -41,9 +41,20 @@ pub(super) struct Free {
 
 /// How a job that waits for free cpus is told so: this, the count, " free cpus".
 const WAIT_CPUS: &str = "waiting for a node with ";
+/// How a job is told that no node is up (and undrained) to take it.
+const WAIT_UP: &str = "waiting for a node to be up";
 
-/// The waiting-room place of a job that waits for free cpus and nothing else: told so, queued,
-/// released, one run, no dependency.
+/// Why no job of the waiting room can start now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Blocked {
+    /// Nodes are up and none has a free cpu.
+    Full,
+    /// No node is up and undrained.
+    NoNode,
+}
+
+/// The waiting-room place of a job that waits for free cpus, or for any node to be up, and
+/// nothing else: told so, queued, released, one run, no dependency.
 fn room_key(j: &Job) -> Option<(i32, u64)> {
     let room_only = j.state == State::Queued
         && !j.held
@@ -51,7 +62,7 @@ fn room_key(j: &Job) -> Option<(i32, u64)> {
         && j.shape() == Shape::One
         && j.spec.after.is_empty()
         && j.spec.afterany.is_empty()
-        && waits_for_cpus(&j.reason, j.spec.cpus);
+        && (waits_for_cpus(&j.reason, j.spec.cpus) || j.reason == WAIT_UP);
     room_only.then_some((-j.spec.priority, j.id))
 }
 
@@ -105,7 +116,7 @@ impl Free {
             } else if mem > self.most.1 && self.most.1 > 0 {
                 format!("no node has {mem} bytes of memory (the most is {}): waiting for one that has", self.most.1)
             } else if self.nodes.is_empty() {
-                "waiting for a node to be up".to_string()
+                WAIT_UP.to_string()
             } else if self.nodes.iter().all(|n| n.1 < cpus) {
                 format!("{WAIT_CPUS}{cpus} free cpus")
             } else {
@@ -114,9 +125,13 @@ impl Free {
         })
     }
 
-    /// Whether nodes are up and none has a free cpu (every job takes at least one).
-    pub(super) fn full(&self) -> bool {
-        !self.nodes.is_empty() && self.with_cpus == 0
+    /// Why no job can start now, if none can (every job takes at least one cpu).
+    pub(super) fn blocked(&self) -> Option<Blocked> {
+        match (self.nodes.is_empty(), self.with_cpus) {
+            (true, _) => Some(Blocked::NoNode),
+            (false, 0) => Some(Blocked::Full),
+            _ => None,
+        }
     }
 
     /// Whether `node` is up with this much room.
@@ -296,13 +311,22 @@ impl Jobs {
             return self.expire_all(ended);
         }
         let mut free = self.free_nodes(&reserved);
+        // A room that no job can leave is walked once, when that becomes so or why changes,
+        // so that its jobs say why they wait; then left alone (with thousands queued on a
+        // full cluster, or one whose nodes are all down or drained, a pass touches none).
+        let blocked = free.blocked();
+        let told = {
+            let mut last = self.room_blocked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::replace(&mut *last, blocked) == blocked
+        };
         starts.sort_unstable();
-        // Both in start order: the waiting room's front while a node has a free cpu (with
-        // thousands queued on a full cluster, a pass touches none of them), the others all.
+        // Both in start order: the waiting room's front while a job can leave it, the
+        // others all.
         let mut starts = starts.into_iter().peekable();
         let mut after = None;
         loop {
-            let waiter = if free.full() { None } else { self.room_after(after) };
+            let stay = free.blocked().is_some() && (told || free.blocked() != blocked);
+            let waiter = if stay { None } else { self.room_after(after) };
             match (waiter, starts.peek()) {
                 (None, None) => break,
                 (Some(key), next) if next.is_none_or(|n| key < (n.0, n.1)) => {
@@ -572,25 +596,25 @@ mod tests {
     #[test]
     fn a_full_cluster_is_seen_and_the_reason_it_repeats_is_recognized() {
         let mut free = Free::new(vec![("cn1".into(), 1, 1 << 30, 0.0)], (2, 1 << 30));
-        assert!(!free.full());
+        assert_eq!(free.blocked(), None);
         assert_eq!(free.place(1, None), Ok("cn1".to_string()));
-        assert!(free.full());
+        assert_eq!(free.blocked(), Some(Blocked::Full));
         let why = free.place(2, None).unwrap_err();
         assert!(waits_for_cpus(&why, 2), "{why}");
         assert!(!waits_for_cpus(&why, 1));
         assert!(!waits_for_cpus("waiting for a node", 1));
         assert!(!waits_for_cpus("waiting for a node with 512 bytes of free memory", 1));
-        assert!(!Free::new(Vec::new(), (0, 0)).full(), "no node up is not full");
+        assert_eq!(Free::new(Vec::new(), (0, 0)).blocked(), Some(Blocked::NoNode), "no node up");
         // Room given back and taken again is counted.
         free.give_back("cn1", 1, None);
-        assert!(!free.full());
+        assert_eq!(free.blocked(), None);
         assert_eq!(free.pick(1, 1, None), Ok(vec!["cn1".to_string()]));
-        assert!(free.full());
+        assert_eq!(free.blocked(), Some(Blocked::Full));
         let mut two = Free::new(vec![("cn1".into(), 2, 1 << 30, 0.0), ("cn2".into(), 1, 1 << 30, 1.0)], (2, 1 << 30));
         two.take("cn1", 2, None);
-        assert!(!two.full());
+        assert_eq!(two.blocked(), None);
         two.hold("cn2");
-        assert!(two.full());
+        assert_eq!(two.blocked(), Some(Blocked::Full));
     }
 
     #[test]

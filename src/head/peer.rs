@@ -28,6 +28,12 @@ const FIND_LEADER: Duration = Duration::from_secs(15);
 const QUICK: Duration = Duration::from_millis(200);
 /// Stand-in handles of a peer link's calls: high bits no local handle has.
 const HANDLE_BASE: u64 = 1 << 63;
+/// How long a node is taken as the leading head gave it (the kernel's own attribute TTL for
+/// files): `cat f` asks for it at lookup and again at open, `echo x > ctl` at truncation and
+/// at open. A job's output is asked for each time: its size grows.
+const NODE_TTL: Duration = Duration::from_millis(100);
+/// Nodes kept at most, before the stale ones are dropped.
+const NODES_KEPT: usize = 4096;
 
 /// Answers waiting, by call id.
 type Waiting = DashMap<u64, oneshot::Sender<TreeAnswer>>;
@@ -42,6 +48,9 @@ pub struct Remote {
     leader: watch::Receiver<Option<Candidate>>,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     rt: tokio::runtime::Handle,
+    /// Nodes lately asked for, by path. What a file holds is always asked for: a file gone
+    /// meanwhile fails its read or write as it does on the leading head.
+    nodes: DashMap<Vec<String>, (Instant, Node)>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -74,7 +83,25 @@ impl Remote {
             leader,
             link: tokio::sync::Mutex::new(None),
             rt: tokio::runtime::Handle::current(),
+            nodes: DashMap::new(),
         }
+    }
+
+    /// `path`'s node: as the leading head gave it within the last `NODE_TTL` (but for a log,
+    /// whose size grows), else asked of it.
+    fn node(self: &Arc<Self>, path: &[&str]) -> Result<Node> {
+        let key: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        if let Some(hit) = self.nodes.get(&key).filter(|c| c.0.elapsed() < NODE_TTL) {
+            return Ok(hit.1.clone());
+        }
+        let node = node_of(self.block(self.ask(path, &Caller::ROOT, TreeOp::Node))?)?;
+        if node.kind != Kind::Log {
+            if self.nodes.len() >= NODES_KEPT {
+                self.nodes.retain(|_, c| c.0.elapsed() < NODE_TTL);
+            }
+            self.nodes.insert(key, (Instant::now(), node.clone()));
+        }
+        Ok(node)
     }
 
     /// The link to the head that leads now, made when there is none or it leads no more.
@@ -309,7 +336,7 @@ impl Tree for RemoteTree {
     }
 
     fn node(&self, path: &[&str]) -> Result<Node> {
-        node_of(self.0.block(self.0.ask(path, &Caller::ROOT, TreeOp::Node))?)
+        self.0.node(path)
     }
 
     fn list(&self, path: &[&str]) -> Result<Vec<String>> {
@@ -367,6 +394,8 @@ impl Tree for RemoteTree {
     }
 
     fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        // What goes with it goes from here too, as it goes from the leading head.
+        self.0.nodes.clear();
         done_later(self.0.ask(path, caller, TreeOp::Rmdir))
     }
 
@@ -375,10 +404,12 @@ impl Tree for RemoteTree {
     }
 
     fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
+        self.0.nodes.clear();
         done_later(self.0.ask(path, caller, TreeOp::Unlink))
     }
 
     fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> Result<()> {
+        self.0.nodes.remove(&path.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         done_of(self.0.block(self.0.ask(path, caller, TreeOp::Chmod { mode }))?)
     }
 }

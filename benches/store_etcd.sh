@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The etcd store against the embedded one, in one run: submissions per second from 4 shells
-# (the node drained, so nothing runs) and `cat nodes/<n>/sitrep` latency, on the embedded
+# (BENCH_STORE_SHELLS; the node drained, so nothing runs) and `cat nodes/<n>/sitrep` latency, on the embedded
 # store's head, on a head of the etcd store that leads, and on a second head of that store
 # that does not (it makes every operation on the leading one); prints Markdown. The three
 # heads run side by side: submissions alternate in rounds, reads take turns.
@@ -83,14 +83,17 @@ for kind in embedded etcd; do
   [ "$queued" -eq "$want" ] || { echo "store_etcd: $kind queued $queued of $want" >&2; exit 1; }
 done
 
-# Reads, one mount after the other in turn: the same moments for all three.
+# Reads, one mount after the other, each first in turn: the same moments for all three.
 read -r -a lat < <(python3 - "$READS" "$work/mnt-embedded" "$work/mnt-etcd" "$work/mnt-follower" <<'PY'
 import sys, time
 n, mounts = int(sys.argv[1]), sys.argv[2:]
 paths = [m + "/nodes/bn0/sitrep" for m in mounts]
 times = [[] for _ in paths]
-for _ in range(n):
-    for i, path in enumerate(paths):
+for k in range(n):
+    # Each mount goes first in turn: none always follows another's read.
+    for j in range(len(paths)):
+        i = (j + k) % len(paths)
+        path = paths[i]
         a = time.perf_counter()
         with open(path) as f:
             f.read()
@@ -108,7 +111,7 @@ for i in 0 1 2; do p50[${kinds[$i]}]=${lat[$((2 * i))]}; p99[${kinds[$i]}]=${lat
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
 rate() { awk -v n="$done_n" -v t="$1" 'BEGIN { printf "%.0f", n / t }'; }
 cat <<MD
-## Store: etcd (3 members) against embedded, $done_n submissions each in $ROUNDS alternating rounds, $READS sitrep reads each in turn
+## Store: etcd (3 members) against embedded, $done_n submissions each from $SHELLS shells in $ROUNDS alternating rounds, $READS sitrep reads each in turn
 
 | store | submit $done_n (s) | submissions/s | \`cat sitrep\` p50 (ms) | p99 (ms) |
 |---|---|---|---|---|

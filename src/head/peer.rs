@@ -104,6 +104,16 @@ impl Remote {
         Ok(node)
     }
 
+    /// A removal made on the leading head; what went with it is forgotten here once it is
+    /// answered (and not before, so that no call in between keeps it).
+    fn removal(self: Arc<Self>, fut: CallFuture) -> Answer<()> {
+        Answer::later(async move {
+            let done = fut.await.and_then(done_of);
+            self.nodes.clear();
+            done
+        })
+    }
+
     /// The link to the head that leads now, made when there is none or it leads no more.
     async fn link(&self) -> std::result::Result<Arc<Link>, String> {
         let mut held = self.link.lock().await;
@@ -394,9 +404,7 @@ impl Tree for RemoteTree {
     }
 
     fn rmdir(&self, path: &[&str], caller: &Caller) -> Answer<()> {
-        // What goes with it goes from here too, as it goes from the leading head.
-        self.0.nodes.clear();
-        done_later(self.0.ask(path, caller, TreeOp::Rmdir))
+        self.0.clone().removal(self.0.ask(path, caller, TreeOp::Rmdir))
     }
 
     fn create(&self, path: &[&str], caller: &Caller, mode: u32) -> Answer<()> {
@@ -404,8 +412,7 @@ impl Tree for RemoteTree {
     }
 
     fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
-        self.0.nodes.clear();
-        done_later(self.0.ask(path, caller, TreeOp::Unlink))
+        self.0.clone().removal(self.0.ask(path, caller, TreeOp::Unlink))
     }
 
     fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> Result<()> {

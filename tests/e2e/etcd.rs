@@ -368,6 +368,13 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     crate::jobs::assert_running(&a, long);
     a.write(&format!("jobs/{long}/ctl"), b"kill\n").unwrap();
     crate::jobs::assert_killed(&wait(&b, long));
+    // Removed through the other head: gone from it at once, though it had just looked.
+    let gone = b.path(&format!("jobs/{long}"));
+    assert!(std::fs::metadata(gone.join("state")).is_ok());
+    std::fs::remove_dir(&gone).unwrap();
+    let errno = |p: &std::path::Path| std::fs::metadata(p).map_err(|e| e.raw_os_error());
+    assert_eq!(errno(&gone).map(|_| ()), Err(Some(libc::ENOENT)));
+    assert_eq!(errno(&gone.join("state")).map(|_| ()), Err(Some(libc::ENOENT)));
     assert_eq!(b.write("groups/bad", b"cn[1-\n"), Err(libc::EINVAL));
     assert!(b.read("groups/error").starts_with("EINVAL"), "{}", b.read("groups/error"));
     assert_eq!(a.read("groups/error"), "", "an error is its caller's, on its own mount");

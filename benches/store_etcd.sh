@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The etcd store against the embedded one, in one run: submissions per second from 4 shells
-# (BENCH_STORE_SHELLS; the node drained, so nothing runs) and `cat nodes/<n>/sitrep` latency, on the embedded
-# store's head, on a head of the etcd store that leads, and on a second head of that store
-# that does not (it makes every operation on the leading one); prints Markdown. The three
-# heads run side by side: submissions alternate in rounds, reads take turns.
+# (BENCH_STORE_SHELLS; the node drained, so nothing runs) and `cat nodes/<n>/sitrep` latency,
+# on the embedded store's head, on a head of the etcd store that leads, and on a second head
+# of that store that does not (it asks the leading one for each operation); prints Markdown.
+# The three heads run side by side: submissions alternate in rounds, reads take turns.
 #   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 BENCH_STORE_ROUNDS=4 benches/store_etcd.sh
 #   BENCH_STORE_TMP=/dev/shm puts both stores (and etcd's data) on tmpfs: no fsync cost either side.
 set -euo pipefail

@@ -50,3 +50,23 @@ wait_up() {
   echo "bench: nodes/$set of $1 never read $2 (it reads: $(cat "$1/nodes/$set" 2> /dev/null))" >&2
   return 1
 }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# bench_etcd PREFIX: starts a 3-member etcd cluster on loopback ports, data under $work; sets
+# $store to its URL with /PREFIX and adds the members to $pids, which the script's
+# `bench_cleanup` stops (after the heads that use them).
+bench_etcd() {
+  local clients=() peers=() initial=() i
+  for i in 0 1 2; do clients+=("$(free_port)"); peers+=("$(free_port)"); done
+  for i in 0 1 2; do initial+=("m$i=http://127.0.0.1:${peers[$i]}"); done
+  for i in 0 1 2; do
+    etcd --name "m$i" --data-dir "$work/etcd-m$i" \
+      --listen-client-urls "http://127.0.0.1:${clients[$i]}" --advertise-client-urls "http://127.0.0.1:${clients[$i]}" \
+      --listen-peer-urls "http://127.0.0.1:${peers[$i]}" --initial-advertise-peer-urls "http://127.0.0.1:${peers[$i]}" \
+      --initial-cluster "$(IFS=,; echo "${initial[*]}")" --initial-cluster-state new \
+      --initial-cluster-token "bench-$$" > "$work/etcd-m$i.log" 2>&1 &
+    pids+=($!)
+  done
+  store="etcd://127.0.0.1:${clients[0]},127.0.0.1:${clients[1]},127.0.0.1:${clients[2]}/$1"
+}

@@ -18,21 +18,7 @@ bench_cleanup() {
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[$i]}" 2>/dev/null; wait "${pids[$i]}" 2>/dev/null; done
 }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# A 3-member etcd cluster on loopback ports, data on this machine's disk.
-clients=() peers=() initial=()
-for i in 0 1 2; do clients+=("$(free_port)"); peers+=("$(free_port)"); done
-for i in 0 1 2; do initial+=("m$i=http://127.0.0.1:${peers[$i]}"); done
-for i in 0 1 2; do
-  etcd --name "m$i" --data-dir "$work/etcd-m$i" \
-    --listen-client-urls "http://127.0.0.1:${clients[$i]}" --advertise-client-urls "http://127.0.0.1:${clients[$i]}" \
-    --listen-peer-urls "http://127.0.0.1:${peers[$i]}" --initial-advertise-peer-urls "http://127.0.0.1:${peers[$i]}" \
-    --initial-cluster "$(IFS=,; echo "${initial[*]}")" --initial-cluster-state new \
-    --initial-cluster-token "bench-$$" > "$work/etcd-m$i.log" 2>&1 &
-  pids+=($!)
-done
-store="etcd://127.0.0.1:${clients[0]},127.0.0.1:${clients[1]},127.0.0.1:${clients[2]}/bench"
+bench_etcd bench
 
 # submit MNT COUNT: COUNT jobs from $SHELLS shells; prints the seconds.
 SHELLS=${BENCH_STORE_SHELLS:-4}

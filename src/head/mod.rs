@@ -187,6 +187,8 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         }
         Location::Etcd { endpoints, prefix } => {
             let election = Election::join(endpoints, prefix, me.clone(), cfg.lease_ttl_s, lost_tx.clone()).await?;
+            // Followed from now on, so that a takeover loads the cluster from this head's copy.
+            store.mirror(true);
             let remote = peer::Remote::new(&me.name, secret.clone(), cfg.max_frame, leader.clone());
             serving.set(Arc::new(peer::RemoteTree(Arc::new(remote))));
             Some((Arc::new(election), store))
@@ -217,8 +219,12 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         tasks.push(tokio::spawn(async move {
             let fence = election.campaign().await;
             store.fence(&fence.key, fence.revision);
+            let started = std::time::Instant::now();
             match Core::start(&config, store, secret, &shared, &me) {
                 Ok(c) => {
+                    let took_ms = started.elapsed().as_millis() as u64;
+                    info!(took_ms, "loaded the cluster from the store");
+                    c.cluster.store().mirror(false);
                     let c = Arc::new(c);
                     serving.set(c.view.clone());
                     core_tx.send_replace(Some(c));

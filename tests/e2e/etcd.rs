@@ -297,6 +297,13 @@ pub fn write_when_led(c: &Cluster, rel: &str, data: &[u8]) -> Duration {
     }
 }
 
+/// How many times a head's log says it loaded the cluster from its watched copy of the store
+/// (a copy that lagged is dropped at once, with another line, and not counted).
+fn loads_from_copy(log: &str) -> usize {
+    let dropped = log.lines().filter(|l| l.contains("scans read this head's copy of the store: dropped it"));
+    dropped.filter(|l| !l.ends_with(" served=0")).count()
+}
+
 #[test]
 fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     if !crate::can_mount() {
@@ -433,6 +440,10 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     assert!(!volumes.is_mounted("cfalice"));
     // Output the dead head spooled is read from the new leader.
     assert_eq!(b.read(&stdout), lines);
+    // It loaded the cluster from the copy etcd's watch kept on it (every scan, none from
+    // etcd itself), and that copy had the removal it was told of, as well as the 200 jobs.
+    assert_eq!(loads_from_copy(&b.log()), 1, "{}", b.log());
+    assert_eq!(errno(&b.path(&format!("jobs/{long}"))).map(|_| ()), Err(Some(libc::ENOENT)));
 
     // The killed head comes back as a follower, and serves the same tree.
     a.start_head();
@@ -450,6 +461,10 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
     let up = eventually(Duration::from_secs(20), || a.read("nodes/up") == "cn[1-3],m1\n");
     assert!(up, "{}\n{}", a.read("nodes/up"), a.log());
+    // The restarted head copied the store when it came back, and loaded from that copy (its
+    // first load, as the first leader, was the other).
+    assert_eq!(loads_from_copy(&a.log()), 2, "{}", a.log());
+    assert_eq!(a.read(&format!("jobs/{id2}/state")), "done 0\n");
     // Two members down: writes are refused with a sentence, reads go on.
     etcd.kill(1);
     assert_eq!(a.write("groups/g3", b"cn1\n"), Err(libc::EROFS));

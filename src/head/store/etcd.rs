@@ -10,8 +10,13 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
 
+use super::mirror::Mirror;
 use super::{Backend, Change, Objects, StoreError};
 
+/// The key a scan marks before it reads this head's copy (see [`Mirror`]).
+const MARK: &str = ".mark";
+/// How long a scan waits for this head's copy to show its mark before it asks etcd itself.
+const CATCH_UP: Duration = Duration::from_secs(2);
 /// etcd's default `--max-txn-ops`.
 const MAX_OPS: usize = 128;
 /// Below etcd's default `--max-request-bytes` (1.5 MiB), with room for the request's framing.
@@ -40,7 +45,17 @@ pub struct Etcd {
     /// The election key this head holds while it leads, and its creation revision: every
     /// write requires it, so a head whose lease ended writes nothing more.
     fence: std::sync::Mutex<Option<(Vec<u8>, i64)>>,
+    /// While kept: the copy of every object etcd's watch feeds, with the task that feeds it,
+    /// and how many scans it served.
+    mirror: std::sync::Mutex<Option<Kept>>,
     rt: Option<tokio::runtime::Runtime>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    mirror: Arc<Mirror>,
+    task: tokio::task::JoinHandle<()>,
+    served: usize,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -77,6 +92,7 @@ impl Etcd {
             down: Default::default(),
             prefix: format!("{prefix}/"),
             fence: Default::default(),
+            mirror: Default::default(),
             rt: Some(rt),
         };
         // A linearizable read: fails unless a quorum answers.
@@ -84,6 +100,22 @@ impl Etcd {
         let member = endpoints[etcd.current.load(Ordering::Relaxed) % endpoints.len()].as_str();
         tracing::info!(endpoints = ?endpoints, prefix, member, "store: etcd (requests go to the member that leads its raft)");
         Ok(etcd)
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Option<Kept>> {
+        self.mirror.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes the scans' mark; the revision of that write.
+    fn mark(&self) -> Result<i64, StoreError> {
+        let key = self.key(MARK);
+        let resp = self.run(move |mut c| {
+            let key = key.clone();
+            Box::pin(async move { c.put(key, Vec::new(), None).await })
+        })?;
+        resp.header()
+            .map(|h| h.revision())
+            .ok_or_else(|| StoreError::Db("etcd: a write answered without its revision".into()))
     }
 
     fn key(&self, key: &str) -> String {
@@ -123,6 +155,44 @@ impl Etcd {
                 }
             }
         }
+    }
+
+    /// Every key starting with `prefix`, read from etcd.
+    fn scan_etcd(&self, prefix: &str) -> Result<Objects, StoreError> {
+        let mut out = Objects::new();
+        let (mut start, end) = (self.key(prefix), prefix_end(&self.key(prefix)));
+        loop {
+            let (page, more) = self.scan_page(&start, &end, PAGE)?;
+            let Some(last) = page.last() else { return Ok(out) };
+            start = format!("{}\0", self.key(&last.0));
+            out.extend(page);
+            if !more {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every key starting with `prefix`, read from this head's copy once it has every change
+    /// made before now; none without a copy. A copy that lags is dropped, so that the scans
+    /// after it do not wait for it too.
+    fn scan_copy(&self, prefix: &str) -> Result<Option<Objects>, StoreError> {
+        let Some(mirror) = self.kept().as_ref().map(|k| k.mirror.clone()) else { return Ok(None) };
+        let copied = mirror.scan_at(self.mark()?, prefix, CATCH_UP);
+        let mut kept = self.kept();
+        match (&copied, kept.as_mut()) {
+            (Some(_), Some(k)) => k.served += 1,
+            (None, Some(k)) => {
+                tracing::warn!(
+                    prefix,
+                    served = k.served,
+                    "this head's copy of the store lags: dropped it, reading etcd itself"
+                );
+                k.task.abort();
+                *kept = None;
+            }
+            (_, None) => {}
+        }
+        Ok(copied)
     }
 
     /// Up to `limit` keys from `start` to before `end`.
@@ -233,7 +303,7 @@ fn wait<T: Send + 'static>(
 }
 
 /// The first key after every key starting with `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
+pub(super) fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -273,22 +343,37 @@ impl Backend for Etcd {
         Ok(())
     }
 
+    fn mirror(&self, on: bool) {
+        let mut kept = self.kept();
+        match (on, kept.take()) {
+            (true, None) => {
+                let mirror = Arc::new(Mirror::default());
+                let (clients, current) = (self.clients.clone(), self.current.clone());
+                let client = move || clients[current.load(Ordering::Relaxed) % clients.len()].clone();
+                let rt = self.rt.as_ref().expect("the runtime lives until drop");
+                let task = rt.spawn(mirror.clone().keep(client, self.prefix.clone()));
+                *kept = Some(Kept { mirror, task, served: 0 });
+            }
+            (true, Some(k)) => *kept = Some(k),
+            (false, Some(k)) => {
+                k.task.abort();
+                tracing::info!(served = k.served, "scans read this head's copy of the store: dropped it");
+            }
+            (false, None) => {}
+        }
+    }
+
     fn fence(&self, key: &[u8], revision: i64) {
         *self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((key.to_vec(), revision));
     }
 
     fn scan(&self, prefix: &str) -> Result<Objects, StoreError> {
-        let mut out = Objects::new();
-        let (mut start, end) = (self.key(prefix), prefix_end(&self.key(prefix)));
-        loop {
-            let (page, more) = self.scan_page(&start, &end, PAGE)?;
-            let Some(last) = page.last() else { return Ok(out) };
-            start = format!("{}\0", self.key(&last.0));
-            out.extend(page);
-            if !more {
-                return Ok(out);
-            }
-        }
+        let mut out = match self.scan_copy(prefix)? {
+            Some(objects) => objects,
+            None => self.scan_etcd(prefix)?,
+        };
+        out.retain(|(key, _)| key != MARK);
+        Ok(out)
     }
 
     /// One transaction: put when the key was never made, read it otherwise.

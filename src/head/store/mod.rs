@@ -8,6 +8,7 @@
 
 mod embedded;
 mod etcd;
+mod mirror;
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -71,6 +72,12 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     /// election key of a leading head). Backends one head owns alone ignore it.
     fn fence(&self, key: &[u8], revision: i64) {
         let _ = (key, revision);
+    }
+    /// Keeps (`on`) or drops a copy of every object, fed by the store's watch, that scans read
+    /// while it is kept: a head that may lead one day loads the cluster from it. Backends one
+    /// head owns alone ignore it.
+    fn mirror(&self, on: bool) {
+        let _ = on;
     }
 }
 
@@ -284,6 +291,11 @@ impl Store {
     /// Every object of every kind, as stored: for `clusterfs store copy`.
     pub fn all(&self) -> Result<Objects, StoreError> {
         self.backend.scan("")
+    }
+
+    /// Keeps or drops a copy of the store fed by its watch (see `Backend::mirror`).
+    pub fn mirror(&self, on: bool) {
+        self.backend.mirror(on);
     }
 
     /// Commits only while the leading head's election key stands (see `Backend::fence`).

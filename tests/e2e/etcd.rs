@@ -71,17 +71,21 @@ impl Etcd {
         format!("etcd://{}/{prefix}", hosts.join(","))
     }
 
+    /// What member `port`'s JSON gateway answers to `body` POSTed at `path`.
+    fn post(port: u16, path: &str, body: &str) -> Option<serde_json::Value> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+        let request = format!("POST {path} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        s.write_all(request.as_bytes()).ok()?;
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        serde_json::from_str(answer.split_once("\r\n\r\n")?.1).ok()
+    }
+
     /// The client URL of the member that leads the raft, as member 0 sees it (its status
     /// names the leader's id; each member's status names its own).
     pub fn raft_leader(&self) -> Option<String> {
-        let status = |port: u16| -> Option<serde_json::Value> {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
-            s.write_all(b"POST /v3/maintenance/status HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}").ok()?;
-            let mut answer = String::new();
-            let _ = s.read_to_string(&mut answer);
-            serde_json::from_str(answer.split_once("\r\n\r\n")?.1).ok()
-        };
+        let status = |port: u16| Etcd::post(port, "/v3/maintenance/status", "{}");
         let ports: Vec<u16> =
             self.members.iter().zip(&self.client_ports).filter(|(m, _)| m.is_some()).map(|(_, p)| *p).collect();
         let leader = ports.iter().find_map(|p| status(*p))?["leader"].as_str()?.to_string();
@@ -89,6 +93,16 @@ impl Etcd {
             .into_iter()
             .find(|p| status(*p).is_some_and(|s| s["header"]["member_id"].as_str() == Some(&leader)))
             .map(|p| format!("http://127.0.0.1:{p}"))
+    }
+
+    /// Compacts away every revision before the current one; returns it.
+    pub fn compact(&self) -> i64 {
+        let port = self.client_ports[0];
+        let now = Etcd::post(port, "/v3/kv/range", r#"{"key":"AA=="}"#).expect("etcd answers a read");
+        let revision: i64 = now["header"]["revision"].as_str().and_then(|r| r.parse().ok()).expect("a revision");
+        let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
+        Etcd::post(port, "/v3/kv/compaction", &body).expect("etcd compacts");
+        revision
     }
 
     /// Member `i`'s /health answer says it serves with a quorum.
@@ -289,7 +303,7 @@ pub fn write_when_led(c: &Cluster, rel: &str, data: &[u8]) -> Duration {
         match c.write(rel, data) {
             Ok(()) => return started.elapsed(),
             Err(e) if started.elapsed() < Duration::from_secs(30) => {
-                assert!([libc::EAGAIN, libc::EHOSTDOWN, libc::EROFS].contains(&e), "errno {e}");
+                assert!([libc::EAGAIN, libc::EHOSTDOWN, libc::EROFS].contains(&e), "errno {e}:\n{}", c.log());
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => panic!("no head took writes for 30 s (errno {e}):\n{}", c.log()),
@@ -520,4 +534,42 @@ fn a_frozen_leader_is_replaced_and_stops_when_it_wakes() {
     assert_eq!(b.read("groups/while_frozen"), "cn1\n");
     assert_eq!(b.read(&format!("jobs/{id}/stdout")), "after the freeze\n");
     a.crash_head();
+}
+
+#[test]
+fn a_following_head_whose_watch_fell_behind_a_compaction_copies_the_store_again() {
+    if !crate::can_mount() {
+        return;
+    }
+    let Some(etcd) = Etcd::start(3) else { return };
+    // A long lease, so that the frozen head keeps its place; the leader leaves it by SIGTERM.
+    let config = format!("store = \"{}\"\nlease_ttl_s = 60\n", etcd.url("behind"));
+    let mut a = Cluster::up_with("", 200, &config);
+    let mut b = Cluster::up_with("", 200, &config);
+    assert!(b.read("status").starts_with(&format!("leader {} ", head_name(&a))), "{}", b.read("status"));
+    // Frozen, the second head reads nothing from its watch: etcd holds back what it has to send
+    // it, then compacts those changes away.
+    // (Jobs of 64 KiB each: 25 MiB of changes, more than any buffer on the way holds.)
+    crate::harness::signal(b.head_pid(), libc::SIGSTOP);
+    let script = format!("true\n{}\n", "#".repeat(64 << 10));
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..100 {
+                    write_and_close(&a, "jobs/new", script.as_bytes()).unwrap();
+                }
+            });
+        }
+    });
+    let revision = etcd.compact();
+    crate::harness::signal(b.head_pid(), libc::SIGCONT);
+    let copied_again = eventually(Duration::from_secs(30), || b.log().contains("fell behind etcd's compaction"));
+    assert!(copied_again, "compacted at {revision}:\n{}", b.log());
+    // It loads the cluster from the new copy when it takes over, with every job.
+    a.stop_head();
+    write_when_led(&b, "groups/after", b"cn1\n");
+    assert_eq!(loads_from_copy(&b.log()), 1, "{}", b.log());
+    assert_eq!(b.read("jobs/queue").lines().count(), 400);
+    assert_eq!(b.read("jobs/400/spec"), script);
+    b.stop_head();
 }

@@ -21,8 +21,11 @@ const CATCH_UP: Duration = Duration::from_secs(2);
 const MAX_OPS: usize = 128;
 /// Below etcd's default `--max-request-bytes` (1.5 MiB), with room for the request's framing.
 const MAX_BYTES: usize = 1 << 20;
-/// Keys a range read returns at once.
+/// Keys a range read asks for at once (fewer when they do not fit in one answer).
 const PAGE: i64 = 1000;
+/// The largest answer taken from etcd: a page of objects (a job's spec alone may be 1 MiB),
+/// or a watch's answer while it catches up (up to 1,000 revisions in one).
+pub(super) const MAX_ANSWER: usize = 64 << 20;
 /// How long one request may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the member that leads etcd's raft is looked for again.
@@ -96,7 +99,11 @@ impl Etcd {
             rt: Some(rt),
         };
         // A linearizable read: fails unless a quorum answers.
-        etcd.scan_page(&etcd.key(""), &prefix_end(&etcd.prefix), 1)?;
+        let key = etcd.key("");
+        etcd.run(move |mut c| {
+            let key = key.clone();
+            Box::pin(async move { c.get(key, Some(GetOptions::new().with_count_only())).await })
+        })?;
         let member = endpoints[etcd.current.load(Ordering::Relaxed) % endpoints.len()].as_str();
         tracing::info!(endpoints = ?endpoints, prefix, member, "store: etcd (requests go to the member that leads its raft)");
         Ok(etcd)
@@ -157,19 +164,12 @@ impl Etcd {
         }
     }
 
-    /// Every key starting with `prefix`, read from etcd.
+    /// Every key starting with `prefix`, read from etcd at one revision.
     fn scan_etcd(&self, prefix: &str) -> Result<Objects, StoreError> {
-        let mut out = Objects::new();
-        let (mut start, end) = (self.key(prefix), prefix_end(&self.key(prefix)));
-        loop {
-            let (page, more) = self.scan_page(&start, &end, PAGE)?;
-            let Some(last) = page.last() else { return Ok(out) };
-            start = format!("{}\0", self.key(&last.0));
-            out.extend(page);
-            if !more {
-                return Ok(out);
-            }
-        }
+        let (start, end) = (self.key(prefix), prefix_end(&self.key(prefix)));
+        let start = start.into_bytes();
+        let (pairs, _) = self.run(move |c| Box::pin(read_all(c, start.clone(), end.clone())))?;
+        Ok(objects(pairs, &self.prefix).collect())
     }
 
     /// Every key starting with `prefix`, read from this head's copy once it has every change
@@ -193,21 +193,6 @@ impl Etcd {
             (_, None) => {}
         }
         Ok(copied)
-    }
-
-    /// Up to `limit` keys from `start` to before `end`.
-    fn scan_page(&self, start: &str, end: &[u8], limit: i64) -> Result<(Objects, bool), StoreError> {
-        let (start, end) = (start.to_string(), end.to_vec());
-        let resp = self.run(move |mut c| {
-            let (start, end) = (start.clone(), end.clone());
-            Box::pin(async move { c.get(start, Some(GetOptions::new().with_range(end).with_limit(limit))).await })
-        })?;
-        let mut out = Vec::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key());
-            out.push((key[self.prefix.len()..].to_string(), kv.value().to_vec()));
-        }
-        Ok((out, resp.more()))
     }
 }
 
@@ -302,6 +287,43 @@ fn wait<T: Send + 'static>(
     rx.recv().map_err(|_| StoreError::Unavailable("etcd: the store's runtime stopped".into()))
 }
 
+/// Keys with their values.
+pub(super) type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Every key from `start` to before `end` with its value, read at one revision, and that
+/// revision. A page too large for one answer is asked for again in halves.
+pub(super) async fn read_all(client: Client, start: Vec<u8>, end: Vec<u8>) -> Result<(Pairs, i64), etcd_client::Error> {
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_ANSWER);
+    let (mut from, mut revision, mut limit, mut out) = (start, 0, PAGE, Pairs::new());
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(limit);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let page = match kv.get(from.clone(), Some(options)).await {
+            Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::OutOfRange && limit > 1 => {
+                limit /= 2;
+                continue;
+            }
+            page => page?,
+        };
+        if revision == 0 {
+            revision = page.header().map_or(0, |h| h.revision());
+        }
+        out.extend(page.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())));
+        match out.last() {
+            Some((last, _)) if page.more() => from = [last.as_slice(), b"\0"].concat(),
+            _ => return Ok((out, revision)),
+        }
+    }
+}
+
+/// `pairs` as objects: each key without `prefix`, which it starts with.
+pub(super) fn objects(pairs: Pairs, prefix: &str) -> impl Iterator<Item = (String, Vec<u8>)> {
+    let len = prefix.len();
+    pairs.into_iter().map(move |(k, v)| (String::from_utf8_lossy(k.get(len..).unwrap_or_default()).into_owned(), v))
+}
+
 /// The first key after every key starting with `prefix`.
 pub(super) fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -349,7 +371,7 @@ impl Backend for Etcd {
             (true, None) => {
                 let mirror = Arc::new(Mirror::default());
                 let (clients, current) = (self.clients.clone(), self.current.clone());
-                let client = move || clients[current.load(Ordering::Relaxed) % clients.len()].clone();
+                let client = move |n: usize| clients[(current.load(Ordering::Relaxed) + n) % clients.len()].clone();
                 let rt = self.rt.as_ref().expect("the runtime lives until drop");
                 let task = rt.spawn(mirror.clone().keep(client, self.prefix.clone()));
                 *kept = Some(Kept { mirror, task, served: 0 });

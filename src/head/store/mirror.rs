@@ -10,14 +10,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, WatchOptions};
 
 use super::Objects;
 
 /// How long the watch rests after it failed before it starts again.
 const RETRY: Duration = Duration::from_millis(200);
-/// Keys a snapshot read returns at once.
-const PAGE: i64 = 1000;
+/// Tries in a row that bring nothing before the copy is read again whole.
+const COPY_AGAIN: usize = 3;
 
 /// Every object under the cluster's prefix (keys without it), as of `revision`.
 #[derive(Debug, Default)]
@@ -51,12 +51,22 @@ impl Mirror {
         Some(objects.take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
-    /// Keeps the copy of every key under `prefix` for as long as the task runs, with the
-    /// client `client` gives each time the watch starts (the member that leads etcd's raft).
-    pub(super) async fn keep(self: Arc<Self>, client: impl Fn() -> Client, prefix: String) {
+    /// Keeps the copy of every key under `prefix` for as long as the task runs. `client(n)`
+    /// gives the client to watch with after `n` tries in a row that brought nothing: the
+    /// member that leads etcd's raft first, then the next ones. After [`COPY_AGAIN`] such
+    /// tries the copy is read again whole: etcd may no longer send (or be able to send in one
+    /// answer) everything since where the watch stopped.
+    pub(super) async fn keep(self: Arc<Self>, client: impl Fn(usize) -> Client, prefix: String) {
+        let mut fruitless = 0;
         loop {
-            if let Err(e) = self.follow(client(), &prefix).await {
-                tracing::debug!(error = %e, "the store's watch stopped; starting it again");
+            let before = self.lock().revision;
+            if let Err(e) = self.follow(client(fruitless), &prefix).await {
+                tracing::debug!(error = %e, fruitless, "the store's watch stopped; starting it again");
+            }
+            fruitless = if self.lock().revision > before { 0 } else { fruitless + 1 };
+            if fruitless == COPY_AGAIN && before > 0 {
+                tracing::info!("the store's watch cannot go on from where it stopped: copying the store again");
+                self.lock().revision = 0;
             }
             tokio::time::sleep(RETRY).await;
         }
@@ -64,16 +74,19 @@ impl Mirror {
 
     /// Reads a snapshot unless the copy has one, then applies what the watch sends until it
     /// ends; forgets the snapshot when etcd compacted changes the copy lacks.
-    async fn follow(&self, mut client: Client, prefix: &str) -> Result<(), etcd_client::Error> {
+    async fn follow(&self, client: Client, prefix: &str) -> Result<(), etcd_client::Error> {
         let end = super::etcd::prefix_end(prefix);
         if self.lock().revision == 0 {
-            let (objects, revision) = snapshot(&mut client, prefix, &end).await?;
+            let (pairs, revision) =
+                super::etcd::read_all(client.clone(), prefix.as_bytes().to_vec(), end.clone()).await?;
+            let objects: BTreeMap<_, _> = super::etcd::objects(pairs, prefix).collect();
             tracing::debug!(objects = objects.len(), revision, "copied the store to follow it");
             *self.lock() = Copy { objects, revision };
         }
         let from = self.lock().revision + 1;
         let options = WatchOptions::new().with_range(end).with_start_revision(from);
-        let mut stream = client.watch(prefix, Some(options)).await?;
+        let mut watch = client.watch_client().max_decoding_message_size(super::etcd::MAX_ANSWER);
+        let mut stream = watch.watch(prefix, Some(options)).await?;
         while let Some(response) = stream.message().await? {
             if response.compact_revision() > 0 || response.canceled() {
                 tracing::info!(
@@ -108,34 +121,6 @@ impl Mirror {
         }
         drop(copy);
         self.moved.notify_all();
-    }
-}
-
-/// Every key under `prefix` (without it) at one revision, and that revision.
-async fn snapshot(
-    client: &mut Client,
-    prefix: &str,
-    end: &[u8],
-) -> Result<(BTreeMap<String, Vec<u8>>, i64), etcd_client::Error> {
-    let mut objects = BTreeMap::new();
-    let (mut start, mut revision) = (prefix.as_bytes().to_vec(), 0);
-    loop {
-        let mut options = GetOptions::new().with_range(end.to_vec()).with_limit(PAGE);
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let page = client.get(start.clone(), Some(options)).await?;
-        if revision == 0 {
-            revision = page.header().map_or(0, |h| h.revision());
-        }
-        for kv in page.kvs() {
-            let key = kv.key().strip_prefix(prefix.as_bytes()).unwrap_or_default();
-            objects.insert(String::from_utf8_lossy(key).into_owned(), kv.value().to_vec());
-            start = [kv.key(), b"\0"].concat();
-        }
-        if !page.more() {
-            return Ok((objects, revision));
-        }
     }
 }
 

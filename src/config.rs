@@ -228,6 +228,11 @@ pub struct HeadConfig {
     /// With an etcd store: seconds a leading head's lease lasts without renewal, so how soon
     /// another head takes over after it dies.
     pub lease_ttl_s: u64,
+    /// With an etcd store: every this many seconds the leading head compacts etcd's history
+    /// up to where it stood the last time (etcd keeps every old version of a key until then,
+    /// and refuses writes once its space quota is full); 0 leaves that to etcd's own
+    /// `--auto-compaction-retention`.
+    pub etcd_compact_s: u64,
     /// Where job output, HSM reports and VM consoles are spooled [default: the state
     /// directory]. With several heads, a directory every head mounts (NFS, Lustre), so the
     /// head that takes over has what the last one wrote.
@@ -250,6 +255,7 @@ impl Default for HeadConfig {
             name: String::new(),
             advertise: String::new(),
             lease_ttl_s: 3,
+            etcd_compact_s: 300,
             shared_dir: PathBuf::new(),
         }
     }
@@ -303,6 +309,9 @@ impl Config {
         }
         if !(1..=600).contains(&h.lease_ttl_s) {
             return Err("head.lease_ttl_s must be between 1 and 600".into());
+        }
+        if h.etcd_compact_s > 86_400 {
+            return Err("head.etcd_compact_s must be at most 86400 (a day), or 0 to leave compaction to etcd".into());
         }
         if !h.name.is_empty() {
             crate::names::check("head", &h.name).map_err(|e| format!("head.name: {e}"))?;
@@ -377,5 +386,7 @@ mod tests {
         assert!(Config::from_toml("[images]\ndefault_size = \"ten\"\n").unwrap_err().contains("not a size"));
         assert!(Config::from_toml("[images]\nfs_type = \"xfs\"\n").unwrap_err().contains("not supported"));
         assert!(Config::from_toml("[images.volumes.new]\npath = \"/a\"\ncapacity = 1\n").is_err());
+        assert_eq!(Config::from_toml("[head]\netcd_compact_s = 0\n").unwrap().head.etcd_compact_s, 0);
+        assert!(Config::from_toml("[head]\netcd_compact_s = 86401\n").unwrap_err().contains("at most 86400"));
     }
 }

@@ -219,6 +219,9 @@ pub async fn start(config: Config, mountpoint: &Path) -> anyhow::Result<Head> {
         tasks.push(tokio::spawn(async move {
             let fence = election.campaign().await;
             store.fence(&fence.key, fence.revision);
+            if config.head.etcd_compact_s > 0 {
+                store.compact_every(std::time::Duration::from_secs(config.head.etcd_compact_s));
+            }
             let started = std::time::Instant::now();
             match Core::start(&config, store, secret, &shared, &me) {
                 Ok(c) => {

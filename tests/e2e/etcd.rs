@@ -95,13 +95,24 @@ impl Etcd {
             .map(|p| format!("http://127.0.0.1:{p}"))
     }
 
+    /// etcd's current revision.
+    pub fn revision(&self) -> i64 {
+        let now = Etcd::post(self.client_ports[0], "/v3/kv/range", r#"{"key":"AA=="}"#).expect("etcd answers a read");
+        now["header"]["revision"].as_str().and_then(|r| r.parse().ok()).expect("a revision")
+    }
+
+    /// Whether etcd has compacted away `revision`: a read as of then is refused.
+    pub fn compacted(&self, revision: i64) -> bool {
+        let body = format!(r#"{{"key":"AA==","revision":"{revision}"}}"#);
+        let answer = Etcd::post(self.client_ports[0], "/v3/kv/range", &body).expect("etcd answers a read");
+        answer.to_string().contains("compacted")
+    }
+
     /// Compacts away every revision before the current one; returns it.
     pub fn compact(&self) -> i64 {
-        let port = self.client_ports[0];
-        let now = Etcd::post(port, "/v3/kv/range", r#"{"key":"AA=="}"#).expect("etcd answers a read");
-        let revision: i64 = now["header"]["revision"].as_str().and_then(|r| r.parse().ok()).expect("a revision");
+        let revision = self.revision();
         let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
-        Etcd::post(port, "/v3/kv/compaction", &body).expect("etcd compacts");
+        Etcd::post(self.client_ports[0], "/v3/kv/compaction", &body).expect("etcd compacts");
         revision
     }
 
@@ -572,4 +583,30 @@ fn a_following_head_whose_watch_fell_behind_a_compaction_copies_the_store_again(
     assert_eq!(b.read("jobs/queue").lines().count(), 400);
     assert_eq!(b.read("jobs/400/spec"), script);
     b.stop_head();
+}
+
+#[test]
+fn the_leading_head_compacts_etcd_s_history() {
+    if !crate::can_mount() {
+        return;
+    }
+    let Some(etcd) = Etcd::start(3) else { return };
+    let config = format!("store = \"{}\"\netcd_compact_s = 1\n", etcd.url("history"));
+    let mut a = Cluster::up_with("", 200, &config);
+    a.write("groups/g1", b"cn1\n").unwrap();
+    let before = etcd.revision();
+    a.write("groups/g1", b"cn2\n").unwrap();
+    assert!(!etcd.compacted(before), "compacted before the head did");
+    // Within two rounds the head compacts up to where etcd stood a round before.
+    let compacted = eventually(Duration::from_secs(20), || etcd.compacted(before));
+    assert!(compacted, "{}", a.log());
+    assert!(a.log().contains("compacted etcd's history"), "{}", a.log());
+    // Nothing the cluster holds now is lost, and it goes on taking writes.
+    assert_eq!(a.read("groups/g1"), "cn2\n");
+    a.write("groups/g2", b"cn3\n").unwrap();
+    a.stop_head();
+    a.start_head();
+    assert_eq!(a.read("groups/g1"), "cn2\n");
+    assert_eq!(a.read("groups/g2"), "cn3\n");
+    a.stop_head();
 }

@@ -275,6 +275,30 @@ async fn follow_leader(clients: Vec<Client>, endpoints: Vec<String>, current: st
     }
 }
 
+/// Every `every`, compacts etcd's history up to the revision it had the round before (read
+/// with `key`), as long as the backend lives. The copies other heads keep follow the watch
+/// closely; one that lags that much copies the store again.
+async fn compact(clients: Vec<Client>, current: Arc<AtomicUsize>, key: String, every: Duration) {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(every).await;
+        let mut client = clients[current.load(Ordering::Relaxed) % clients.len()].clone();
+        if let Some(revision) = last {
+            match client.compact(revision, None).await {
+                Ok(_) => tracing::info!(revision, "compacted etcd's history"),
+                Err(e) => tracing::warn!(revision, error = %e, "cannot compact etcd's history"),
+            }
+        }
+        last = match client.get(key.as_str(), Some(GetOptions::new().with_count_only())).await {
+            Ok(now) => now.header().map(|h| h.revision()),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read etcd's revision to compact up to it later");
+                None
+            }
+        };
+    }
+}
+
 /// Runs `fut` on `rt` and waits for it from any thread, async worker or not.
 fn wait<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
@@ -383,6 +407,12 @@ impl Backend for Etcd {
             }
             (false, None) => {}
         }
+    }
+
+    fn compact_every(&self, every: Duration) {
+        let (clients, current, key) = (self.clients.clone(), self.current.clone(), self.key(""));
+        let rt = self.rt.as_ref().expect("the runtime lives until drop");
+        rt.spawn(compact(clients, current, key, every));
     }
 
     fn fence(&self, key: &[u8], revision: i64) {

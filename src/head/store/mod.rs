@@ -79,6 +79,11 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn mirror(&self, on: bool) {
         let _ = on;
     }
+    /// From now on (this head leads), every `every`, drops the store's history up to where
+    /// it stood the last time. Backends that keep no history ignore it.
+    fn compact_every(&self, every: Duration) {
+        let _ = every;
+    }
 }
 
 /// Which backend a head uses: `etcd://host:port,host:port[/prefix]`, or empty for the
@@ -296,6 +301,11 @@ impl Store {
     /// Keeps or drops a copy of the store fed by its watch (see `Backend::mirror`).
     pub fn mirror(&self, on: bool) {
         self.backend.mirror(on);
+    }
+
+    /// Drops the store's history now and then while this head leads (see `Backend::compact_every`).
+    pub fn compact_every(&self, every: Duration) {
+        self.backend.compact_every(every);
     }
 
     /// Commits only while the leading head's election key stands (see `Backend::fence`).

@@ -257,8 +257,11 @@ fn spares_mounts_leases_and_growth() {
     assert_eq!(c.write("images/cfalice/ctl", b"umount\n"), Ok(()), "{}", c.read("images/cfalice/error"));
     assert!(!v.is_mounted("cfalice"));
     assert!(v.loops().is_empty(), "{:?}", v.loops());
-    let (_, pid, _) = sh("pgrep -xf 'sleep 302'");
-    let seen = std::fs::read_to_string(format!("/proc/{}/mountinfo", pid.trim())).unwrap();
+    // The idle job's process (any of them, should a second one match), as the host sees it.
+    let (_, pids, _) = sh("pgrep -xf 'sleep 302'");
+    let seen = pids.lines().find_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok());
+    let state = c.read(&format!("jobs/{idle}/state"));
+    let seen = seen.unwrap_or_else(|| panic!("no process of job {idle} ({state:?}); pgrep gave {pids:?}"));
     assert!(!seen.contains(&format!(" {} ", at.display())), "the job still has the image mounted:\n{seen}");
     c.write(&format!("jobs/{idle}/ctl"), b"kill\n").unwrap();
     assert_killed(&wait(&c, idle));

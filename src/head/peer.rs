@@ -35,6 +35,11 @@ const NODE_TTL: Duration = Duration::from_millis(100);
 /// Nodes kept at most, before the stale ones are dropped.
 const NODES_KEPT: usize = 4096;
 
+/// A path as the peer link and the node cache hold it.
+fn owned(path: &[&str]) -> Vec<String> {
+    path.iter().map(|s| s.to_string()).collect()
+}
+
 /// Answers waiting, by call id.
 type Waiting = DashMap<u64, oneshot::Sender<TreeAnswer>>;
 
@@ -90,7 +95,7 @@ impl Remote {
     /// `path`'s node: as the leading head gave it within the last `NODE_TTL` (but for a log,
     /// whose size grows), else asked of it.
     fn node(self: &Arc<Self>, path: &[&str]) -> Result<Node> {
-        let key: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        let key = owned(path);
         if let Some(hit) = self.nodes.get(&key).filter(|c| c.0.elapsed() < NODE_TTL) {
             return Ok(hit.1.clone());
         }
@@ -185,7 +190,7 @@ impl Remote {
     }
 
     fn ask(self: &Arc<Self>, path: &[&str], caller: &Caller, op: TreeOp) -> CallFuture {
-        let path = path.iter().map(|s| s.to_string()).collect();
+        let path = owned(path);
         // Groups name a submission's owner; a read needs none (and a read of /proc each lookup).
         let groups = if op.is_read() { Vec::new() } else { caller_groups(caller) };
         let caller = TreeCaller { uid: caller.uid, gid: caller.gid, groups };
@@ -416,7 +421,7 @@ impl Tree for RemoteTree {
     }
 
     fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> Result<()> {
-        self.0.nodes.remove(&path.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        self.0.nodes.remove(&owned(path));
         done_of(self.0.block(self.0.ask(path, caller, TreeOp::Chmod { mode }))?)
     }
 }

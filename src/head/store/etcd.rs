@@ -100,10 +100,7 @@ impl Etcd {
         };
         // A linearizable read: fails unless a quorum answers.
         let key = etcd.key("");
-        etcd.run(move |mut c| {
-            let key = key.clone();
-            Box::pin(async move { c.get(key, Some(GetOptions::new().with_count_only())).await })
-        })?;
+        etcd.run(move |c| Box::pin(revision_now(c, key.clone())))?;
         let member = endpoints[etcd.current.load(Ordering::Relaxed) % endpoints.len()].as_str();
         tracing::info!(endpoints = ?endpoints, prefix, member, "store: etcd (requests go to the member that leads its raft)");
         Ok(etcd)
@@ -289,8 +286,8 @@ async fn compact(clients: Vec<Client>, current: Arc<AtomicUsize>, key: String, e
                 Err(e) => tracing::warn!(revision, error = %e, "cannot compact etcd's history"),
             }
         }
-        last = match client.get(key.as_str(), Some(GetOptions::new().with_count_only())).await {
-            Ok(now) => now.header().map(|h| h.revision()),
+        last = match revision_now(client, key.clone()).await {
+            Ok(now) => Some(now),
             Err(e) => {
                 tracing::debug!(error = %e, "cannot read etcd's revision to compact up to it later");
                 None
@@ -309,6 +306,12 @@ fn wait<T: Send + 'static>(
         let _ = tx.send(fut.await);
     });
     rx.recv().map_err(|_| StoreError::Unavailable("etcd: the store's runtime stopped".into()))
+}
+
+/// etcd's revision now, read with `key` (a linearizable read: a quorum must answer).
+async fn revision_now(mut client: Client, key: String) -> Result<i64, etcd_client::Error> {
+    let now = client.get(key, Some(GetOptions::new().with_count_only())).await?;
+    Ok(now.header().map_or(0, |h| h.revision()))
 }
 
 /// Keys with their values.
@@ -391,21 +394,18 @@ impl Backend for Etcd {
 
     fn mirror(&self, on: bool) {
         let mut kept = self.kept();
-        match (on, kept.take()) {
-            (true, None) => {
-                let mirror = Arc::new(Mirror::default());
-                let (clients, current) = (self.clients.clone(), self.current.clone());
-                let client = move |n: usize| clients[(current.load(Ordering::Relaxed) + n) % clients.len()].clone();
-                let rt = self.rt.as_ref().expect("the runtime lives until drop");
-                let task = rt.spawn(mirror.clone().keep(client, self.prefix.clone()));
-                *kept = Some(Kept { mirror, task, served: 0 });
-            }
-            (true, Some(k)) => *kept = Some(k),
-            (false, Some(k)) => {
+        if !on {
+            if let Some(k) = kept.take() {
                 k.task.abort();
                 tracing::info!(served = k.served, "scans read this head's copy of the store: dropped it");
             }
-            (false, None) => {}
+        } else if kept.is_none() {
+            let mirror = Arc::new(Mirror::default());
+            let (clients, current) = (self.clients.clone(), self.current.clone());
+            let client = move |n: usize| clients[(current.load(Ordering::Relaxed) + n) % clients.len()].clone();
+            let rt = self.rt.as_ref().expect("the runtime lives until drop");
+            let task = rt.spawn(mirror.clone().keep(client, self.prefix.clone()));
+            *kept = Some(Kept { mirror, task, served: 0 });
         }
     }
 

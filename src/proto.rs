@@ -166,6 +166,31 @@ pub enum Message {
     Tree { id: u64, call: Box<TreeCall> },
     /// Leading head -> head: the outcome of tree call `id`.
     TreeAnswer { id: u64, answer: TreeAnswer },
+    /// Leading head -> head, on a peer link: nodes as they are now, and nodes forgotten. With
+    /// `reset`, forget every node sent before first (the first part of a resend of all).
+    /// Directories date from `started_ns`, when the leading head started.
+    Live { nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool, started_ns: u64 },
+}
+
+/// What a following head is told of one node: enough to render its sitrep and state as the
+/// leading head does, its state following from the time since its last report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeLive {
+    pub name: String,
+    /// The last report, if one came since the leading head started.
+    pub report: Option<Report>,
+    /// Whether a report came since its agent's link was made.
+    pub reported: bool,
+    /// Milliseconds since the last report, or since the leading head started when none came.
+    pub age_ms: u64,
+    /// Why its agent's link is gone; none while it is connected.
+    pub gone: Option<String>,
+    pub drain: Option<String>,
+    /// How long without a report makes the node down.
+    pub limit_ms: u64,
+    /// When the last report came, and when the state last changed (ns since the epoch).
+    pub seen_at_ns: u64,
+    pub changed_ns: u64,
 }
 
 /// One operation of the filesystem's tree, made on the leading head for a caller of another
@@ -282,6 +307,7 @@ impl Message {
             Message::Beat => "beat",
             Message::Tree { .. } => "tree",
             Message::TreeAnswer { .. } => "tree_answer",
+            Message::Live { .. } => "live",
         }
     }
 }

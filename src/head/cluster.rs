@@ -7,13 +7,13 @@ use std::time::{Duration, Instant, SystemTime};
 use clusterfs_fs::{Errno, FsError};
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::HeadConfig;
 use crate::head::store::{Store, StoreError};
 use crate::nodeset::{NodeSet, NodeSetError};
-use crate::proto::{Message, Op, Reply};
+use crate::proto::{Message, NodeLive, Op, Reply};
 use crate::sitrep::Report;
 
 /// Requests waiting for an answer, by id: the connection they went to, and the waiter.
@@ -76,6 +76,26 @@ impl NodeState {
     }
 }
 
+/// A node's state: down while its agent's link is gone (`gone` says why) or its reports are
+/// late, else drained or up. `since_report` is none until a report comes.
+fn state_from(gone: Option<&str>, since_report: Option<Duration>, limit: Duration, drain: Option<&str>) -> NodeState {
+    let up = match (gone, since_report) {
+        (Some(why), _) => Err(why.to_string()),
+        (None, Some(age)) if age <= limit => Ok(()),
+        (None, Some(age)) => Err(format!("no report for {:.1} s", age.as_secs_f64())),
+        (None, None) => Err("connected, no report yet".into()),
+    };
+    match (up, drain) {
+        (Err(reason), _) => NodeState::Down(reason),
+        (Ok(()), Some(reason)) => NodeState::Drained(reason.to_string()),
+        (Ok(()), None) => NodeState::Up,
+    }
+}
+
+pub fn since_epoch_ns(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Which folded set `nodes/<set>` shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
@@ -96,6 +116,27 @@ pub struct NodeView {
     pub changed: SystemTime,
 }
 
+impl NodeView {
+    /// The node as the leading head sent it `received` ago, aged since.
+    pub fn from_live(live: &NodeLive, received: Instant) -> NodeView {
+        let age = Duration::from_millis(live.age_ms) + received.elapsed();
+        let since_report = live.reported.then_some(age);
+        let limit = Duration::from_millis(live.limit_ms);
+        NodeView {
+            name: live.name.clone(),
+            state: state_from(live.gone.as_deref(), since_report, limit, live.drain.as_deref()),
+            report: live.report.clone().unwrap_or_default(),
+            age_s: age.as_secs_f64(),
+            seen_at: SystemTime::UNIX_EPOCH + Duration::from_nanos(live.seen_at_ns),
+            changed: SystemTime::UNIX_EPOCH + Duration::from_nanos(live.changed_ns),
+        }
+    }
+}
+
+/// Changes of nodes kept for a following head's peer link that is slow to send them; one
+/// that falls further behind is sent every node again.
+const CHANGES_KEPT: usize = 4096;
+
 /// The cluster model.
 #[derive(Debug)]
 pub struct Cluster {
@@ -107,6 +148,8 @@ pub struct Cluster {
     next_id: AtomicU64,
     started: Instant,
     pub started_at: SystemTime,
+    /// Names of nodes whose state changed, for following heads.
+    changes: broadcast::Sender<String>,
 }
 
 impl Cluster {
@@ -142,6 +185,7 @@ impl Cluster {
             ),
             started: Instant::now(),
             started_at: now,
+            changes: broadcast::channel(CHANGES_KEPT).0,
         })
     }
 
@@ -153,19 +197,39 @@ impl Cluster {
         Duration::from_millis(self.cfg.interval_ms)
     }
 
+    fn limit(&self) -> Duration {
+        self.interval() * self.cfg.missed_intervals
+    }
+
     fn state_of(&self, e: &NodeEntry) -> NodeState {
-        let limit = self.interval() * self.cfg.missed_intervals;
-        let up = match (&e.link, e.seen) {
-            (None, _) => Err(e.gone.clone()),
-            (Some(_), Some(seen)) if seen.elapsed() <= limit => Ok(()),
-            (Some(_), Some(seen)) => Err(format!("no report for {:.1} s", seen.elapsed().as_secs_f64())),
-            (Some(_), None) => Err("connected, no report yet".into()),
-        };
-        match (up, &e.drain) {
-            (Err(reason), _) => NodeState::Down(reason),
-            (Ok(()), Some(reason)) => NodeState::Drained(reason.clone()),
-            (Ok(()), None) => NodeState::Up,
-        }
+        let gone = e.link.is_none().then_some(e.gone.as_str());
+        state_from(gone, e.seen.map(|s| s.elapsed()), self.limit(), e.drain.as_deref())
+    }
+
+    /// Tells following heads that node `name` changed.
+    fn changed(&self, name: &str) {
+        // Nobody listens while no head follows.
+        let _ = self.changes.send(name.to_string());
+    }
+
+    /// Names of nodes as they change, from now on.
+    pub fn changes(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    /// Node `name` as a following head is told of it; none once it is forgotten.
+    pub fn live(&self, name: &str) -> Option<NodeLive> {
+        self.nodes.get(name).map(|e| NodeLive {
+            name: name.to_string(),
+            report: e.report.clone(),
+            reported: e.seen.is_some(),
+            age_ms: e.seen.unwrap_or(self.started).elapsed().as_millis() as u64,
+            gone: e.link.is_none().then(|| e.gone.clone()),
+            drain: e.drain.clone(),
+            limit_ms: self.limit().as_millis() as u64,
+            seen_at_ns: since_epoch_ns(e.seen_at),
+            changed_ns: since_epoch_ns(e.changed),
+        })
     }
 
     /// Whether node `name` has not reported since this head started, while its agent may
@@ -254,6 +318,7 @@ impl Cluster {
             return Err(e.into());
         }
         info!(node = name, "node forgotten");
+        self.changed(name);
         Ok(())
     }
 
@@ -271,6 +336,8 @@ impl Cluster {
         info!(node = name, ?drain, "drain state changed");
         e.drain = drain;
         e.changed = SystemTime::now();
+        drop(e);
+        self.changed(name);
         Ok(())
     }
 
@@ -303,6 +370,7 @@ impl Cluster {
         e.seen = None;
         e.changed = now;
         drop(e);
+        self.changed(name);
         if fresh {
             if let Err(err) = self.store.put("nodes", name, &NodeRecord::default()) {
                 warn!(node = name, error = %err, "could not record the new node");
@@ -332,6 +400,8 @@ impl Cluster {
                 e.link = None;
                 e.gone = why.to_string();
                 e.changed = SystemTime::now();
+                drop(e);
+                self.changed(name);
             }
         }
     }
@@ -345,6 +415,8 @@ impl Cluster {
                 e.report = Some(report);
                 e.seen = Some(Instant::now());
                 e.seen_at = SystemTime::now();
+                drop(e);
+                self.changed(name);
             }
         }
     }

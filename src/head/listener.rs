@@ -107,7 +107,7 @@ async fn handle(core: Arc<Core>, stream: TcpStream, secret: Arc<Secret>, conn_id
             return;
         }
         info!(head, "following head connected");
-        return peer::serve(core.view.clone(), conn, conn_id, cluster.cfg.max_frame).await;
+        return peer::serve(core.view.clone(), cluster.clone(), conn, conn_id, cluster.cfg.max_frame).await;
     }
     let node = peer.node;
     let (tx, mut rx) = mpsc::channel::<Message>(256);

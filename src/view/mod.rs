@@ -4,7 +4,7 @@ mod groups;
 mod hsm;
 mod images;
 mod jobs;
-mod nodes;
+pub mod nodes;
 mod vms;
 
 use std::fmt::Write as _;
@@ -189,6 +189,11 @@ pub fn readme<'a>(
         let _ = write!(out, "\n{extra}");
     }
     out.into_bytes()
+}
+
+/// The node of `name` at the top of the tree, a fixed file or directory.
+pub fn root_node(name: &str) -> Option<Node> {
+    spec_node(ROOT_FILES, name)
 }
 
 /// The node of a fixed file in `files`.

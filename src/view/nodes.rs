@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
 
 use super::{ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node};
-use crate::head::cluster::{Cluster, Which};
+use crate::head::cluster::{Cluster, NodeView, Which};
 use crate::proto::Op;
 use crate::sitrep::Sitrep;
 
@@ -52,6 +52,32 @@ const FORGET_HELP: &str = "Root forgets a decommissioned node with `rmdir nodes/
 /// Longest drain reason kept.
 const MAX_REASON: usize = 256;
 
+/// The files of `nodes/<node>/` that follow from the node's state alone: a following head
+/// serves them from what the leading head sends it.
+pub const LIVE_FILES: [&str; 4] = ["sitrep", "sitrep.json", "metrics", "state"];
+
+/// `file` of node `v`'s directory, a file of [`LIVE_FILES`].
+pub fn live_node(v: &NodeView, file: &str) -> Option<Node> {
+    let node = spec_node(NODE_FILES, file)?;
+    match file {
+        "sitrep" | "sitrep.json" | "metrics" => Some(node.mtime(v.seen_at)),
+        "state" => Some(node.mtime(v.changed)),
+        _ => None,
+    }
+}
+
+/// What `file` of node `v`'s directory holds, a file of [`LIVE_FILES`].
+pub fn live_render(v: &NodeView, file: &str) -> Option<Vec<u8>> {
+    let sitrep = Sitrep { name: &v.name, state: v.state.word(), age_s: v.age_s, report: &v.report };
+    match file {
+        "sitrep" => Some(sitrep.text().into_bytes()),
+        "sitrep.json" => Some(sitrep.json().into_bytes()),
+        "metrics" => Some(sitrep.metrics().into_bytes()),
+        "state" => Some(format!("{}\n", v.state.line()).into_bytes()),
+        _ => None,
+    }
+}
+
 pub fn node(cluster: &Cluster, path: &[&str]) -> Result<Node> {
     match path {
         [] => Ok(Node::dir()),
@@ -59,12 +85,9 @@ pub fn node(cluster: &Cluster, path: &[&str]) -> Result<Node> {
         [name] => spec_node(DIR_FILES, name).ok_or_else(|| FsError::not_found(format!("node {name}"))),
         [name, file] => {
             let v = cluster.view(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
-            let node = spec_node(NODE_FILES, file).ok_or_else(|| FsError::not_found(format!("nodes/{name}/{file}")))?;
-            Ok(match *file {
-                "sitrep" | "sitrep.json" | "metrics" => node.mtime(v.seen_at),
-                "state" => node.mtime(v.changed),
-                _ => node,
-            })
+            live_node(&v, file)
+                .or_else(|| spec_node(NODE_FILES, file))
+                .ok_or_else(|| FsError::not_found(format!("nodes/{name}/{file}")))
         }
         _ => Err(FsError::not_found(format!("nodes/{}", path.join("/")))),
     }
@@ -100,8 +123,9 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
             let Some(v) = cluster.view(name) else {
                 return Answer::Now(Err(FsError::not_found(format!("node {name}"))));
             };
-            let state = v.state.line();
-            let sitrep = Sitrep { name, state: v.state.word(), age_s: v.age_s, report: &v.report };
+            if let Some(data) = live_render(&v, file) {
+                return Answer::Now(Ok(data));
+            }
             Answer::Now(match *file {
                 "README" => Ok(readme(
                     &format!("nodes/{name}: one node of the cluster"),
@@ -112,10 +136,6 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
                          {FORGET_HELP}"
                     ),
                 )),
-                "sitrep" => Ok(sitrep.text().into_bytes()),
-                "sitrep.json" => Ok(sitrep.json().into_bytes()),
-                "metrics" => Ok(sitrep.metrics().into_bytes()),
-                "state" => Ok(format!("{state}\n").into_bytes()),
                 "ctl" => Ok(VERBS
                     .iter()
                     .map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n")

@@ -547,6 +547,65 @@ fn a_frozen_leader_is_replaced_and_stops_when_it_wakes() {
     a.crash_head();
 }
 
+#[test]
+fn a_following_head_serves_node_state_from_what_the_leader_sends() {
+    if !crate::can_mount() {
+        return;
+    }
+    let Some(etcd) = Etcd::start(3) else { return };
+    // A lease that outlasts the leader's freeze below: the other head keeps following.
+    let config = format!("store = \"{}\"\nlease_ttl_s = 30\n", etcd.url("live"));
+    let mut a = Cluster::up_with("", 100, &config);
+    let b = Cluster::up_with("", 100, &config);
+    let agent = a.agent_on(&[], &a.addr(), &["--name", "cn1"]);
+    let state = |c: &Cluster| std::fs::read_to_string(c.path("nodes/cn1/state")).unwrap_or_default();
+    assert!(eventually(Duration::from_secs(20), || state(&b) == "up\n"), "{}", state(&b));
+    assert!(b.read("status").starts_with(&format!("leader {} ", head_name(&a))), "{}", b.read("status"));
+    // The same keys in the same order on both heads, in each format.
+    let keys = |text: String| -> Vec<String> {
+        text.lines().filter(|l| !l.starts_with('#')).map(|l| l.split([' ', '{']).next().unwrap().to_string()).collect()
+    };
+    for file in ["nodes/cn1/sitrep", "nodes/cn1/metrics"] {
+        assert_eq!(keys(b.read(file)), keys(a.read(file)), "{file}");
+    }
+    let json = |c: &Cluster| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&c.read("nodes/cn1/sitrep.json")).unwrap();
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    assert_eq!(json(&b), json(&a));
+    assert!(b.read("nodes/cn1/sitrep").starts_with("name cn1\nstate up\n"), "{}", b.read("nodes/cn1/sitrep"));
+    // Drained through the following head: its own state file says so at once.
+    b.write("nodes/cn1/ctl", b"drain disk swap\n").unwrap();
+    assert_eq!(b.read("nodes/cn1/state"), "drained disk swap\n");
+    // Resumed through the leading head: the other head is told.
+    a.write("nodes/cn1/ctl", b"resume\n").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || b.read("nodes/cn1/state") == "up\n"),
+        "{}",
+        b.read("nodes/cn1/state")
+    );
+    // The leading head frozen: the other answers from what it was sent, and there the node
+    // turns down as its reports stop coming (8 intervals of 100 ms), as it would on the leader.
+    crate::harness::signal(a.head_pid(), libc::SIGSTOP);
+    let down = eventually(Duration::from_secs(5), || b.read("nodes/cn1/state").starts_with("down no report for "));
+    let state = b.read("nodes/cn1/state");
+    crate::harness::signal(a.head_pid(), libc::SIGCONT);
+    assert!(down, "{state}");
+    assert!(
+        eventually(Duration::from_secs(10), || b.read("nodes/cn1/state") == "up\n"),
+        "{}",
+        b.read("nodes/cn1/state")
+    );
+    // Its agent stopped, then the node forgotten through the leading head: gone from the other.
+    a.kill_agent(agent);
+    let gone = eventually(Duration::from_secs(10), || b.read("nodes/cn1/state") == "down agent disconnected\n");
+    assert!(gone, "{}", b.read("nodes/cn1/state"));
+    std::fs::remove_dir(a.path("nodes/cn1")).unwrap();
+    let forgotten = eventually(Duration::from_secs(5), || std::fs::metadata(b.path("nodes/cn1/sitrep")).is_err());
+    assert!(forgotten, "{}", b.read("nodes/cn1/sitrep"));
+    assert_eq!(b.read("nodes/all"), "\n");
+}
+
 /// Jobs written while a following head is frozen, one revision each.
 const JOBS_BEHIND: i64 = 800;
 

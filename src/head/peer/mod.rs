@@ -3,7 +3,11 @@
 //! A following head's mount answers every operation through [`Remote`], which makes it on the
 //! leading head over an authenticated peer link (the agents' port, a node name starting with
 //! [`PEER_PREFIX`]). Reads are asked again when the leading head goes away mid-call; a change
-//! that was under way fails with EHOSTDOWN, since whether it took effect is unknown.
+//! that was under way fails with EHOSTDOWN, since whether it took effect is unknown. The
+//! leading head also sends nodes' live state on the link ([`live`]), and the files that follow
+//! from it alone are served from that.
+
+mod live;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,9 +20,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::auth::{Secret, agent_handshake};
+use crate::head::cluster::Cluster;
 use crate::head::lead::Candidate;
 use crate::proto::{Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp};
+use crate::view::nodes::{LIVE_FILES, live_node, live_render};
 use crate::view::{RemoteCaller, View, caller_groups};
+use live::LiveTable;
 
 /// Node names of peer links start with it; agents' names cannot.
 pub const PEER_PREFIX: &str = "+head:";
@@ -40,8 +47,8 @@ fn owned(path: &[&str]) -> Vec<String> {
     path.iter().map(|s| s.to_string()).collect()
 }
 
-/// Answers waiting, by call id.
-type Waiting = DashMap<u64, oneshot::Sender<TreeAnswer>>;
+/// Answers waiting, by call id, with the node a change may change.
+type Waiting = DashMap<u64, (oneshot::Sender<TreeAnswer>, Option<String>)>;
 
 /// The tree of a following head: every operation made on the leading head.
 pub struct Remote {
@@ -56,6 +63,8 @@ pub struct Remote {
     /// Nodes lately asked for, by path. What a file holds is always asked for: a file gone
     /// meanwhile fails its read or write as it does on the leading head.
     nodes: DashMap<Vec<String>, (Instant, Node)>,
+    /// Nodes' live state, as the leading head sends it on the current link.
+    live: std::sync::RwLock<Arc<LiveTable>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -89,12 +98,38 @@ impl Remote {
             link: tokio::sync::Mutex::new(None),
             rt: tokio::runtime::Handle::current(),
             nodes: DashMap::new(),
+            live: std::sync::RwLock::new(Arc::new(LiveTable::new(Arc::new(true.into())))),
         }
+    }
+
+    /// What the leading head sends of nodes on the current link.
+    fn table(&self) -> Arc<LiveTable> {
+        self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// `path`'s node when it follows from what the leading head sent of nodes: `nodes/`, a
+    /// node's directory, or one of its [`LIVE_FILES`].
+    fn local_node(&self, path: &[&str]) -> Option<Node> {
+        match path {
+            ["nodes"] => self.table().dir(None),
+            ["nodes", node] => self.table().dir(Some(node)),
+            ["nodes", node, file] if LIVE_FILES.contains(file) => live_node(&self.table().view(node)?, file),
+            _ => None,
+        }
+    }
+
+    /// What `path` holds when it is one of a node's [`LIVE_FILES`] the leading head sent.
+    fn local_render(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let ["nodes", node, file] = path else { return None };
+        live_render(&self.table().view(node)?, file)
     }
 
     /// `path`'s node: as the leading head gave it within the last `NODE_TTL` (but for a log,
     /// whose size grows), else asked of it.
     fn node(self: &Arc<Self>, path: &[&str]) -> Result<Node> {
+        if let Some(node) = self.local_node(path) {
+            return Ok(node);
+        }
         let key = owned(path);
         if let Some(hit) = self.nodes.get(&key).filter(|c| c.0.elapsed() < NODE_TTL) {
             return Ok(hit.1.clone());
@@ -146,7 +181,9 @@ impl Remote {
         let (tx, rx) = mpsc::channel(256);
         let link =
             Arc::new(Link { addr, tx, waiting: Arc::default(), next: AtomicU64::new(1), closed: Arc::default() });
-        tokio::spawn(pump(conn, rx, link.waiting.clone(), link.closed.clone(), self.leader.clone()));
+        let table = Arc::new(LiveTable::new(link.closed.clone()));
+        *self.live.write().unwrap_or_else(std::sync::PoisonError::into_inner) = table.clone();
+        tokio::spawn(pump(conn, rx, link.waiting.clone(), table, link.closed.clone(), self.leader.clone()));
         *held = Some(link.clone());
         Ok(link)
     }
@@ -156,6 +193,12 @@ impl Remote {
     async fn call(self: Arc<Self>, path: Vec<String>, caller: TreeCaller, op: TreeOp) -> Result<TreeAnswer> {
         let deadline = Instant::now() + FIND_LEADER;
         let read = op.is_read();
+        // What the leading head sent of a node before a change to it may be stale once the
+        // change is answered.
+        let node = match path.as_slice() {
+            [top, node, ..] if !read && top == "nodes" => Some(node.clone()),
+            _ => None,
+        };
         let call = Box::new(TreeCall { path, caller, op });
         loop {
             let link = match self.link().await {
@@ -169,13 +212,20 @@ impl Remote {
             };
             let id = link.next.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
-            link.waiting.insert(id, tx);
+            link.waiting.insert(id, (tx, node.clone()));
             let sent = link.tx.send(Message::Tree { id, call: call.clone() }).await.is_ok();
             match rx.await {
                 Ok(answer) => return Ok(answer),
                 Err(_) if (read || !sent) && Instant::now() < deadline => {
                     link.closed.store(true, Ordering::Relaxed);
                     continue;
+                }
+                Err(_) if read => {
+                    link.closed.store(true, Ordering::Relaxed);
+                    return Err(FsError::new(
+                        Errno::Again,
+                        "the leading head went away and none answered this read since; try again in a few seconds",
+                    ));
                 }
                 Err(_) => {
                     link.closed.store(true, Ordering::Relaxed);
@@ -239,6 +289,7 @@ async fn pump(
     mut conn: Conn<TcpStream>,
     mut rx: mpsc::Receiver<Message>,
     waiting: Arc<Waiting>,
+    live: Arc<LiveTable>,
     closed: Arc<std::sync::atomic::AtomicBool>,
     mut leader: watch::Receiver<Option<Candidate>>,
 ) {
@@ -256,9 +307,15 @@ async fn pump(
             },
             frame = conn.recv_frame() => match frame {
                 Ok(Frame::Message(Message::TreeAnswer { id, answer })) => {
-                    if let Some((_, tx)) = waiting.remove(&id) {
+                    if let Some((_, (tx, node))) = waiting.remove(&id) {
+                        if let Some(node) = node {
+                            live.forget(&node);
+                        }
                         let _ = tx.send(answer);
                     }
+                }
+                Ok(Frame::Message(Message::Live { nodes, gone, reset, started_ns })) => {
+                    live.apply(nodes, gone, reset, started_ns);
                 }
                 Ok(_) => break "protocol violation: not a tree answer".to_string(),
                 Err(e) => break e.to_string(),
@@ -365,6 +422,9 @@ impl Tree for RemoteTree {
     /// so that `stat` sizes a file by what a read gives; a render that waits (a `wait` file)
     /// is finished later.
     fn render(&self, path: &[&str], caller: &Caller, nonblock: bool) -> Answer<Vec<u8>> {
+        if let Some(data) = self.0.local_render(path) {
+            return Answer::Now(Ok(data));
+        }
         let fut = self.0.ask(path, caller, TreeOp::Render { nonblock });
         let (tx, mut rx) = oneshot::channel();
         self.0.rt.spawn(async move {
@@ -428,11 +488,25 @@ impl Tree for RemoteTree {
 
 /// Serves a following head's peer link on the leading head until it closes; the control
 /// handles it left open are released then.
-pub async fn serve(view: Arc<View>, mut conn: Conn<TcpStream>, link: u64, max_frame: usize) {
+pub async fn serve(view: Arc<View>, cluster: Arc<Cluster>, mut conn: Conn<TcpStream>, link: u64, max_frame: usize) {
     let (tx, mut rx) = mpsc::channel::<Message>(256);
     let open: Arc<DashMap<u64, (Vec<String>, TreeCaller)>> = Arc::default();
+    // Every node first, then each as it changes.
+    let mut changes = cluster.changes();
+    if let Err(e) = live::send_all(&cluster, &mut conn, max_frame).await {
+        return info!(why = %e, "peer link closed");
+    }
     let why = loop {
         tokio::select! {
+            changed = changes.recv() => {
+                let sent = match changed {
+                    Ok(name) => live::send_changes(&cluster, &mut changes, name, &mut conn, max_frame).await,
+                    Err(_) => live::send_all(&cluster, &mut conn, max_frame).await,
+                };
+                if let Err(e) = sent {
+                    break e.to_string();
+                }
+            },
             frame = conn.recv_frame() => match frame {
                 Ok(Frame::Message(Message::Tree { id, call })) => {
                     let (view, tx, open) = (view.clone(), tx.clone(), open.clone());

@@ -1,0 +1,184 @@
+//! Nodes' live state on peer links: the leading head sends it as it changes, and a following head serves `nodes/<node>/sitrep` and `state` from its table of it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use tokio::net::TcpStream;
+use tokio::sync::broadcast::{self, error::TryRecvError};
+
+use clusterfs_fs::Node;
+
+use crate::head::cluster::{Cluster, NodeView, since_epoch_ns};
+use crate::proto::{Conn, Message, NodeLive, ProtoError};
+
+/// Nodes in one message at most, and a bound by the frame size (a node is under 2 KiB).
+const NODES_PER_MESSAGE: usize = 256;
+
+/// One message of nodes as they are now.
+fn message(cluster: &Cluster, nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool) -> Message {
+    Message::Live { nodes, gone, reset, started_ns: since_epoch_ns(cluster.started_at) }
+}
+
+/// How many nodes one message may carry on links of frames up to `max_frame` bytes.
+fn per_message(max_frame: usize) -> usize {
+    (max_frame / 8192).clamp(1, NODES_PER_MESSAGE)
+}
+
+/// Sends every node, the first message telling the following head to forget what it held.
+pub async fn send_all(cluster: &Cluster, conn: &mut Conn<TcpStream>, max_frame: usize) -> Result<(), ProtoError> {
+    let names = cluster.names();
+    let mut parts = names.chunks(per_message(max_frame)).peekable();
+    if parts.peek().is_none() {
+        return conn.send(&message(cluster, Vec::new(), Vec::new(), true)).await;
+    }
+    for (i, part) in parts.enumerate() {
+        let nodes = part.iter().filter_map(|n| cluster.live(n)).collect();
+        conn.send(&message(cluster, nodes, Vec::new(), i == 0)).await?;
+    }
+    Ok(())
+}
+
+/// Sends the nodes changed since the last call, `first` among them and as many more as
+/// are waiting (up to a message's worth); every node when the link fell too far behind.
+pub async fn send_changes(
+    cluster: &Cluster,
+    changes: &mut broadcast::Receiver<String>,
+    first: String,
+    conn: &mut Conn<TcpStream>,
+    max_frame: usize,
+) -> Result<(), ProtoError> {
+    let mut names = BTreeSet::from([first]);
+    while names.len() < per_message(max_frame) {
+        match changes.try_recv() {
+            Ok(name) => {
+                names.insert(name);
+            }
+            Err(TryRecvError::Lagged(_)) => return send_all(cluster, conn, max_frame).await,
+            Err(_) => break,
+        }
+    }
+    let (mut nodes, mut gone) = (Vec::new(), Vec::new());
+    for name in names {
+        match cluster.live(&name) {
+            Some(live) => nodes.push(live),
+            None => gone.push(name),
+        }
+    }
+    conn.send(&message(cluster, nodes, gone, false)).await
+}
+
+/// What a following head holds of the leading head's nodes, over one peer link.
+#[derive(Debug)]
+pub struct LiveTable {
+    /// Each node as last sent, and when it came.
+    nodes: DashMap<String, (NodeLive, Instant)>,
+    /// The link it came over is gone: nothing more comes.
+    closed: Arc<AtomicBool>,
+    /// When the leading head started (ns since the epoch): its directories date from then.
+    started_ns: AtomicU64,
+}
+
+impl LiveTable {
+    pub fn new(closed: Arc<AtomicBool>) -> LiveTable {
+        LiveTable { nodes: DashMap::new(), closed, started_ns: AtomicU64::new(0) }
+    }
+
+    /// Takes in one message of the leading head.
+    pub fn apply(&self, nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool, started_ns: u64) {
+        self.started_ns.store(started_ns, Ordering::Relaxed);
+        if reset {
+            self.nodes.clear();
+        }
+        let now = Instant::now();
+        for live in nodes {
+            self.nodes.insert(live.name.clone(), (live, now));
+        }
+        for name in gone {
+            self.nodes.remove(&name);
+        }
+    }
+
+    /// A change of node `name` was answered: what was sent of it before may predate the
+    /// change, so it is asked of the leading head until it sends the node again.
+    pub fn forget(&self, name: &str) {
+        self.nodes.remove(name);
+    }
+
+    /// Whether what the leading head sends comes in: its link is up, and it has sent.
+    fn live(&self) -> bool {
+        !self.closed.load(Ordering::Relaxed) && self.started_ns.load(Ordering::Relaxed) > 0
+    }
+
+    /// Node `name` as the leading head last sent it, aged since; none when it did not, or
+    /// when the link is gone.
+    pub fn view(&self, name: &str) -> Option<NodeView> {
+        if !self.live() {
+            return None;
+        }
+        self.nodes.get(name).map(|e| NodeView::from_live(&e.0, e.1))
+    }
+
+    /// `nodes/`, and `nodes/<name>/` of a node the leading head sent, as it has them.
+    pub fn dir(&self, name: Option<&str>) -> Option<Node> {
+        if !self.live() {
+            return None;
+        }
+        let Some(name) = name else { return crate::view::root_node("nodes") };
+        if !self.nodes.contains_key(name) {
+            return None;
+        }
+        let started = SystemTime::UNIX_EPOCH + Duration::from_nanos(self.started_ns.load(Ordering::Relaxed));
+        Some(Node::dir().mtime(started))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::head::cluster::NodeState;
+
+    /// Node `name` as the leading head sends it, with a report just made (50 ms make it down).
+    fn sent(name: &str, gone: Option<&str>, drain: Option<&str>) -> NodeLive {
+        NodeLive {
+            name: name.into(),
+            report: Some(crate::sitrep::Report::default()),
+            reported: true,
+            age_ms: 0,
+            gone: gone.map(Into::into),
+            drain: drain.map(Into::into),
+            limit_ms: 50,
+            seen_at_ns: 1,
+            changed_ns: 1,
+        }
+    }
+
+    #[test]
+    fn nodes_sent_age_into_down_and_what_a_change_or_a_reset_or_a_closed_link_makes_stale_is_not_served() {
+        let closed = Arc::new(AtomicBool::new(false));
+        let table = LiveTable::new(closed.clone());
+        assert!(table.dir(None).is_none(), "served before the leading head sent anything");
+        table.apply(vec![sent("cn1", None, None), sent("cn2", Some("agent disconnected"), None)], vec![], true, 1);
+        assert_eq!(table.view("cn1").unwrap().state, NodeState::Up);
+        assert_eq!(table.view("cn2").unwrap().state.line(), "down agent disconnected");
+        assert!(table.dir(None).is_some() && table.dir(Some("cn1")).is_some() && table.dir(Some("cn9")).is_none());
+        // No report since: down here as on the leading head, though nothing more came.
+        std::thread::sleep(Duration::from_millis(80));
+        let line = table.view("cn1").unwrap().state.line();
+        assert!(line.starts_with("down no report for 0."), "{line}");
+        table.apply(vec![sent("cn1", None, Some("swap"))], vec!["cn2".into()], false, 1);
+        assert_eq!(table.view("cn1").unwrap().state.line(), "drained swap");
+        assert!(table.view("cn2").is_none(), "a forgotten node is still served");
+        // A change to it answered: asked of the leading head until it sends the node again.
+        table.forget("cn1");
+        assert!(table.view("cn1").is_none() && table.dir(Some("cn1")).is_none());
+        table.apply(vec![sent("cn1", None, None)], vec![], false, 1);
+        table.apply(vec![sent("cn3", None, None)], vec![], true, 1);
+        assert!(table.view("cn1").is_none(), "a reset kept a node not sent again");
+        assert_eq!(table.view("cn3").unwrap().state, NodeState::Up);
+        closed.store(true, Ordering::Relaxed);
+        assert!(table.view("cn3").is_none() && table.dir(None).is_none(), "served after its link closed");
+    }
+}

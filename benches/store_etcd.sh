@@ -2,7 +2,8 @@
 # The etcd store against the embedded one, in one run: submissions per second from 4 shells
 # (BENCH_STORE_SHELLS; the node drained, so nothing runs) and `cat nodes/<n>/sitrep` latency,
 # on the embedded store's head, on a head of the etcd store that leads, and on a second head
-# of that store that does not (it asks the leading one for each operation); prints Markdown.
+# of that store that does not (it asks the leading one for each operation but a node's sitrep
+# and state, which it serves from what the leading head sends); prints Markdown.
 # The three heads run side by side: submissions alternate in rounds, reads take turns.
 #   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 BENCH_STORE_ROUNDS=4 benches/store_etcd.sh
 #   BENCH_STORE_TMP=/dev/shm puts both stores (and etcd's data) on tmpfs: no fsync cost either side.
@@ -69,7 +70,8 @@ for kind in embedded etcd; do
   [ "$queued" -eq "$want" ] || { echo "store_etcd: $kind queued $queued of $want" >&2; exit 1; }
 done
 
-# Reads, one mount after the other, each first in turn: the same moments for all three.
+# Reads, one mount after the other, each first in turn: the same moments for all three. Then
+# each mount's alone, one after the other (a head read in turn with others pays for waking up).
 read -r -a lat < <(python3 - "$READS" "$work/mnt-embedded" "$work/mnt-etcd" "$work/mnt-follower" <<'PY'
 import sys, time
 n, mounts = int(sys.argv[1]), sys.argv[2:]
@@ -88,22 +90,33 @@ out = []
 for t in times:
     t.sort()
     out += [f"{t[len(t) // 2]:.3f}", f"{t[int(len(t) * 0.99)]:.3f}"]
+for path in paths:
+    alone = []
+    for k in range(n):
+        a = time.perf_counter()
+        with open(path) as f:
+            f.read()
+        alone.append((time.perf_counter() - a) * 1000)
+    alone.sort()
+    out.append(f"{alone[len(alone) // 2]:.3f}")
 print(" ".join(out))
 PY
 )
-declare -A p50 p99
-for i in 0 1 2; do p50[${kinds[$i]}]=${lat[$((2 * i))]}; p99[${kinds[$i]}]=${lat[$((2 * i + 1))]}; done
+declare -A p50 p99 alone
+for i in 0 1 2; do
+  p50[${kinds[$i]}]=${lat[$((2 * i))]} p99[${kinds[$i]}]=${lat[$((2 * i + 1))]} alone[${kinds[$i]}]=${lat[$((6 + i))]}
+done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
 rate() { awk -v n="$done_n" -v t="$1" 'BEGIN { printf "%.0f", n / t }'; }
 cat <<MD
 ## Store: etcd (3 members) against embedded, $done_n submissions each from $SHELLS shells in $ROUNDS alternating rounds, $READS sitrep reads each in turn
 
-| store | submit $done_n (s) | submissions/s | \`cat sitrep\` p50 (ms) | p99 (ms) |
-|---|---|---|---|---|
-| embedded (redb) | ${submit[embedded]} | $(rate "${submit[embedded]}") | ${p50[embedded]} | ${p99[embedded]} |
-| etcd, the leading head | ${submit[etcd]} | $(rate "${submit[etcd]}") | ${p50[etcd]} | ${p99[etcd]} |
-| etcd, a second head (not leading) | ${submit[follower]} | $(rate "${submit[follower]}") | ${p50[follower]} | ${p99[follower]} |
-| **ratio** etcd leader / embedded | **$(ratio "${submit[etcd]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[etcd]}" "${p50[embedded]}")** | $(ratio "${p99[etcd]}" "${p99[embedded]}") |
-| **ratio** second head / embedded | **$(ratio "${submit[follower]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[follower]}" "${p50[embedded]}")** | $(ratio "${p99[follower]}" "${p99[embedded]}") |
+| store | submit $done_n (s) | submissions/s | \`cat sitrep\` p50 (ms) | p99 (ms) | p50 alone (ms) |
+|---|---|---|---|---|---|
+| embedded (redb) | ${submit[embedded]} | $(rate "${submit[embedded]}") | ${p50[embedded]} | ${p99[embedded]} | ${alone[embedded]} |
+| etcd, the leading head | ${submit[etcd]} | $(rate "${submit[etcd]}") | ${p50[etcd]} | ${p99[etcd]} | ${alone[etcd]} |
+| etcd, a second head (not leading) | ${submit[follower]} | $(rate "${submit[follower]}") | ${p50[follower]} | ${p99[follower]} | ${alone[follower]} |
+| **ratio** etcd leader / embedded | **$(ratio "${submit[etcd]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[etcd]}" "${p50[embedded]}")** | $(ratio "${p99[etcd]}" "${p99[embedded]}") | $(ratio "${alone[etcd]}" "${alone[embedded]}") |
+| **ratio** second head / embedded | **$(ratio "${submit[follower]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[follower]}" "${p50[embedded]}")** | $(ratio "${p99[follower]}" "${p99[embedded]}") | $(ratio "${alone[follower]}" "${alone[embedded]}") |
 MD

@@ -145,6 +145,15 @@ impl<T: Tree> SynthFs<T> {
         &self.tree
     }
 
+    /// Whether answering for `ino` (or for `name` in it) may wait on the network; so it may
+    /// when `ino` is not known yet, as finding it walks the tree.
+    pub fn remote(&self, ino: u64, name: Option<&str>) -> bool {
+        let Some(path) = self.inodes.path(ino) else { return self.tree.remote(&[]) };
+        let mut path = refs(&path);
+        path.extend(name);
+        self.tree.remote(&path)
+    }
+
     /// The path of `ino`; after a restart the tree is walked to find it, else ESTALE.
     pub fn resolve(&self, ino: u64) -> Result<PathBuf> {
         if let Some(p) = self.inodes.path(ino) {

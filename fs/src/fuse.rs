@@ -45,11 +45,17 @@ impl<T: Tree> Adapter<T> {
         }
     }
 
-    /// Runs `f` (which answers a request) on this FUSE thread; or, when the tree's `node` and
-    /// `list` wait on the network, on the runtime's blocking pool, so no FUSE thread waits.
-    fn run(&self, op: &'static str, f: impl FnOnce(&Arc<SynthFs<T>>, &Handle) + Send + 'static) {
+    /// Runs `f` (which answers a request about `ino`, or `name` in it) on this FUSE thread;
+    /// or, when the tree's answer may wait on the network, on the runtime's blocking pool, so
+    /// no FUSE thread waits.
+    fn run(
+        &self,
+        op: &'static str,
+        (ino, name): (u64, Option<&OsStr>),
+        f: impl FnOnce(&Arc<SynthFs<T>>, &Handle) + Send + 'static,
+    ) {
         let (fs, rt) = (self.fs.clone(), self.rt.clone());
-        if !fs.tree().remote() {
+        if !fs.remote(ino, name.and_then(OsStr::to_str)) {
             return self.guard(op, || f(&fs, &rt));
         }
         self.rt.spawn_blocking(move || {
@@ -117,8 +123,9 @@ impl<T: Tree> Filesystem for Adapter<T> {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let at = (parent.0, Some(name));
         let (unique, who, name) = (req.unique().0, caller(req), name.to_os_string());
-        self.run("lookup", move |fs, _| {
+        self.run("lookup", at, move |fs, _| {
             let _s = debug_span!("lookup", req = unique, ino = parent.0, ?name).entered();
             match name_str(&name).and_then(|n| fs.lookup(parent.0, n, &who)) {
                 Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(e.generation)),
@@ -129,7 +136,7 @@ impl<T: Tree> Filesystem for Adapter<T> {
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let (unique, who) = (req.unique().0, caller(req));
-        self.run("getattr", move |fs, _| {
+        self.run("getattr", (ino.0, None), move |fs, _| {
             let _s = debug_span!("getattr", req = unique, ino = ino.0).entered();
             match fs.getattr(ino.0, fh.map(|f| f.0), &who) {
                 Ok((attr, ttl)) => reply.attr(&ttl, &attr),
@@ -235,7 +242,7 @@ impl<T: Tree> Filesystem for Adapter<T> {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (unique, who) = (req.unique().0, caller(req));
-        self.run("open", move |fs, rt| {
+        self.run("open", (ino.0, None), move |fs, rt| {
             let _s = debug_span!("open", req = unique, ino = ino.0).entered();
             let nonblock = flags.0 & libc::O_NONBLOCK != 0;
             // Synthetic files bypass the page cache: sizes change under the kernel's feet.
@@ -365,7 +372,7 @@ impl<T: Tree> Filesystem for Adapter<T> {
 
     fn readdir(&self, req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let unique = req.unique().0;
-        self.run("readdir", move |fs, _| {
+        self.run("readdir", (ino.0, None), move |fs, _| {
             let _s = debug_span!("readdir", req = unique, ino = ino.0, offset).entered();
             match fs.readdir(ino.0, offset) {
                 Ok(entries) => {

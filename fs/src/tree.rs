@@ -148,8 +148,9 @@ pub struct Write<'a> {
 /// are answered elsewhere (a following head's): it says so with `remote`, and the layer then
 /// calls them off its FUSE threads.
 pub trait Tree: Send + Sync + 'static {
-    /// Whether `node` and `list` may wait on the network.
-    fn remote(&self) -> bool {
+    /// Whether answering for `path` (its `node`, `list`, and what it holds at open) may wait
+    /// on the network.
+    fn remote(&self, _path: &[&str]) -> bool {
         false
     }
 

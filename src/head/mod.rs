@@ -299,8 +299,8 @@ impl Serving {
 }
 
 impl Tree for Serving {
-    fn remote(&self) -> bool {
-        self.now().remote()
+    fn remote(&self, path: &[&str]) -> bool {
+        self.now().remote(path)
     }
     fn node(&self, path: &[&str]) -> clusterfs_fs::Result<Node> {
         self.now().node(path)

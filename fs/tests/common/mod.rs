@@ -21,13 +21,13 @@ pub struct Toy {
 }
 
 impl Tree for Toy {
-    fn remote(&self) -> bool {
+    fn remote(&self, _path: &[&str]) -> bool {
         self.remote.load(Ordering::SeqCst)
     }
 
     fn node(&self, path: &[&str]) -> Result<Node> {
         match path {
-            ["slow"] if self.remote() => {
+            ["slow"] if self.remote.load(Ordering::SeqCst) => {
                 std::thread::sleep(Duration::from_millis(1500));
                 Ok(Node::new(Kind::Snapshot, 0o444))
             }

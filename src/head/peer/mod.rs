@@ -107,6 +107,15 @@ impl Remote {
         self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// Whether `path` is a file that follows from what the leading head sent of nodes, one of
+    /// a node's [`LIVE_FILES`]. (Directories are listed by the leading head.)
+    fn local(&self, path: &[&str]) -> bool {
+        match path {
+            ["nodes", node, file] => LIVE_FILES.contains(file) && self.table().dir(Some(node)).is_some(),
+            _ => false,
+        }
+    }
+
     /// `path`'s node when it follows from what the leading head sent of nodes: `nodes/`, a
     /// node's directory, or one of its [`LIVE_FILES`].
     fn local_node(&self, path: &[&str]) -> Option<Node> {
@@ -402,9 +411,10 @@ fn kind_name(kind: Kind) -> &'static str {
 pub struct RemoteTree(pub Arc<Remote>);
 
 impl Tree for RemoteTree {
-    /// Every answer comes from the leading head: the layer asks from its blocking pool.
-    fn remote(&self) -> bool {
-        true
+    /// Answers come from the leading head, and the layer asks for them from its blocking
+    /// pool; but for what follows from the nodes it sent.
+    fn remote(&self, path: &[&str]) -> bool {
+        !self.0.local(path)
     }
 
     fn node(&self, path: &[&str]) -> Result<Node> {

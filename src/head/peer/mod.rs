@@ -50,7 +50,8 @@ fn owned(path: &[&str]) -> Vec<String> {
 /// Answers waiting, by call id, with the node a change may change.
 type Waiting = DashMap<u64, (oneshot::Sender<TreeAnswer>, Option<String>)>;
 
-/// The tree of a following head: every operation made on the leading head.
+/// The tree of a following head: operations made on the leading head, but for the node files
+/// that follow from what it sends of nodes.
 pub struct Remote {
     /// This head's name on peer links.
     name: String,

@@ -4,6 +4,7 @@
 //! chunk with its checksum), then the payload. A frame longer than the limit is an error that closes the connection.
 
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{SinkExt, StreamExt};
@@ -170,6 +171,16 @@ pub enum Message {
     /// `reset`, forget every node sent before first (the first part of a resend of all).
     /// Directories date from `started_ns`, when the leading head started.
     Live { nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool, started_ns: u64 },
+}
+
+/// A time as messages carry it: nanoseconds since the epoch (0 before it).
+pub fn epoch_ns(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The time a message's nanoseconds since the epoch name.
+pub fn from_epoch_ns(ns: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(ns)
 }
 
 /// What a following head is told of one node: enough to render its sitrep and state as the

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use crate::config::HeadConfig;
 use crate::head::store::{Store, StoreError};
 use crate::nodeset::{NodeSet, NodeSetError};
-use crate::proto::{Message, NodeLive, Op, Reply};
+use crate::proto::{Message, NodeLive, Op, Reply, epoch_ns, from_epoch_ns};
 use crate::sitrep::Report;
 
 /// Requests waiting for an answer, by id: the connection they went to, and the waiter.
@@ -92,10 +92,6 @@ fn state_from(gone: Option<&str>, since_report: Option<Duration>, limit: Duratio
     }
 }
 
-pub fn since_epoch_ns(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
-}
-
 /// Which folded set `nodes/<set>` shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
@@ -127,8 +123,8 @@ impl NodeView {
             state: state_from(live.gone.as_deref(), since_report, limit, live.drain.as_deref()),
             report: live.report.clone().unwrap_or_default(),
             age_s: age.as_secs_f64(),
-            seen_at: SystemTime::UNIX_EPOCH + Duration::from_nanos(live.seen_at_ns),
-            changed: SystemTime::UNIX_EPOCH + Duration::from_nanos(live.changed_ns),
+            seen_at: from_epoch_ns(live.seen_at_ns),
+            changed: from_epoch_ns(live.changed_ns),
         }
     }
 }
@@ -206,10 +202,11 @@ impl Cluster {
         state_from(gone, e.seen.map(|s| s.elapsed()), self.limit(), e.drain.as_deref())
     }
 
-    /// Tells following heads that node `name` changed.
+    /// Tells following heads that node `name` changed (nobody listens while none follows).
     fn changed(&self, name: &str) {
-        // Nobody listens while no head follows.
-        let _ = self.changes.send(name.to_string());
+        if self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(name.to_string());
+        }
     }
 
     /// Names of nodes as they change, from now on.
@@ -227,8 +224,8 @@ impl Cluster {
             gone: e.link.is_none().then(|| e.gone.clone()),
             drain: e.drain.clone(),
             limit_ms: self.limit().as_millis() as u64,
-            seen_at_ns: since_epoch_ns(e.seen_at),
-            changed_ns: since_epoch_ns(e.changed),
+            seen_at_ns: epoch_ns(e.seen_at),
+            changed_ns: epoch_ns(e.changed),
         })
     }
 

@@ -56,14 +56,14 @@ const MAX_REASON: usize = 256;
 /// serves them from what the leading head sends it.
 pub const LIVE_FILES: [&str; 4] = ["sitrep", "sitrep.json", "metrics", "state"];
 
-/// `file` of node `v`'s directory, a file of [`LIVE_FILES`].
-pub fn live_node(v: &NodeView, file: &str) -> Option<Node> {
+/// `file` of node `v`'s directory, dated by the node where it follows from its state.
+pub fn file_node(v: &NodeView, file: &str) -> Option<Node> {
     let node = spec_node(NODE_FILES, file)?;
-    match file {
-        "sitrep" | "sitrep.json" | "metrics" => Some(node.mtime(v.seen_at)),
-        "state" => Some(node.mtime(v.changed)),
-        _ => None,
-    }
+    Some(match file {
+        "sitrep" | "sitrep.json" | "metrics" => node.mtime(v.seen_at),
+        "state" => node.mtime(v.changed),
+        _ => node,
+    })
 }
 
 /// What `file` of node `v`'s directory holds, a file of [`LIVE_FILES`].
@@ -85,9 +85,7 @@ pub fn node(cluster: &Cluster, path: &[&str]) -> Result<Node> {
         [name] => spec_node(DIR_FILES, name).ok_or_else(|| FsError::not_found(format!("node {name}"))),
         [name, file] => {
             let v = cluster.view(name).ok_or_else(|| FsError::not_found(format!("node {name}")))?;
-            live_node(&v, file)
-                .or_else(|| spec_node(NODE_FILES, file))
-                .ok_or_else(|| FsError::not_found(format!("nodes/{name}/{file}")))
+            file_node(&v, file).ok_or_else(|| FsError::not_found(format!("nodes/{name}/{file}")))
         }
         _ => Err(FsError::not_found(format!("nodes/{}", path.join("/")))),
     }

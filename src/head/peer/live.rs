@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use tokio::net::TcpStream;
@@ -11,15 +11,15 @@ use tokio::sync::broadcast::{self, error::TryRecvError};
 
 use clusterfs_fs::Node;
 
-use crate::head::cluster::{Cluster, NodeView, since_epoch_ns};
-use crate::proto::{Conn, Message, NodeLive, ProtoError};
+use crate::head::cluster::{Cluster, NodeView};
+use crate::proto::{Conn, Message, NodeLive, ProtoError, epoch_ns, from_epoch_ns};
 
 /// Nodes in one message at most, and a bound by the frame size (a node is under 2 KiB).
 const NODES_PER_MESSAGE: usize = 256;
 
 /// One message of nodes as they are now.
 fn message(cluster: &Cluster, nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool) -> Message {
-    Message::Live { nodes, gone, reset, started_ns: since_epoch_ns(cluster.started_at) }
+    Message::Live { nodes, gone, reset, started_ns: epoch_ns(cluster.started_at) }
 }
 
 /// How many nodes one message may carry on links of frames up to `max_frame` bytes.
@@ -121,23 +121,28 @@ impl LiveTable {
         self.nodes.get(name).map(|e| NodeView::from_live(&e.0, e.1))
     }
 
+    /// Whether the leading head sent node `name`, and what it sent still holds.
+    pub fn has(&self, name: &str) -> bool {
+        self.live() && self.nodes.contains_key(name)
+    }
+
     /// `nodes/`, and `nodes/<name>/` of a node the leading head sent, as it has them.
     pub fn dir(&self, name: Option<&str>) -> Option<Node> {
-        if !self.live() {
-            return None;
+        match name {
+            None if self.live() => crate::view::root_node("nodes"),
+            Some(name) if self.has(name) => {
+                Some(Node::dir().mtime(from_epoch_ns(self.started_ns.load(Ordering::Relaxed))))
+            }
+            _ => None,
         }
-        let Some(name) = name else { return crate::view::root_node("nodes") };
-        if !self.nodes.contains_key(name) {
-            return None;
-        }
-        let started = SystemTime::UNIX_EPOCH + Duration::from_nanos(self.started_ns.load(Ordering::Relaxed));
-        Some(Node::dir().mtime(started))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::head::cluster::NodeState;
 
     /// Node `name` as the leading head sends it, with a report just made (50 ms make it down).

@@ -11,7 +11,7 @@ mod live;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result, Tree, Write};
 use dashmap::DashMap;
@@ -22,8 +22,10 @@ use tracing::{debug, info, warn};
 use crate::auth::{Secret, agent_handshake};
 use crate::head::cluster::Cluster;
 use crate::head::lead::Candidate;
-use crate::proto::{Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp};
-use crate::view::nodes::{LIVE_FILES, live_node, live_render};
+use crate::proto::{
+    Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp, epoch_ns, from_epoch_ns,
+};
+use crate::view::nodes::{LIVE_FILES, file_node, live_render};
 use crate::view::{RemoteCaller, View, caller_groups};
 use live::LiveTable;
 
@@ -112,7 +114,7 @@ impl Remote {
     /// a node's [`LIVE_FILES`]. (Directories are listed by the leading head.)
     fn local(&self, path: &[&str]) -> bool {
         match path {
-            ["nodes", node, file] => LIVE_FILES.contains(file) && self.table().dir(Some(node)).is_some(),
+            ["nodes", node, file] => LIVE_FILES.contains(file) && self.table().has(node),
             _ => false,
         }
     }
@@ -123,7 +125,7 @@ impl Remote {
         match path {
             ["nodes"] => self.table().dir(None),
             ["nodes", node] => self.table().dir(Some(node)),
-            ["nodes", node, file] if LIVE_FILES.contains(file) => live_node(&self.table().view(node)?, file),
+            ["nodes", node, file] if LIVE_FILES.contains(file) => file_node(&self.table().view(node)?, file),
             _ => None,
         }
     }
@@ -351,7 +353,7 @@ fn node_of(answer: TreeAnswer) -> Result<Node> {
             perm,
             uid,
             gid,
-            mtime: SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns),
+            mtime: from_epoch_ns(mtime_ns),
             size,
             generation,
         }),
@@ -564,7 +566,7 @@ async fn answer(
             perm: n.perm,
             uid: n.uid,
             gid: n.gid,
-            mtime_ns: n.mtime.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+            mtime_ns: epoch_ns(n.mtime),
             size: n.size,
             generation: n.generation,
         }),

@@ -263,6 +263,12 @@ impl TreeOp {
     pub fn is_read(&self) -> bool {
         matches!(self, TreeOp::Node | TreeOp::List | TreeOp::Render { .. } | TreeOp::ReadLog { .. })
     }
+
+    /// Whether it may change what the tree holds: neither a read nor a release, which only
+    /// ends a handle (and reaches the leading head after the `close` that made it returned).
+    pub fn changes(&self) -> bool {
+        !self.is_read() && !matches!(self, TreeOp::Release { .. })
+    }
 }
 
 /// What a tree call answers.

@@ -208,7 +208,7 @@ impl Remote {
         // What the leading head sent of a node before a change to it may be stale once the
         // change is answered.
         let node = match path.as_slice() {
-            [top, node, ..] if !read && top == "nodes" => Some(node.clone()),
+            [top, node, ..] if op.changes() && top == "nodes" => Some(node.clone()),
             _ => None,
         };
         let call = Box::new(TreeCall { path, caller, op });

@@ -95,6 +95,21 @@ impl Etcd {
             .map(|p| format!("http://127.0.0.1:{p}"))
     }
 
+    /// Hands the raft's leadership to the next member and waits until they all say so; the
+    /// new leader's client URL.
+    pub fn move_leader(&self) -> String {
+        let status = |port: u16| Etcd::post(port, "/v3/maintenance/status", "{}").expect("a member answers");
+        let id = |port: u16| status(port)["header"]["member_id"].as_str().unwrap().to_string();
+        let from = self.raft_leader().expect("etcd names its raft leader");
+        let at = self.client_ports.iter().position(|p| from.ends_with(&format!(":{p}"))).unwrap();
+        let to = self.client_ports[(at + 1) % self.client_ports.len()];
+        let body = format!(r#"{{"targetID":"{}"}}"#, id(to));
+        Etcd::post(self.client_ports[at], "/v3/maintenance/transfer-leadership", &body).expect("etcd moves its leader");
+        let url = format!("http://127.0.0.1:{to}");
+        assert!(eventually(Duration::from_secs(10), || self.raft_leader().as_deref() == Some(url.as_str())));
+        url
+    }
+
     /// etcd's current revision.
     pub fn revision(&self) -> i64 {
         let now = Etcd::post(self.client_ports[0], "/v3/kv/range", r#"{"key":"AA=="}"#).expect("etcd answers a read");
@@ -642,6 +657,27 @@ fn a_following_head_whose_watch_fell_behind_a_compaction_copies_the_store_again(
     assert_eq!(b.read("jobs/queue").lines().count(), usize::try_from(JOBS_BEHIND).unwrap());
     assert_eq!(b.read(&format!("jobs/{JOBS_BEHIND}/spec")), script);
     b.stop_head();
+}
+
+#[test]
+fn a_head_sends_its_writes_to_the_member_etcd_elects_to_lead() {
+    if !crate::can_mount() {
+        return;
+    }
+    let Some(etcd) = Etcd::start(3) else { return };
+    let c = Cluster::up_with("", 200, &format!("store = \"{}\"\n", etcd.url("moved")));
+    // The head looks for etcd's leader every 10 s anyway; twice in a row within 2 s of the
+    // first write after a move is what an answer's new raft term made it do.
+    for round in 0..2 {
+        let to = etcd.move_leader();
+        c.write(&format!("groups/g{round}"), b"cn1\n").unwrap();
+        let found = eventually(Duration::from_secs(2), || c.log().matches("requests go there").count() > round);
+        let log = c.log();
+        assert!(found, "round {round}: the head did not look for etcd's new leader {to}: {log}");
+        let last = log.lines().rfind(|l| l.contains("requests go there")).unwrap();
+        assert!(last.ends_with(&format!("member=\"{to}\"")), "{last}");
+    }
+    assert_eq!(c.read("groups/g1"), "cn1\n");
 }
 
 #[test]

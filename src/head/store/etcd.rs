@@ -5,7 +5,7 @@
 //! async workers, so they run on a runtime of the backend's own and are waited for here.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
@@ -28,8 +28,11 @@ const PAGE: i64 = 1000;
 pub(super) const MAX_ANSWER: usize = 64 << 20;
 /// How long one request may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
-/// How often the member that leads etcd's raft is looked for again.
+/// How often the member that leads etcd's raft is looked for again; at once when an answer
+/// shows that etcd elected a leader again, or a member failed.
 const FIND_LEADER: Duration = Duration::from_secs(10);
+/// How often it is looked for while no member names a leader (etcd is electing one).
+const FIND_AGAIN: Duration = Duration::from_millis(200);
 /// How long a call is tried again, member after member, before the store counts as
 /// unreachable. Every call is safe to repeat.
 const GIVE_UP: Duration = Duration::from_secs(6);
@@ -39,6 +42,10 @@ pub struct Etcd {
     /// to another member is forwarded to it, a hop more), on to the next when it fails.
     clients: Vec<Client>,
     current: Arc<AtomicUsize>,
+    /// The raft term of the last answer or look; a new one means etcd elected a leader again.
+    term: Arc<AtomicU64>,
+    /// Tells the task that follows etcd's leader to look for it now.
+    look: Arc<tokio::sync::Notify>,
     /// Set when a call gave up: until one succeeds, calls try each member once and give up
     /// at once, so code that writes many objects in a row fails fast instead of waiting
     /// `GIVE_UP` for each (a head must still stop promptly without its store).
@@ -86,12 +93,19 @@ impl Etcd {
             let ep = endpoint.clone();
             clients.push(wait(&rt, async move { Client::connect([ep], Some(options)).await })?.map_err(unreachable)?);
         }
-        // Where etcd's raft leader is, now and every `FIND_LEADER` from now on.
-        let current = Arc::new(AtomicUsize::new(wait(&rt, leader_of(clients.clone()))?.unwrap_or(0)));
-        rt.spawn(follow_leader(clients.clone(), endpoints.to_vec(), Arc::downgrade(&current)));
+        // Where etcd's raft leader is, now and from now on.
+        let found = wait(&rt, leader_of(clients.clone()))?;
+        let current = Arc::new(AtomicUsize::new(found.map_or(0, |(i, _)| i)));
+        let term = Arc::new(AtomicU64::new(found.map_or(0, |(_, t)| t)));
+        let look = Arc::new(tokio::sync::Notify::new());
+        let follow =
+            Follow { clients: clients.clone(), endpoints: endpoints.to_vec(), term: term.clone(), look: look.clone() };
+        rt.spawn(follow.run(Arc::downgrade(&current), found.is_some()));
         let etcd = Etcd {
             clients,
             current,
+            term,
+            look,
             down: Default::default(),
             prefix: format!("{prefix}/"),
             fence: Default::default(),
@@ -126,6 +140,18 @@ impl Etcd {
         format!("{}{key}", self.prefix)
     }
 
+    /// Notes the raft term an answer carried: a new one sends the following task to look for
+    /// the leader now, rather than forward every request through another member until its
+    /// next look.
+    fn saw_term(&self, header: Option<&etcd_client::ResponseHeader>) {
+        let Some(term) = header.map(|h| h.raft_term()) else { return };
+        let before = self.term.swap(term, Ordering::Relaxed);
+        if before != 0 && before != term {
+            tracing::debug!(before, term, "etcd's raft term changed: looking for its leader");
+            self.look.notify_one();
+        }
+    }
+
     /// Runs the request `f` makes, again while it fails (a member down refuses at once) until
     /// `GIVE_UP`.
     fn run<T: Send + 'static>(
@@ -151,6 +177,7 @@ impl Etcd {
                     tracing::debug!(member, error = %e, "etcd request failed; asking the next member");
                     let next = (member + 1) % self.clients.len();
                     let _ = self.current.compare_exchange(member, next, Ordering::Relaxed, Ordering::Relaxed);
+                    self.look.notify_one();
                     tries += 1;
                     // Once round every member at once; then a pause between rounds.
                     if tries % self.clients.len() == 0 {
@@ -244,29 +271,51 @@ fn pack(groups: &[Vec<Change>]) -> Vec<Vec<Op<'_>>> {
     txns
 }
 
-/// Which of `clients` is connected to the member that leads etcd's raft, as the members say.
-async fn leader_of(clients: Vec<Client>) -> Option<usize> {
+/// Which of `clients` is connected to the member that leads etcd's raft, as the members say,
+/// and the raft term it leads in.
+async fn leader_of(clients: Vec<Client>) -> Option<(usize, u64)> {
     let asked = clients.into_iter().map(|mut c| async move {
         let status = tokio::time::timeout(TIMEOUT, c.status()).await.ok()?.ok()?;
-        Some((status.header()?.member_id(), status.leader()))
+        Some((status.header()?.member_id(), status.leader(), status.raft_term()))
     });
     let answers = futures::future::join_all(asked).await;
-    let leader = answers.iter().flatten().map(|(_, leader)| *leader).find(|l| *l != 0)?;
-    answers.iter().position(|a| a.is_some_and(|(member, _)| member == leader))
+    let leader = answers.iter().flatten().map(|(_, leader, _)| *leader).find(|l| *l != 0)?;
+    answers
+        .iter()
+        .enumerate()
+        .find_map(|(i, a)| a.filter(|(member, _, _)| *member == leader).map(|(_, _, term)| (i, term)))
 }
 
-/// Keeps `current` on the raft leader's member while the backend lives. A leader that changed
-/// in between costs a forwarding hop per request, nothing else.
-async fn follow_leader(clients: Vec<Client>, endpoints: Vec<String>, current: std::sync::Weak<AtomicUsize>) {
-    loop {
-        tokio::time::sleep(FIND_LEADER).await;
-        let Some(current) = current.upgrade() else { return };
-        if let Some(i) = leader_of(clients.clone()).await {
-            if current.swap(i, Ordering::Relaxed) != i {
-                tracing::info!(
-                    member = endpoints[i].as_str(),
-                    "etcd's raft leader is another member now: requests go there"
-                );
+/// What the task that keeps requests on etcd's raft leader needs.
+struct Follow {
+    clients: Vec<Client>,
+    endpoints: Vec<String>,
+    term: Arc<AtomicU64>,
+    look: Arc<tokio::sync::Notify>,
+}
+
+impl Follow {
+    /// Keeps `current` on the raft leader's member while the backend lives: looks every
+    /// `FIND_LEADER`, every `FIND_AGAIN` while no member names a leader (`known` is false), and
+    /// at once when told. A leader that changed in between costs a forwarding hop per request.
+    async fn run(self, current: std::sync::Weak<AtomicUsize>, mut known: bool) {
+        loop {
+            let next = if known { FIND_LEADER } else { FIND_AGAIN };
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = self.look.notified() => {}
+            }
+            let Some(current) = current.upgrade() else { return };
+            let found = leader_of(self.clients.clone()).await;
+            known = found.is_some();
+            if let Some((i, term)) = found {
+                self.term.store(term, Ordering::Relaxed);
+                if current.swap(i, Ordering::Relaxed) != i {
+                    tracing::info!(
+                        member = self.endpoints[i].as_str(),
+                        "etcd's raft leader is another member now: requests go there"
+                    );
+                }
             }
         }
     }
@@ -374,15 +423,16 @@ impl Backend for Etcd {
                 })
                 .collect();
             let fence = self.fence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-            let held = self.run(move |mut c| {
+            let resp = self.run(move |mut c| {
                 let ops = ops.clone();
                 let when: Vec<Compare> = fence
                     .iter()
                     .map(|(key, rev)| Compare::create_revision(key.clone(), CompareOp::Equal, *rev))
                     .collect();
-                Box::pin(async move { c.txn(Txn::new().when(when).and_then(ops)).await.map(|r| r.succeeded()) })
+                Box::pin(async move { c.txn(Txn::new().when(when).and_then(ops)).await })
             })?;
-            if !held {
+            self.saw_term(resp.header());
+            if !resp.succeeded() {
                 tracing::error!("a store write was refused: this head's election key is gone, so it leads no more");
                 return Err(StoreError::Unavailable(
                     "this head no longer leads the cluster (its lease ended); another head takes over".into(),

@@ -4,7 +4,8 @@
 # on the embedded store's head, on a head of the etcd store that leads, and on a second head
 # of that store that does not (it asks the leading one for each operation but a node's sitrep
 # and state, which it serves from what the leading head sends); prints Markdown.
-# The three heads run side by side: submissions alternate in rounds, reads take turns.
+# The three heads run side by side: submissions alternate in rounds, reads take turns in every
+# order, then again with each head pinned to one CPU and the reader to another, then alone.
 #   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 BENCH_STORE_ROUNDS=4 benches/store_etcd.sh
 #   BENCH_STORE_TMP=/dev/shm puts both stores (and etcd's data) on tmpfs: no fsync cost either side.
 set -euo pipefail
@@ -70,53 +71,71 @@ for kind in embedded etcd; do
   [ "$queued" -eq "$want" ] || { echo "store_etcd: $kind queued $queued of $want" >&2; exit 1; }
 done
 
-# Reads, one mount after the other, each first in turn: the same moments for all three. Then
-# each mount's alone, one after the other (a head read in turn with others pays for waking up).
-read -r -a lat < <(python3 - "$READS" "$work/mnt-embedded" "$work/mnt-etcd" "$work/mnt-follower" <<'PY'
-import sys, time
-n, mounts = int(sys.argv[1]), sys.argv[2:]
+# Reads of each mount's sitrep; prints p50 and p99 (ms) for each mount. `turn`: one mount after
+# the other, in every order in turn (none always follows another's read); `alone`: each mount's
+# reads one after the other.
+reads() {
+  python3 - "$1" "$READS" "$work/mnt-embedded" "$work/mnt-etcd" "$work/mnt-follower" <<'PY'
+import itertools, sys, time
+mode, n, mounts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 paths = [m + "/nodes/bn0/sitrep" for m in mounts]
 times = [[] for _ in paths]
-for k in range(n):
-    # Each mount goes first in turn: none always follows another's read.
-    for j in range(len(paths)):
-        i = (j + k) % len(paths)
-        path = paths[i]
-        a = time.perf_counter()
-        with open(path) as f:
-            f.read()
-        times[i].append((time.perf_counter() - a) * 1000)
+def read(i):
+    a = time.perf_counter()
+    with open(paths[i]) as f:
+        f.read()
+    times[i].append((time.perf_counter() - a) * 1000)
+if mode == "turn":
+    orders = list(itertools.permutations(range(len(paths))))
+    for b in range(4 * len(orders)):
+        for _ in range(n // (4 * len(orders))):
+            for i in orders[b % len(orders)]:
+                read(i)
+else:
+    for i in range(len(paths)):
+        for _ in range(n):
+            read(i)
 out = []
 for t in times:
     t.sort()
     out += [f"{t[len(t) // 2]:.3f}", f"{t[int(len(t) * 0.99)]:.3f}"]
-for path in paths:
-    alone = []
-    for k in range(n):
-        a = time.perf_counter()
-        with open(path) as f:
-            f.read()
-        alone.append((time.perf_counter() - a) * 1000)
-    alone.sort()
-    out.append(f"{alone[len(alone) // 2]:.3f}")
 print(" ".join(out))
 PY
-)
-declare -A p50 p99 alone
+}
+# Which head a reader in turn waits for most depends on where the scheduler placed each one's
+# threads against the reader's: that changes from run to run, whatever the store. So the reads
+# in turn are also made with every head (and etcd) on the last CPU and the reader on the first:
+# the same placement for all three.
+pin() {
+  local p
+  for p in "${pids[@]}" $(for p in "${pids[@]}"; do pgrep -P "$p"; done); do taskset -a -p -c "$1" "$p" > /dev/null; done
+}
+declare -A p50 p99 alone pinned
+read -r -a turn < <(reads turn)
+read -r -a solo < <(reads alone)
+last=$(($(nproc) - 1))
+if [ "$last" -gt 0 ]; then
+  pin "$last"
+  read -r -a tied < <(taskset -c 0 bash -c "$(declare -f reads); work=$work READS=$READS reads turn")
+  pin "0-$last"
+else
+  tied=(- - - - - -)
+fi
 for i in 0 1 2; do
-  p50[${kinds[$i]}]=${lat[$((2 * i))]} p99[${kinds[$i]}]=${lat[$((2 * i + 1))]} alone[${kinds[$i]}]=${lat[$((6 + i))]}
+  k=${kinds[$i]}
+  p50[$k]=${turn[$((2 * i))]} p99[$k]=${turn[$((2 * i + 1))]} alone[$k]=${solo[$((2 * i))]} pinned[$k]=${tied[$((2 * i))]}
 done
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2fx", a / b; else printf "-" }'; }
 rate() { awk -v n="$done_n" -v t="$1" 'BEGIN { printf "%.0f", n / t }'; }
 cat <<MD
 ## Store: etcd (3 members) against embedded, $done_n submissions each from $SHELLS shells in $ROUNDS alternating rounds, $READS sitrep reads each in turn
 
-| store | submit $done_n (s) | submissions/s | \`cat sitrep\` p50 (ms) | p99 (ms) | p50 alone (ms) |
-|---|---|---|---|---|---|
-| embedded (redb) | ${submit[embedded]} | $(rate "${submit[embedded]}") | ${p50[embedded]} | ${p99[embedded]} | ${alone[embedded]} |
-| etcd, the leading head | ${submit[etcd]} | $(rate "${submit[etcd]}") | ${p50[etcd]} | ${p99[etcd]} | ${alone[etcd]} |
-| etcd, a second head (not leading) | ${submit[follower]} | $(rate "${submit[follower]}") | ${p50[follower]} | ${p99[follower]} | ${alone[follower]} |
-| **ratio** etcd leader / embedded | **$(ratio "${submit[etcd]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[etcd]}" "${p50[embedded]}")** | $(ratio "${p99[etcd]}" "${p99[embedded]}") | $(ratio "${alone[etcd]}" "${alone[embedded]}") |
-| **ratio** second head / embedded | **$(ratio "${submit[follower]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[follower]}" "${p50[embedded]}")** | $(ratio "${p99[follower]}" "${p99[embedded]}") | $(ratio "${alone[follower]}" "${alone[embedded]}") |
+| store | submit $done_n (s) | submissions/s | \`cat sitrep\` p50 (ms) | p99 (ms) | p50 pinned (ms) | p50 alone (ms) |
+|---|---|---|---|---|---|---|
+| embedded (redb) | ${submit[embedded]} | $(rate "${submit[embedded]}") | ${p50[embedded]} | ${p99[embedded]} | ${pinned[embedded]} | ${alone[embedded]} |
+| etcd, the leading head | ${submit[etcd]} | $(rate "${submit[etcd]}") | ${p50[etcd]} | ${p99[etcd]} | ${pinned[etcd]} | ${alone[etcd]} |
+| etcd, a second head (not leading) | ${submit[follower]} | $(rate "${submit[follower]}") | ${p50[follower]} | ${p99[follower]} | ${pinned[follower]} | ${alone[follower]} |
+| **ratio** etcd leader / embedded | **$(ratio "${submit[etcd]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[etcd]}" "${p50[embedded]}")** | $(ratio "${p99[etcd]}" "${p99[embedded]}") | $(ratio "${pinned[etcd]}" "${pinned[embedded]}") | $(ratio "${alone[etcd]}" "${alone[embedded]}") |
+| **ratio** second head / embedded | **$(ratio "${submit[follower]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[follower]}" "${p50[embedded]}")** | $(ratio "${p99[follower]}" "${p99[embedded]}") | $(ratio "${pinned[follower]}" "${pinned[embedded]}") | $(ratio "${alone[follower]}" "${alone[embedded]}") |
 MD

@@ -169,8 +169,9 @@ pub enum Message {
     TreeAnswer { id: u64, answer: TreeAnswer },
     /// Leading head -> head, on a peer link: nodes as they are now, and nodes forgotten. With
     /// `reset`, forget every node sent before first (the first part of a resend of all).
-    /// Directories date from `started_ns`, when the leading head started.
-    Live { nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool, started_ns: u64 },
+    /// With `complete`, every node has been sent since. Directories date from `started_ns`,
+    /// when the leading head started.
+    Live { nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool, complete: bool, started_ns: u64 },
 }
 
 /// A time as messages carry it: nanoseconds since the epoch (0 before it).

@@ -101,6 +101,28 @@ pub enum Which {
     Drained,
 }
 
+impl Which {
+    /// Whether a node in `state` is in this set.
+    pub fn holds(self, state: &NodeState) -> bool {
+        matches!(
+            (self, state),
+            (Which::All, _)
+                | (Which::Up, NodeState::Up)
+                | (Which::Down, NodeState::Down(_))
+                | (Which::Drained, NodeState::Drained(_))
+        )
+    }
+}
+
+/// The up, undrained node with the lowest load index among `views` (ties go to the first).
+pub fn best_of(views: impl IntoIterator<Item = NodeView>) -> Option<String> {
+    views
+        .into_iter()
+        .filter(|v| v.state == NodeState::Up)
+        .min_by(|a, b| a.report.load_index().total_cmp(&b.report.load_index()))
+        .map(|v| v.name)
+}
+
 /// A snapshot of one node for rendering.
 #[derive(Debug, Clone)]
 pub struct NodeView {
@@ -249,19 +271,7 @@ impl Cluster {
     pub fn set(&self, which: Which) -> NodeSet {
         let mut set = NodeSet::new();
         for e in self.nodes.iter() {
-            let keep = match which {
-                Which::All => true,
-                w => {
-                    let s = self.state_of(e.value());
-                    matches!(
-                        (w, s),
-                        (Which::Up, NodeState::Up)
-                            | (Which::Down, NodeState::Down(_))
-                            | (Which::Drained, NodeState::Drained(_))
-                    )
-                }
-            };
-            if keep {
+            if which == Which::All || which.holds(&self.state_of(e.value())) {
                 // Names were checked when the agent connected; they always fit a nodeset.
                 let _ = set.insert(e.key());
             }
@@ -287,12 +297,7 @@ impl Cluster {
 
     /// The up, undrained node with the lowest load index (ties go to the first name).
     pub fn best(&self) -> Option<String> {
-        self.names()
-            .into_iter()
-            .filter_map(|n| self.view(&n))
-            .filter(|v| v.state == NodeState::Up)
-            .min_by(|a, b| a.report.load_index().total_cmp(&b.report.load_index()))
-            .map(|v| v.name)
+        best_of(self.names().into_iter().filter_map(|n| self.view(&n)))
     }
 
     /// Forgets node `name` (decommissioned): its record leaves the store and it leaves every

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use clusterfs_fs::{Answer, Caller, Errno, FsError, Kind, Node, Result};
 
 use super::{ERROR_FILE, FileSpec, README_FILE, Verb, blocking, command_text, readme, spec_node};
-use crate::head::cluster::{Cluster, NodeView, Which};
+use crate::head::cluster::{Cluster, NodeView, Which, best_of};
+use crate::nodeset::NodeSet;
 use crate::proto::Op;
 use crate::sitrep::Sitrep;
 
@@ -55,6 +56,40 @@ const MAX_REASON: usize = 256;
 /// The files of `nodes/<node>/` that follow from the node's state alone: a following head
 /// serves them from what the leading head sends it.
 pub const LIVE_FILES: [&str; 4] = ["sitrep", "sitrep.json", "metrics", "state"];
+
+/// The files of `nodes/` that follow from every node's state: the folded sets and `best`.
+pub const SET_FILES: [&str; 5] = ["all", "up", "down", "drained", "best"];
+
+/// `file` of `nodes/`, a file of [`SET_FILES`].
+pub fn set_node(file: &str) -> Option<Node> {
+    SET_FILES.contains(&file).then(|| spec_node(DIR_FILES, file)).flatten()
+}
+
+/// What `file` of `nodes/` holds, a file of [`SET_FILES`], from every node's view.
+pub fn set_render(views: Vec<NodeView>, file: &str) -> Option<Vec<u8>> {
+    let text = match SETS.iter().find(|(n, _)| *n == file) {
+        Some((_, which)) => {
+            let mut set = NodeSet::new();
+            for v in views.iter().filter(|v| which.holds(&v.state)) {
+                // Names were checked when the agent connected; they always fit a nodeset.
+                let _ = set.insert(&v.name);
+            }
+            set.fold()
+        }
+        None if file == "best" => {
+            // In nodeset order, as on the leading head: ties go to the first.
+            let mut by_name: std::collections::HashMap<String, NodeView> =
+                views.into_iter().map(|v| (v.name.clone(), v)).collect();
+            let mut order = NodeSet::new();
+            for name in by_name.keys() {
+                let _ = order.insert(name);
+            }
+            best_of(order.iter().filter_map(|n| by_name.remove(&n))).unwrap_or_default()
+        }
+        None => return None,
+    };
+    Some(format!("{text}\n").into_bytes())
+}
 
 /// `file` of node `v`'s directory, dated by the node where it follows from its state.
 pub fn file_node(v: &NodeView, file: &str) -> Option<Node> {
@@ -207,4 +242,38 @@ pub fn forget(cluster: &Arc<Cluster>, name: &str, caller: &Caller, holds: impl F
     }
     let (cluster, name) = (cluster.clone(), name.to_string());
     blocking(move || cluster.forget(&name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::head::cluster::NodeState;
+    use crate::sitrep::Report;
+
+    fn view(name: &str, state: NodeState, load1: f64) -> NodeView {
+        let report = Report { load1, cpus: 4, ..Report::default() };
+        let at = std::time::SystemTime::UNIX_EPOCH;
+        NodeView { name: name.into(), state, report, age_s: 0.0, seen_at: at, changed: at }
+    }
+
+    #[test]
+    fn sets_fold_by_state_and_best_breaks_ties_in_nodeset_order() {
+        let views = || {
+            vec![
+                view("cn10", NodeState::Up, 1.0),
+                view("cn3", NodeState::Down("agent disconnected".into()), 0.0),
+                view("cn1", NodeState::Drained("disk".into()), 0.0),
+                view("cn2", NodeState::Up, 1.0),
+            ]
+        };
+        let text = |file: &str| String::from_utf8(set_render(views(), file).unwrap()).unwrap();
+        assert_eq!(text("all"), "cn[1-3,10]\n");
+        assert_eq!(text("up"), "cn[2,10]\n");
+        assert_eq!(text("down"), "cn3\n");
+        assert_eq!(text("drained"), "cn1\n");
+        // cn2 and cn10 carry the same load: the first in nodeset order wins, as on the leader.
+        assert_eq!(text("best"), "cn2\n");
+        assert_eq!(set_render(vec![view("cn1", NodeState::Down("x".into()), 0.0)], "best").unwrap(), b"\n");
+        assert!(set_render(views(), "README").is_none());
+    }
 }

@@ -589,9 +589,13 @@ fn a_following_head_serves_node_state_from_what_the_leader_sends() {
     };
     assert_eq!(json(&b), json(&a));
     assert!(b.read("nodes/cn1/sitrep").starts_with("name cn1\nstate up\n"), "{}", b.read("nodes/cn1/sitrep"));
-    // Drained through the following head: its own state file says so at once.
+    // (A file's content may be as old as the file TTL, 100 ms.)
+    let sets = |c: &Cluster| [c.read("nodes/up"), c.read("nodes/drained"), c.read("nodes/best")].concat();
+    assert!(eventually(Duration::from_secs(2), || sets(&b) == "cn1\n\ncn1\n"), "{}", sets(&b));
+    // Drained through the following head: its own files say so at once.
     b.write("nodes/cn1/ctl", b"drain disk swap\n").unwrap();
     assert_eq!(b.read("nodes/cn1/state"), "drained disk swap\n");
+    assert!(eventually(Duration::from_secs(2), || sets(&b) == "\ncn1\n\n"), "{}", sets(&b));
     // Resumed through the leading head: the other head is told.
     a.write("nodes/cn1/ctl", b"resume\n").unwrap();
     assert!(
@@ -602,8 +606,10 @@ fn a_following_head_serves_node_state_from_what_the_leader_sends() {
     // The leading head frozen: the other answers from what it was sent, and there the node
     // turns down as its reports stop coming (8 intervals of 100 ms), as it would on the leader.
     crate::harness::signal(a.head_pid(), libc::SIGSTOP);
-    let down = eventually(Duration::from_secs(5), || b.read("nodes/cn1/state").starts_with("down no report for "));
-    let state = b.read("nodes/cn1/state");
+    let down = eventually(Duration::from_secs(5), || {
+        b.read("nodes/cn1/state").starts_with("down no report for ") && b.read("nodes/down") == "cn1\n"
+    });
+    let state = b.read("nodes/cn1/state") + &b.read("nodes/down");
     crate::harness::signal(a.head_pid(), libc::SIGCONT);
     assert!(down, "{state}");
     assert!(

@@ -18,8 +18,8 @@ use crate::proto::{Conn, Message, NodeLive, ProtoError, epoch_ns, from_epoch_ns}
 const NODES_PER_MESSAGE: usize = 256;
 
 /// One message of nodes as they are now.
-fn message(cluster: &Cluster, nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool) -> Message {
-    Message::Live { nodes, gone, reset, started_ns: epoch_ns(cluster.started_at) }
+fn message(cluster: &Cluster, nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool, complete: bool) -> Message {
+    Message::Live { nodes, gone, reset, complete, started_ns: epoch_ns(cluster.started_at) }
 }
 
 /// How many nodes one message may carry on links of frames up to `max_frame` bytes.
@@ -30,13 +30,13 @@ fn per_message(max_frame: usize) -> usize {
 /// Sends every node, the first message telling the following head to forget what it held.
 pub async fn send_all(cluster: &Cluster, conn: &mut Conn<TcpStream>, max_frame: usize) -> Result<(), ProtoError> {
     let names = cluster.names();
-    let mut parts = names.chunks(per_message(max_frame)).peekable();
-    if parts.peek().is_none() {
-        return conn.send(&message(cluster, Vec::new(), Vec::new(), true)).await;
+    let parts: Vec<&[String]> = names.chunks(per_message(max_frame)).collect();
+    if parts.is_empty() {
+        return conn.send(&message(cluster, Vec::new(), Vec::new(), true, true)).await;
     }
-    for (i, part) in parts.enumerate() {
+    for (i, part) in parts.iter().enumerate() {
         let nodes = part.iter().filter_map(|n| cluster.live(n)).collect();
-        conn.send(&message(cluster, nodes, Vec::new(), i == 0)).await?;
+        conn.send(&message(cluster, nodes, Vec::new(), i == 0, i + 1 == parts.len())).await?;
     }
     Ok(())
 }
@@ -67,7 +67,7 @@ pub async fn send_changes(
             None => gone.push(name),
         }
     }
-    conn.send(&message(cluster, nodes, gone, false)).await
+    conn.send(&message(cluster, nodes, gone, false, false)).await
 }
 
 /// What a following head holds of the leading head's nodes, over one peer link.
@@ -79,32 +79,53 @@ pub struct LiveTable {
     closed: Arc<AtomicBool>,
     /// When the leading head started (ns since the epoch): its directories date from then.
     started_ns: AtomicU64,
+    /// Every node has been sent since the last reset.
+    complete: AtomicBool,
+    /// Nodes dropped since a change to them was answered, until they are sent again: while
+    /// there are any, what was sent is not the whole cluster.
+    stale: dashmap::DashSet<String>,
 }
 
 impl LiveTable {
     pub fn new(closed: Arc<AtomicBool>) -> LiveTable {
-        LiveTable { nodes: DashMap::new(), closed, started_ns: AtomicU64::new(0) }
+        LiveTable {
+            nodes: DashMap::new(),
+            closed,
+            started_ns: AtomicU64::new(0),
+            complete: AtomicBool::new(false),
+            stale: dashmap::DashSet::new(),
+        }
     }
 
     /// Takes in one message of the leading head.
-    pub fn apply(&self, nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool, started_ns: u64) {
+    pub fn apply(&self, nodes: Vec<NodeLive>, gone: Vec<String>, reset: bool, complete: bool, started_ns: u64) {
         self.started_ns.store(started_ns, Ordering::Relaxed);
         if reset {
+            self.complete.store(false, Ordering::Relaxed);
             self.nodes.clear();
+            self.stale.clear();
         }
         let now = Instant::now();
         for live in nodes {
+            self.stale.remove(&live.name);
             self.nodes.insert(live.name.clone(), (live, now));
         }
         for name in gone {
+            self.stale.remove(&name);
             self.nodes.remove(&name);
+        }
+        if complete {
+            self.complete.store(true, Ordering::Relaxed);
         }
     }
 
     /// A change of node `name` was answered: what was sent of it before may predate the
-    /// change, so it is asked of the leading head until it sends the node again.
+    /// change, so it is asked of the leading head until it sends the node again. (A change
+    /// to a name it was never sent, such as a refused `mkdir`, leaves what it holds whole.)
     pub fn forget(&self, name: &str) {
-        self.nodes.remove(name);
+        if self.nodes.remove(name).is_some() {
+            self.stale.insert(name.to_string());
+        }
     }
 
     /// Whether what the leading head sends comes in: its link is up, and it has sent.
@@ -126,15 +147,30 @@ impl LiveTable {
         self.live() && self.nodes.contains_key(name)
     }
 
+    /// Whether what the leading head sent is the whole cluster.
+    pub fn is_whole(&self) -> bool {
+        self.live() && self.complete.load(Ordering::Relaxed) && self.stale.is_empty()
+    }
+
+    /// Every node as the leading head last sent it, when that is the whole cluster.
+    pub fn whole(&self) -> Option<Vec<NodeView>> {
+        self.is_whole().then(|| self.nodes.iter().map(|e| NodeView::from_live(&e.0, e.1)).collect())
+    }
+
     /// `nodes/`, and `nodes/<name>/` of a node the leading head sent, as it has them.
     pub fn dir(&self, name: Option<&str>) -> Option<Node> {
         match name {
             None if self.live() => crate::view::root_node("nodes"),
-            Some(name) if self.has(name) => {
-                Some(Node::dir().mtime(from_epoch_ns(self.started_ns.load(Ordering::Relaxed))))
-            }
+            Some(name) if self.has(name) => self.root(),
             _ => None,
         }
+    }
+
+    /// The tree's root as the leading head has it (dated from its start), once it has sent
+    /// anything: the same on every head, and looked at by every path walk.
+    pub fn root(&self) -> Option<Node> {
+        let started = self.started_ns.load(Ordering::Relaxed);
+        (started > 0).then(|| Node::dir().mtime(from_epoch_ns(started)))
     }
 }
 
@@ -165,7 +201,11 @@ mod tests {
         let closed = Arc::new(AtomicBool::new(false));
         let table = LiveTable::new(closed.clone());
         assert!(table.dir(None).is_none(), "served before the leading head sent anything");
-        table.apply(vec![sent("cn1", None, None), sent("cn2", Some("agent disconnected"), None)], vec![], true, 1);
+        // Every node, in two parts: the cluster is whole once the second has come.
+        table.apply(vec![sent("cn1", None, None)], vec![], true, false, 1);
+        assert!(!table.is_whole());
+        table.apply(vec![sent("cn2", Some("agent disconnected"), None)], vec![], false, true, 1);
+        assert_eq!(table.whole().map(|v| v.len()), Some(2));
         assert_eq!(table.view("cn1").unwrap().state, NodeState::Up);
         assert_eq!(table.view("cn2").unwrap().state.line(), "down agent disconnected");
         assert!(table.dir(None).is_some() && table.dir(Some("cn1")).is_some() && table.dir(Some("cn9")).is_none());
@@ -173,15 +213,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(80));
         let line = table.view("cn1").unwrap().state.line();
         assert!(line.starts_with("down no report for 0."), "{line}");
-        table.apply(vec![sent("cn1", None, Some("swap"))], vec!["cn2".into()], false, 1);
+        table.apply(vec![sent("cn1", None, Some("swap"))], vec!["cn2".into()], false, false, 1);
         assert_eq!(table.view("cn1").unwrap().state.line(), "drained swap");
         assert!(table.view("cn2").is_none(), "a forgotten node is still served");
         // A change to it answered: asked of the leading head until it sends the node again.
+        // The folded sets too, as the cluster is not whole without it.
         table.forget("cn1");
         assert!(table.view("cn1").is_none() && table.dir(Some("cn1")).is_none());
-        table.apply(vec![sent("cn1", None, None)], vec![], false, 1);
-        table.apply(vec![sent("cn3", None, None)], vec![], true, 1);
+        assert!(!table.is_whole(), "whole without a node whose change was answered");
+        table.forget("cn9");
+        table.apply(vec![sent("cn1", None, None)], vec![], false, false, 1);
+        assert!(table.is_whole(), "a change to a name never sent made the rest stale");
+        table.forget("cn1");
+        table.apply(vec![sent("cn1", None, None)], vec![], false, false, 1);
+        assert!(table.is_whole());
+        table.apply(vec![sent("cn3", None, None)], vec![], true, false, 1);
         assert!(table.view("cn1").is_none(), "a reset kept a node not sent again");
+        assert!(!table.is_whole(), "whole before the rest of a resend came");
         assert_eq!(table.view("cn3").unwrap().state, NodeState::Up);
         closed.store(true, Ordering::Relaxed);
         assert!(table.view("cn3").is_none() && table.dir(None).is_none(), "served after its link closed");

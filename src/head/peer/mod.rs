@@ -25,7 +25,7 @@ use crate::head::lead::Candidate;
 use crate::proto::{
     Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp, epoch_ns, from_epoch_ns,
 };
-use crate::view::nodes::{LIVE_FILES, file_node, live_render};
+use crate::view::nodes::{LIVE_FILES, SET_FILES, file_node, live_render, set_node, set_render};
 use crate::view::{RemoteCaller, View, caller_groups};
 use live::LiveTable;
 
@@ -110,30 +110,37 @@ impl Remote {
         self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Whether `path` is a file that follows from what the leading head sent of nodes, one of
-    /// a node's [`LIVE_FILES`]. (Directories are listed by the leading head.)
+    /// Whether `path` is a file that follows from what the leading head sent of nodes: one of
+    /// `nodes/`'s [`SET_FILES`] or of a node's [`LIVE_FILES`]. (Directories are listed by the
+    /// leading head.)
     fn local(&self, path: &[&str]) -> bool {
         match path {
+            ["nodes", file] => SET_FILES.contains(file) && self.table().is_whole(),
             ["nodes", node, file] => LIVE_FILES.contains(file) && self.table().has(node),
             _ => false,
         }
     }
 
-    /// `path`'s node when it follows from what the leading head sent of nodes: `nodes/`, a
-    /// node's directory, or one of its [`LIVE_FILES`].
+    /// `path`'s node when it follows from what the leading head sent: the root, `nodes/`, a
+    /// node's directory, or a file of [`SET_FILES`] or [`LIVE_FILES`].
     fn local_node(&self, path: &[&str]) -> Option<Node> {
         match path {
+            [] => self.table().root(),
             ["nodes"] => self.table().dir(None),
+            ["nodes", file] if SET_FILES.contains(file) && self.table().is_whole() => set_node(file),
             ["nodes", node] => self.table().dir(Some(node)),
             ["nodes", node, file] if LIVE_FILES.contains(file) => file_node(&self.table().view(node)?, file),
             _ => None,
         }
     }
 
-    /// What `path` holds when it is one of a node's [`LIVE_FILES`] the leading head sent.
+    /// What `path` holds when it follows from what the leading head sent of nodes.
     fn local_render(&self, path: &[&str]) -> Option<Vec<u8>> {
-        let ["nodes", node, file] = path else { return None };
-        live_render(&self.table().view(node)?, file)
+        match path {
+            ["nodes", file] if SET_FILES.contains(file) => set_render(self.table().whole()?, file),
+            ["nodes", node, file] => live_render(&self.table().view(node)?, file),
+            _ => None,
+        }
     }
 
     /// `path`'s node: as the leading head gave it within the last `NODE_TTL` (but for a log,
@@ -326,8 +333,8 @@ async fn pump(
                         let _ = tx.send(answer);
                     }
                 }
-                Ok(Frame::Message(Message::Live { nodes, gone, reset, started_ns })) => {
-                    live.apply(nodes, gone, reset, started_ns);
+                Ok(Frame::Message(Message::Live { nodes, gone, reset, complete, started_ns })) => {
+                    live.apply(nodes, gone, reset, complete, started_ns);
                 }
                 Ok(_) => break "protocol violation: not a tree answer".to_string(),
                 Err(e) => break e.to_string(),

@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+/// How often a connection to etcd is pinged: above etcd's `--grpc-keepalive-min-time` (5 s by
+/// default), under which etcd counts pings as abuse and closes the connection.
+const KEEP_ALIVE: Duration = Duration::from_secs(6);
+
 /// What a head puts in the election: who it is and where peers and agents reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
@@ -50,10 +54,12 @@ impl Election {
         ttl_s: u64,
         lost: watch::Sender<bool>,
     ) -> anyhow::Result<Election> {
-        // No request timeout: a campaign waits as long as another head leads.
+        // No request timeout: a campaign waits as long as another head leads. HTTP/2 pings
+        // find a connection that went silent; no more often than `KEEP_ALIVE`, or etcd drops
+        // the connection with every stream on it (the lease's, the election's).
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+            .with_keep_alive(KEEP_ALIVE, Duration::from_secs(2));
         let mut client = Client::connect(endpoints, Some(options)).await?;
         let ttl = i64::try_from(ttl_s).unwrap_or(i64::MAX);
         // The client spreads requests over the members: one that is down fails the request
@@ -154,7 +160,7 @@ async fn keep_alive(mut client: Client, lease: i64, ttl_s: u64, lost: watch::Sen
             // must not push the next one past the lease's end.
             let sent = tokio::time::Instant::now();
             if let Err(e) = keeper.keep_alive().await {
-                debug!(error = %e, "lease renewal failed");
+                warn!(error = %e, "lease renewal failed; renewing on a new stream");
                 break;
             }
             match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {

@@ -687,6 +687,21 @@ fn a_head_sends_its_writes_to_the_member_etcd_elects_to_lead() {
 }
 
 #[test]
+fn a_head_renews_its_lease_on_a_connection_etcd_keeps_open() {
+    if !crate::can_mount() {
+        return;
+    }
+    let Some(etcd) = Etcd::start(3) else { return };
+    // Renewed every 10 s: between renewals only HTTP/2 pings cross the connection, and etcd
+    // closes one pinged more often than every 5 s, with the lease's stream on it.
+    let c = Cluster::up_with("", 200, &format!("store = \"{}\"\nlease_ttl_s = 30\n", etcd.url("pings")));
+    std::thread::sleep(Duration::from_millis(11_500));
+    let log = c.log();
+    assert!(!log.contains("lease renewal failed"), "{log}");
+    assert!(c.read("status").starts_with(&format!("leader {} ", head_name(&c))), "{}", c.read("status"));
+}
+
+#[test]
 fn the_leading_head_compacts_etcd_s_history() {
     if !crate::can_mount() {
         return;

@@ -6,7 +6,7 @@
 # and state, which it serves from what the leading head sends); prints Markdown.
 # The three heads run side by side: submissions alternate in rounds, reads take turns in every
 # order, then again with each head pinned to one CPU and the reader to another, then alone.
-#   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 BENCH_STORE_ROUNDS=4 benches/store_etcd.sh
+#   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 BENCH_STORE_ROUNDS=4 BENCH_STORE_SETTLE=20 benches/store_etcd.sh
 #   BENCH_STORE_TMP=/dev/shm puts both stores (and etcd's data) on tmpfs: no fsync cost either side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +110,10 @@ pin() {
   local p
   for p in "${pids[@]}" $(for p in "${pids[@]}"; do pgrep -P "$p"; done); do taskset -a -p -c "$1" "$p" > /dev/null; done
 }
+# A head that has just taken thousands of submissions answers reads more slowly for some
+# seconds (seen on each kind of head, the embedded one too): the reads wait until all three
+# have been idle as long.
+sleep "${BENCH_STORE_SETTLE:-20}"
 declare -A p50 p99 alone pinned
 read -r -a turn < <(reads turn)
 read -r -a solo < <(reads alone)

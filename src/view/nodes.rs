@@ -60,9 +60,9 @@ pub const LIVE_FILES: [&str; 4] = ["sitrep", "sitrep.json", "metrics", "state"];
 /// The files of `nodes/` that follow from every node's state: the folded sets and `best`.
 pub const SET_FILES: [&str; 5] = ["all", "up", "down", "drained", "best"];
 
-/// `file` of `nodes/`, a file of [`SET_FILES`].
-pub fn set_node(file: &str) -> Option<Node> {
-    SET_FILES.contains(&file).then(|| spec_node(DIR_FILES, file)).flatten()
+/// `file` of `nodes/` (its attributes follow from its name alone).
+pub fn dir_file_node(file: &str) -> Option<Node> {
+    spec_node(DIR_FILES, file)
 }
 
 /// What `file` of `nodes/` holds, a file of [`SET_FILES`], from every node's view.
@@ -128,10 +128,20 @@ pub fn node(cluster: &Cluster, path: &[&str]) -> Result<Node> {
 
 pub fn list(cluster: &Cluster, path: &[&str]) -> Result<Vec<String>> {
     match path {
-        [] => Ok(DIR_FILES.iter().map(|f| f.name.to_string()).chain(cluster.names()).collect()),
-        [name] if cluster.exists(name) => Ok(NODE_FILES.iter().map(|f| f.name.to_string()).collect()),
+        [] => Ok(dir_listing(cluster.names())),
+        [name] if cluster.exists(name) => Ok(node_listing()),
         _ => Err(FsError::not_found(format!("nodes/{}", path.join("/")))),
     }
+}
+
+/// What `nodes/` lists: its files, then every node's name (in nodeset order).
+pub fn dir_listing(names: Vec<String>) -> Vec<String> {
+    DIR_FILES.iter().map(|f| f.name.to_string()).chain(names).collect()
+}
+
+/// What a node's directory lists.
+pub fn node_listing() -> Vec<String> {
+    NODE_FILES.iter().map(|f| f.name.to_string()).collect()
 }
 
 pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer<Vec<u8>> {

@@ -610,8 +610,18 @@ fn a_following_head_serves_node_state_from_what_the_leader_sends() {
         b.read("nodes/cn1/state").starts_with("down no report for ") && b.read("nodes/down") == "cn1\n"
     });
     let state = b.read("nodes/cn1/state") + &b.read("nodes/down");
+    // Listed there too, the node and its directory.
+    let listed = |rel: &str| -> String {
+        let names = std::fs::read_dir(b.path(rel)).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>());
+        let mut names: Vec<String> = names.unwrap_or_default().iter().map(|n| n.to_string_lossy().into()).collect();
+        names.sort();
+        names.join(" ")
+    };
+    let (nodes, cn1) = (listed("nodes"), listed("nodes/cn1"));
     crate::harness::signal(a.head_pid(), libc::SIGCONT);
     assert!(down, "{state}");
+    assert_eq!(nodes, "README all best cn1 down drained error up", "ls nodes while the leader was frozen");
+    assert!(cn1.contains("sitrep") && cn1.contains("state") && cn1.contains("ctl"), "ls nodes/cn1: {cn1}");
     assert!(
         eventually(Duration::from_secs(10), || b.read("nodes/cn1/state") == "up\n"),
         "{}",

@@ -152,6 +152,19 @@ impl LiveTable {
         self.live() && self.complete.load(Ordering::Relaxed) && self.stale.is_empty()
     }
 
+    /// Every node's name in nodeset order, when what was sent is the whole cluster.
+    pub fn names(&self) -> Option<Vec<String>> {
+        if !self.is_whole() {
+            return None;
+        }
+        let mut set = crate::nodeset::NodeSet::new();
+        for e in self.nodes.iter() {
+            // Names were checked when the agent connected; they always fit a nodeset.
+            let _ = set.insert(e.key());
+        }
+        Some(set.iter().collect())
+    }
+
     /// Every node as the leading head last sent it, when that is the whole cluster.
     pub fn whole(&self) -> Option<Vec<NodeView>> {
         self.is_whole().then(|| self.nodes.iter().map(|e| NodeView::from_live(&e.0, e.1)).collect())
@@ -206,6 +219,7 @@ mod tests {
         assert!(!table.is_whole());
         table.apply(vec![sent("cn2", Some("agent disconnected"), None)], vec![], false, true, 1);
         assert_eq!(table.whole().map(|v| v.len()), Some(2));
+        assert_eq!(table.names(), Some(vec!["cn1".to_string(), "cn2".to_string()]));
         assert_eq!(table.view("cn1").unwrap().state, NodeState::Up);
         assert_eq!(table.view("cn2").unwrap().state.line(), "down agent disconnected");
         assert!(table.dir(None).is_some() && table.dir(Some("cn1")).is_some() && table.dir(Some("cn9")).is_none());

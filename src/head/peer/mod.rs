@@ -25,7 +25,9 @@ use crate::head::lead::Candidate;
 use crate::proto::{
     Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp, epoch_ns, from_epoch_ns,
 };
-use crate::view::nodes::{LIVE_FILES, SET_FILES, file_node, live_render, set_node, set_render};
+use crate::view::nodes::{
+    LIVE_FILES, SET_FILES, dir_file_node, dir_listing, file_node, live_render, node_listing, set_render,
+};
 use crate::view::{RemoteCaller, View, caller_groups};
 use live::LiveTable;
 
@@ -121,15 +123,28 @@ impl Remote {
         }
     }
 
-    /// `path`'s node when it follows from what the leading head sent: the root, `nodes/`, a
-    /// node's directory, or a file of [`SET_FILES`] or [`LIVE_FILES`].
+    /// `path`'s node when it follows from what the leading head sent: the root, `nodes/` and
+    /// its files, a node's directory and its files. (Whether a file's content does is
+    /// `local`'s business.)
     fn local_node(&self, path: &[&str]) -> Option<Node> {
         match path {
             [] => self.table().root(),
             ["nodes"] => self.table().dir(None),
-            ["nodes", file] if SET_FILES.contains(file) && self.table().is_whole() => set_node(file),
-            ["nodes", node] => self.table().dir(Some(node)),
-            ["nodes", node, file] if LIVE_FILES.contains(file) => file_node(&self.table().view(node)?, file),
+            ["nodes", name] => match dir_file_node(name) {
+                Some(file) => self.table().dir(None).map(|_| file),
+                None => self.table().dir(Some(name)),
+            },
+            ["nodes", node, file] => file_node(&self.table().view(node)?, file),
+            _ => None,
+        }
+    }
+
+    /// What directory `path` lists when it follows from what the leading head sent of nodes:
+    /// `nodes/` once every node was sent, or the directory of a node it sent.
+    fn local_list(&self, path: &[&str]) -> Option<Vec<String>> {
+        match path {
+            ["nodes"] => self.table().names().map(dir_listing),
+            ["nodes", node] => self.table().has(node).then(node_listing),
             _ => None,
         }
     }
@@ -432,6 +447,9 @@ impl Tree for RemoteTree {
     }
 
     fn list(&self, path: &[&str]) -> Result<Vec<String>> {
+        if let Some(names) = self.0.local_list(path) {
+            return Ok(names);
+        }
         match self.0.block(self.0.ask(path, &Caller::ROOT, TreeOp::List))? {
             TreeAnswer::Names { names } => Ok(names),
             other => unexpected(other),

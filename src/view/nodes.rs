@@ -148,15 +148,7 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
     let line = |s: String| Answer::Now(Ok(format!("{s}\n").into_bytes()));
     match path {
         ["best"] => line(cluster.best().unwrap_or_default()),
-        ["README"] => Answer::Now(Ok(readme(
-            "nodes/: every node the cluster knows",
-            DIR_FILES,
-            &[],
-            &format!(
-                "  dir  <node>       one node: its sitrep, state, ctl (see its README)\n\n\
-                 A node appears when its agent first connects and stays known.\n{FORGET_HELP}"
-            ),
-        ))),
+        ["README"] => Answer::Now(fixed_render(path).ok_or_else(|| FsError::not_found("nodes/README"))),
         [set] => match SETS.iter().find(|(n, _)| n == set) {
             Some((_, which)) => line(cluster.set(*which).fold()),
             None => Answer::Now(Err(FsError::not_found(format!("nodes/{set}")))),
@@ -166,28 +158,46 @@ pub fn render(cluster: &Arc<Cluster>, path: &[&str], _caller: &Caller) -> Answer
             let Some(v) = cluster.view(name) else {
                 return Answer::Now(Err(FsError::not_found(format!("node {name}"))));
             };
-            if let Some(data) = live_render(&v, file) {
-                return Answer::Now(Ok(data));
-            }
-            Answer::Now(match *file {
-                "README" => Ok(readme(
-                    &format!("nodes/{name}: one node of the cluster"),
-                    NODE_FILES,
-                    &[("ctl", VERBS)],
-                    &format!(
-                        "The sitrep keys, their units and the perf_score and load_index formulas are in README.md.\n\
-                         {FORGET_HELP}"
-                    ),
-                )),
-                "ctl" => Ok(VERBS
-                    .iter()
-                    .map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n")
-                    .collect::<String>()
-                    .into_bytes()),
-                _ => Err(FsError::not_found(format!("nodes/{name}/{file}"))),
-            })
+            let data = live_render(&v, file).or_else(|| fixed_render(path));
+            Answer::Now(data.ok_or_else(|| FsError::not_found(format!("nodes/{name}/{file}"))))
         }
         _ => Answer::Now(Err(FsError::not_found(format!("nodes/{}", path.join("/"))))),
+    }
+}
+
+/// The files of a node's directory whose content is the same on every head at every moment.
+pub const FIXED_FILES: [&str; 2] = ["README", "ctl"];
+
+/// What a file below `nodes/` holds that is the same on every head at every moment: the
+/// READMEs, and a node's `ctl` read back (its verbs).
+pub fn fixed_render(path: &[&str]) -> Option<Vec<u8>> {
+    match path {
+        ["README"] => Some(readme(
+            "nodes/: every node the cluster knows",
+            DIR_FILES,
+            &[],
+            &format!(
+                "  dir  <node>       one node: its sitrep, state, ctl (see its README)\n\n\
+                 A node appears when its agent first connects and stays known.\n{FORGET_HELP}"
+            ),
+        )),
+        [name, "README"] => Some(readme(
+            &format!("nodes/{name}: one node of the cluster"),
+            NODE_FILES,
+            &[("ctl", VERBS)],
+            &format!(
+                "The sitrep keys, their units and the perf_score and load_index formulas are in README.md.\n\
+                 {FORGET_HELP}"
+            ),
+        )),
+        [_, "ctl"] => Some(
+            VERBS
+                .iter()
+                .map(|v| format!("{} {}", v.name, v.args).trim_end().to_string() + "\n")
+                .collect::<String>()
+                .into_bytes(),
+        ),
+        _ => None,
     }
 }
 

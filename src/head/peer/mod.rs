@@ -26,7 +26,8 @@ use crate::proto::{
     Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp, epoch_ns, from_epoch_ns,
 };
 use crate::view::nodes::{
-    LIVE_FILES, SET_FILES, dir_file_node, dir_listing, file_node, live_render, node_listing, set_render,
+    FIXED_FILES, LIVE_FILES, SET_FILES, dir_file_node, dir_listing, file_node, fixed_render, live_render, node_listing,
+    set_render,
 };
 use crate::view::{RemoteCaller, View, caller_groups};
 use live::LiveTable;
@@ -112,13 +113,16 @@ impl Remote {
         self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Whether `path` is a file that follows from what the leading head sent of nodes: one of
-    /// `nodes/`'s [`SET_FILES`] or of a node's [`LIVE_FILES`]. (Directories are listed by the
-    /// leading head.)
+    /// Whether `path` is a file that follows from what the leading head sent of nodes, whose
+    /// content `local_render` gives: `nodes/README`, one of `nodes/`'s [`SET_FILES`], or one of
+    /// a node's [`LIVE_FILES`] or [`FIXED_FILES`]. (Directories may wait on the leading head.)
     fn local(&self, path: &[&str]) -> bool {
         match path {
+            ["nodes", "README"] => self.table().dir(None).is_some(),
             ["nodes", file] => SET_FILES.contains(file) && self.table().is_whole(),
-            ["nodes", node, file] => LIVE_FILES.contains(file) && self.table().has(node),
+            ["nodes", node, file] => {
+                (LIVE_FILES.contains(file) || FIXED_FILES.contains(file)) && self.table().has(node)
+            }
             _ => false,
         }
     }
@@ -152,8 +156,12 @@ impl Remote {
     /// What `path` holds when it follows from what the leading head sent of nodes.
     fn local_render(&self, path: &[&str]) -> Option<Vec<u8>> {
         match path {
+            ["nodes", "README"] => self.table().dir(None).and_then(|_| fixed_render(&["README"])),
             ["nodes", file] if SET_FILES.contains(file) => set_render(self.table().whole()?, file),
-            ["nodes", node, file] => live_render(&self.table().view(node)?, file),
+            ["nodes", node, file] => {
+                let view = self.table().view(node)?;
+                live_render(&view, file).or_else(|| fixed_render(&[node, file]))
+            }
             _ => None,
         }
     }

@@ -226,6 +226,12 @@ fn owned(node: Node, job: &Job) -> Node {
     node.owned(job.owner.uid, job.owner.gid).mtime(t)
 }
 
+/// `jobs/new`: its attributes, and what it reads before a write (nothing: the job's id comes
+/// back on the handle that wrote its spec). The same on every head at every moment.
+pub fn new_file() -> Option<(Node, Vec<u8>)> {
+    Some((spec_node(DIR_FILES, "new")?, Vec::new()))
+}
+
 impl JobsView {
     pub fn new(jobs: Arc<Jobs>) -> JobsView {
         JobsView { jobs, pending: Arc::default(), spec_files: DashMap::new() }

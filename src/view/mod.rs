@@ -3,7 +3,7 @@
 mod groups;
 mod hsm;
 mod images;
-mod jobs;
+pub mod jobs;
 pub mod nodes;
 mod vms;
 

@@ -603,8 +603,9 @@ fn a_following_head_serves_node_state_from_what_the_leader_sends() {
         "{}",
         b.read("nodes/cn1/state")
     );
-    // The READMEs, and a node's verbs read back from its ctl, are the same on every head.
-    let fixed = |c: &Cluster| ["nodes/README", "nodes/cn1/README", "nodes/cn1/ctl"].map(|f| c.try_read(f));
+    // The READMEs, a node's verbs read back from its ctl, and jobs/new before a write (what
+    // each submission opens), are the same on every head.
+    let fixed = |c: &Cluster| ["nodes/README", "nodes/cn1/README", "nodes/cn1/ctl", "jobs/new"].map(|f| c.try_read(f));
     let on_leader = fixed(&a);
     assert!(on_leader.iter().all(Option::is_some), "{on_leader:?}");
     // The leading head frozen: the other answers from what it was sent, and there the node
@@ -623,7 +624,7 @@ fn a_following_head_serves_node_state_from_what_the_leader_sends() {
     };
     let (nodes, cn1, on_follower) = (listed("nodes"), listed("nodes/cn1"), fixed(&b));
     crate::harness::signal(a.head_pid(), libc::SIGCONT);
-    assert_eq!(on_follower, on_leader, "READMEs and ctl read while the leader was frozen");
+    assert_eq!(on_follower, on_leader, "fixed files read while the leader was frozen");
     assert!(down, "{state}");
     assert_eq!(nodes, "README all best cn1 down drained error up", "ls nodes while the leader was frozen");
     assert!(cn1.contains("sitrep") && cn1.contains("state") && cn1.contains("ctl"), "ls nodes/cn1: {cn1}");

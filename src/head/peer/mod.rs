@@ -25,6 +25,7 @@ use crate::head::lead::Candidate;
 use crate::proto::{
     Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp, epoch_ns, from_epoch_ns,
 };
+use crate::view::jobs::new_file;
 use crate::view::nodes::{
     FIXED_FILES, LIVE_FILES, SET_FILES, dir_file_node, dir_listing, file_node, fixed_render, live_render, node_listing,
     set_render,
@@ -118,6 +119,7 @@ impl Remote {
     /// a node's [`LIVE_FILES`] or [`FIXED_FILES`]. (Directories may wait on the leading head.)
     fn local(&self, path: &[&str]) -> bool {
         match path {
+            ["jobs", "new"] => self.table().root().is_some(),
             ["nodes", "README"] => self.table().dir(None).is_some(),
             ["nodes", file] => SET_FILES.contains(file) && self.table().is_whole(),
             ["nodes", node, file] => {
@@ -133,6 +135,8 @@ impl Remote {
     fn local_node(&self, path: &[&str]) -> Option<Node> {
         match path {
             [] => self.table().root(),
+            ["jobs"] => self.table().root().and_then(|_| crate::view::root_node("jobs")),
+            ["jobs", "new"] => self.table().root().and_then(|_| new_file()).map(|(node, _)| node),
             ["nodes"] => self.table().dir(None),
             ["nodes", name] => match dir_file_node(name) {
                 Some(file) => self.table().dir(None).map(|_| file),
@@ -156,6 +160,7 @@ impl Remote {
     /// What `path` holds when it follows from what the leading head sent of nodes.
     fn local_render(&self, path: &[&str]) -> Option<Vec<u8>> {
         match path {
+            ["jobs", "new"] => self.table().root().and_then(|_| new_file()).map(|(_, data)| data),
             ["nodes", "README"] => self.table().dir(None).and_then(|_| fixed_render(&["README"])),
             ["nodes", file] if SET_FILES.contains(file) => set_render(self.table().whole()?, file),
             ["nodes", node, file] => {

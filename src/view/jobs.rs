@@ -226,10 +226,13 @@ fn owned(node: Node, job: &Job) -> Node {
     node.owned(job.owner.uid, job.owner.gid).mtime(t)
 }
 
-/// `jobs/new`: its attributes, and what it reads before a write (nothing: the job's id comes
-/// back on the handle that wrote its spec). The same on every head at every moment.
-pub fn new_file() -> Option<(Node, Vec<u8>)> {
-    Some((spec_node(DIR_FILES, "new")?, Vec::new()))
+/// What `jobs/new` (or a created spec file) reads before a write: nothing. The job's id comes
+/// back on the handle that wrote its spec.
+pub const SPEC_FILE_READS: &[u8] = b"";
+
+/// `jobs/new`'s attributes, the same on every head at every moment.
+pub fn new_node() -> Option<Node> {
+    spec_node(DIR_FILES, "new")
 }
 
 impl JobsView {
@@ -412,7 +415,7 @@ impl JobsView {
             ["README"] => {
                 Answer::Now(Ok(readme("jobs/: submit, watch, wait for and control jobs", DIR_FILES, &[], &spec_help())))
             }
-            _ if self.takes_spec(path) => now(Ok(String::new())),
+            _ if self.takes_spec(path) => Answer::Now(Ok(SPEC_FILE_READS.to_vec())),
             ["queue"] => now(Ok(self.jobs.queue())),
             _ => {
                 let (at, file) = match self.file(path) {

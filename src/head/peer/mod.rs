@@ -25,7 +25,7 @@ use crate::head::lead::Candidate;
 use crate::proto::{
     Conn, Frame, Message, ProtoError, TreeAnswer, TreeCall, TreeCaller, TreeOp, epoch_ns, from_epoch_ns,
 };
-use crate::view::jobs::new_file;
+use crate::view::jobs::{SPEC_FILE_READS, new_node};
 use crate::view::nodes::{
     FIXED_FILES, LIVE_FILES, SET_FILES, dir_file_node, dir_listing, file_node, fixed_render, live_render, node_listing,
     set_render,
@@ -114,9 +114,9 @@ impl Remote {
         self.live.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// Whether `path` is a file that follows from what the leading head sent of nodes, whose
-    /// content `local_render` gives: `nodes/README`, one of `nodes/`'s [`SET_FILES`], or one of
-    /// a node's [`LIVE_FILES`] or [`FIXED_FILES`]. (Directories may wait on the leading head.)
+    /// Whether `path` is a file whose content `local_render` gives, once the leading head has
+    /// sent anything: `jobs/new`, `nodes/README`, one of `nodes/`'s [`SET_FILES`], or one of a
+    /// node's [`LIVE_FILES`] or [`FIXED_FILES`]. (Directories may wait on the leading head.)
     fn local(&self, path: &[&str]) -> bool {
         match path {
             ["jobs", "new"] => self.table().root().is_some(),
@@ -129,14 +129,14 @@ impl Remote {
         }
     }
 
-    /// `path`'s node when it follows from what the leading head sent: the root, `nodes/` and
-    /// its files, a node's directory and its files. (Whether a file's content does is
-    /// `local`'s business.)
+    /// `path`'s node when this head knows it once the leading head has sent anything: the root,
+    /// `jobs/` and `jobs/new`, `nodes/` and its files, a node's directory and its files.
+    /// (Whether a file's content is known here is `local`'s business.)
     fn local_node(&self, path: &[&str]) -> Option<Node> {
         match path {
             [] => self.table().root(),
             ["jobs"] => self.table().root().and_then(|_| crate::view::root_node("jobs")),
-            ["jobs", "new"] => self.table().root().and_then(|_| new_file()).map(|(node, _)| node),
+            ["jobs", "new"] => self.table().root().and_then(|_| new_node()),
             ["nodes"] => self.table().dir(None),
             ["nodes", name] => match dir_file_node(name) {
                 Some(file) => self.table().dir(None).map(|_| file),
@@ -157,10 +157,11 @@ impl Remote {
         }
     }
 
-    /// What `path` holds when it follows from what the leading head sent of nodes.
+    /// What `path` holds when this head knows it: `jobs/new` before a write, and what follows
+    /// from what the leading head sent of nodes.
     fn local_render(&self, path: &[&str]) -> Option<Vec<u8>> {
         match path {
-            ["jobs", "new"] => self.table().root().and_then(|_| new_file()).map(|(_, data)| data),
+            ["jobs", "new"] => self.table().root().map(|_| SPEC_FILE_READS.to_vec()),
             ["nodes", "README"] => self.table().dir(None).and_then(|_| fixed_render(&["README"])),
             ["nodes", file] if SET_FILES.contains(file) => set_render(self.table().whole()?, file),
             ["nodes", node, file] => {

@@ -157,13 +157,16 @@ impl Remote {
         }
     }
 
-    /// What `path` holds when this head knows it: `jobs/new` before a write, and what follows
-    /// from what the leading head sent of nodes.
+    /// What `path` holds when `local` says this head knows it. (The table may have changed
+    /// in between: a node gone or not whole any more is asked of the leading head.)
     fn local_render(&self, path: &[&str]) -> Option<Vec<u8>> {
+        if !self.local(path) {
+            return None;
+        }
         match path {
-            ["jobs", "new"] => self.table().root().map(|_| SPEC_FILE_READS.to_vec()),
-            ["nodes", "README"] => self.table().dir(None).and_then(|_| fixed_render(&["README"])),
-            ["nodes", file] if SET_FILES.contains(file) => set_render(self.table().whole()?, file),
+            ["jobs", "new"] => Some(SPEC_FILE_READS.to_vec()),
+            ["nodes", "README"] => fixed_render(&["README"]),
+            ["nodes", file] => set_render(self.table().whole()?, file),
             ["nodes", node, file] => {
                 let view = self.table().view(node)?;
                 live_render(&view, file).or_else(|| fixed_render(&[node, file]))

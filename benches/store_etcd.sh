@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The etcd store against the embedded one, in one run: submissions per second from 4 shells
-# (BENCH_STORE_SHELLS; the node drained, so nothing runs) and `cat nodes/<n>/sitrep` latency,
-# on the embedded store's head, on a head of the etcd store that leads, and on a second head
-# of that store that does not (it asks the leading one for each operation but a node's sitrep
-# and state, which it serves from what the leading head sends); prints Markdown.
+# The etcd store against the embedded one, in one run: submissions per second (the node drained,
+# so nothing runs) from 4, 16 and 32 shells (BENCH_STORE_SHELLS), and `cat nodes/<n>/sitrep`
+# latency, on the embedded store's head, on a head of the etcd store that leads, and on a second
+# head of that store that does not (it asks the leading one for each operation but a node's
+# sitrep and state, which it serves from what the leading head sends); prints Markdown.
+# A few shells measure how long one submission waits (each waits for its commit before its next);
+# many measure how many submissions a head takes: each store's best rate is its capacity.
 # The three heads run side by side: submissions alternate in rounds, reads take turns in every
 # order, then again with each head pinned to one CPU and the reader to another, then alone.
 #   BENCH_STORE_JOBS=2000 BENCH_STORE_READS=2000 BENCH_STORE_ROUNDS=4 BENCH_STORE_SETTLE=20 benches/store_etcd.sh
+#   BENCH_STORE_SHELLS="4 16 32" (each count submits BENCH_STORE_JOBS jobs to each head)
 #   BENCH_STORE_TMP=/dev/shm puts both stores (and etcd's data) on tmpfs: no fsync cost either side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,12 +25,11 @@ bench_cleanup() {
 
 bench_etcd bench
 
-# submit MNT COUNT: COUNT jobs from $SHELLS shells; prints the seconds.
-SHELLS=${BENCH_STORE_SHELLS:-4}
+# submit MNT COUNT SHELLS: COUNT jobs from SHELLS shells; prints the seconds.
 submit() {
-  local per=$(($2 / SHELLS)) t0 t1
+  local per=$(($2 / $3)) t0 t1
   t0=$(now)
-  for ((s = 0; s < SHELLS; s++)); do
+  for ((s = 0; s < $3; s++)); do
     ( for ((i = 0; i < per; i++)); do echo true > "$1/jobs/new"; done ) &
   done
   wait
@@ -54,26 +56,33 @@ for kind in "${kinds[@]}"; do
   [ $kind = follower ] || echo "drain store benchmark" > "$work/mnt-$kind/nodes/bn0/ctl"
 done
 
-# Submissions in alternating rounds, so that a slow minute of the machine falls on every side.
+# Submissions in alternating rounds, so that a slow minute of the machine falls on every side;
+# every count of shells in turn.
 ROUNDS=${BENCH_STORE_ROUNDS:-4}
-declare -A submit
-for kind in "${kinds[@]}"; do submit[$kind]=0; done
-for ((r = 0; r < ROUNDS; r++)); do
-  for kind in "${kinds[@]}"; do
-    t=$(submit "$work/mnt-$kind" $((N / ROUNDS)))
-    submit[$kind]=$(awk -v a="${submit[$kind]}" -v b="$t" 'BEGIN { printf "%.3f", a + b }')
+read -r -a shells <<< "${BENCH_STORE_SHELLS:-4 16 32}"
+declare -A submit sent
+for kind in "${kinds[@]}"; do sent[$kind]=0; done
+for sh in "${shells[@]}"; do
+  per_round=$(((N / ROUNDS / sh) * sh))
+  for kind in "${kinds[@]}"; do submit[$kind,$sh]=0; done
+  for ((r = 0; r < ROUNDS; r++)); do
+    for kind in "${kinds[@]}"; do
+      t=$(submit "$work/mnt-$kind" "$per_round" "$sh")
+      submit[$kind,$sh]=$(awk -v a="${submit[$kind,$sh]}" -v b="$t" 'BEGIN { printf "%.3f", a + b }')
+      sent[$kind]=$((sent[$kind] + per_round))
+    done
   done
+  submit[n,$sh]=$((per_round * ROUNDS))
 done
-done_n=$(((N / ROUNDS / SHELLS) * SHELLS * ROUNDS))
 for kind in embedded etcd; do
-  want=$([ $kind = etcd ] && echo $((2 * done_n)) || echo $done_n)
+  want=$([ $kind = etcd ] && echo $((sent[etcd] + sent[follower])) || echo "${sent[embedded]}")
   queued=$(grep -c . "$work/mnt-$kind/jobs/queue" || true)
   [ "$queued" -eq "$want" ] || { echo "store_etcd: $kind queued $queued of $want" >&2; exit 1; }
 done
 
 # Reads of each mount's sitrep; prints p50 and p99 (ms) for each mount. `turn`: one mount after
-# the other, in every order in turn (none always follows another's read); `alone`: each mount's
-# reads one after the other.
+# the other, in every order in turn (none always follows another's read); `alone`: a run of
+# reads of one mount, then of the next, the mounts in every order in turn.
 reads() {
   python3 - "$1" "$READS" "$work/mnt-embedded" "$work/mnt-etcd" "$work/mnt-follower" <<'PY'
 import itertools, sys, time
@@ -92,9 +101,11 @@ if mode == "turn":
             for i in orders[b % len(orders)]:
                 read(i)
 else:
-    for i in range(len(paths)):
-        for _ in range(n):
-            read(i)
+    orders = list(itertools.permutations(range(len(paths))))
+    for order in orders:
+        for i in order:
+            for _ in range(n // len(orders)):
+                read(i)
 out = []
 for t in times:
     t.sort()
@@ -131,15 +142,32 @@ for i in 0 1 2; do
 done
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2fx", a / b; else printf "-" }'; }
-rate() { awk -v n="$done_n" -v t="$1" 'BEGIN { printf "%.0f", n / t }'; }
+# rate KIND SHELLS: submissions per second.
+rate() { awk -v n="${submit[n,$2]}" -v t="${submit[$1,$2]}" 'BEGIN { printf "%.0f", n / t }'; }
+# best KIND: the best rate over the counts of shells, and that count.
+best() {
+  local sh
+  for sh in "${shells[@]}"; do echo "$(rate "$1" "$sh") $sh"; done | sort -g -r | head -1
+}
+echo "## Store: etcd (3 members) against embedded: submissions from ${shells[*]} shells, $N each to each head in $ROUNDS alternating rounds; $READS sitrep reads each in turn"
+echo
+echo "| shells | embedded: submissions/s | etcd leader: submissions/s | **ratio** (time) | second head: submissions/s | ratio |"
+echo "|---|---|---|---|---|---|"
+for sh in "${shells[@]}"; do
+  e=$(rate embedded "$sh") l=$(rate etcd "$sh") f=$(rate follower "$sh")
+  echo "| $sh | $e | $l | **$(ratio "$e" "$l")** | $f | $(ratio "$e" "$f") |"
+done
+read -r be bes < <(best embedded)
+read -r bl bls < <(best etcd)
+read -r bf bfs < <(best follower)
+echo "| **best** (capacity) | $be ($bes shells) | $bl ($bls shells) | **$(ratio "$be" "$bl")** | $bf ($bfs shells) | $(ratio "$be" "$bf") |"
 cat <<MD
-## Store: etcd (3 members) against embedded, $done_n submissions each from $SHELLS shells in $ROUNDS alternating rounds, $READS sitrep reads each in turn
 
-| store | submit $done_n (s) | submissions/s | \`cat sitrep\` p50 (ms) | p99 (ms) | p50 pinned (ms) | p50 alone (ms) |
-|---|---|---|---|---|---|---|
-| embedded (redb) | ${submit[embedded]} | $(rate "${submit[embedded]}") | ${p50[embedded]} | ${p99[embedded]} | ${pinned[embedded]} | ${alone[embedded]} |
-| etcd, the leading head | ${submit[etcd]} | $(rate "${submit[etcd]}") | ${p50[etcd]} | ${p99[etcd]} | ${pinned[etcd]} | ${alone[etcd]} |
-| etcd, a second head (not leading) | ${submit[follower]} | $(rate "${submit[follower]}") | ${p50[follower]} | ${p99[follower]} | ${pinned[follower]} | ${alone[follower]} |
-| **ratio** etcd leader / embedded | **$(ratio "${submit[etcd]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[etcd]}" "${p50[embedded]}")** | $(ratio "${p99[etcd]}" "${p99[embedded]}") | $(ratio "${pinned[etcd]}" "${pinned[embedded]}") | $(ratio "${alone[etcd]}" "${alone[embedded]}") |
-| **ratio** second head / embedded | **$(ratio "${submit[follower]}" "${submit[embedded]}")** (time) | | **$(ratio "${p50[follower]}" "${p50[embedded]}")** | $(ratio "${p99[follower]}" "${p99[embedded]}") | $(ratio "${pinned[follower]}" "${pinned[embedded]}") | $(ratio "${alone[follower]}" "${alone[embedded]}") |
+| store | \`cat sitrep\` p50 (ms) | p99 (ms) | p50 pinned (ms) | p50 alone (ms) |
+|---|---|---|---|---|
+| embedded (redb) | ${p50[embedded]} | ${p99[embedded]} | ${pinned[embedded]} | ${alone[embedded]} |
+| etcd, the leading head | ${p50[etcd]} | ${p99[etcd]} | ${pinned[etcd]} | ${alone[etcd]} |
+| etcd, a second head (not leading) | ${p50[follower]} | ${p99[follower]} | ${pinned[follower]} | ${alone[follower]} |
+| **ratio** etcd leader / embedded | **$(ratio "${p50[etcd]}" "${p50[embedded]}")** | $(ratio "${p99[etcd]}" "${p99[embedded]}") | $(ratio "${pinned[etcd]}" "${pinned[embedded]}") | $(ratio "${alone[etcd]}" "${alone[embedded]}") |
+| **ratio** second head / embedded | **$(ratio "${p50[follower]}" "${p50[embedded]}")** | $(ratio "${p99[follower]}" "${p99[embedded]}") | $(ratio "${pinned[follower]}" "${pinned[embedded]}") | $(ratio "${alone[follower]}" "${alone[embedded]}") |
 MD

@@ -270,6 +270,12 @@ impl TreeOp {
     pub fn changes(&self) -> bool {
         !self.is_read() && !matches!(self, TreeOp::Release { .. })
     }
+
+    /// Whether the leading head needs the caller's groups for it: a change that may name an
+    /// owner or check one. A flush or a release ends what a write on the same handle began.
+    pub fn needs_groups(&self) -> bool {
+        self.changes() && !matches!(self, TreeOp::Flush { .. })
+    }
 }
 
 /// What a tree call answers.

@@ -425,6 +425,13 @@ fn two_heads_serve_one_cluster_and_the_other_leads_when_the_leader_is_killed() {
     assert_eq!(b.write("groups/bad", b"cn[1-\n"), Err(libc::EINVAL));
     assert!(b.read("groups/error").starts_with("EINVAL"), "{}", b.read("groups/error"));
     assert_eq!(a.read("groups/error"), "", "an error is its caller's, on its own mount");
+    // A user's job submitted through the head that does not lead runs with the user's groups.
+    let team = String::from_utf8(Command::new("getent").args(["group", "cfteam"]).output().unwrap().stdout).unwrap();
+    let team_gid = team.split(':').nth(2).unwrap().to_string();
+    let grouped = crate::jobs::submit_as(&b, "cfalice", "id -G\n");
+    assert_eq!(wait(&a, grouped), "0\n", "{}", a.read(&format!("jobs/{grouped}/state")));
+    let groups = a.read(&format!("jobs/{grouped}/stdout"));
+    assert!(groups.split_whitespace().any(|g| g == team_gid), "cfteam ({team_gid}) not among {groups:?}");
 
     // An image made and mounted by its user through the head that does not lead.
     let (code, _, err) = sh_as("cfalice", &format!("mkdir {}", b.path("images/cfalice").display()));

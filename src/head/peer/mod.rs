@@ -292,8 +292,9 @@ impl Remote {
 
     fn ask(self: &Arc<Self>, path: &[&str], caller: &Caller, op: TreeOp) -> CallFuture {
         let path = owned(path);
-        // Groups name a submission's owner; a read needs none (and a read of /proc each lookup).
-        let groups = if op.is_read() { Vec::new() } else { caller_groups(caller) };
+        // Groups name a submission's owner. Each costs a read of /proc, so only changes that
+        // use them carry them (not reads, nor a submission's flush and release).
+        let groups = if op.needs_groups() { caller_groups(caller) } else { Vec::new() };
         let caller = TreeCaller { uid: caller.uid, gid: caller.gid, groups };
         Box::pin(self.clone().call(path, caller, op))
     }

@@ -396,8 +396,10 @@ impl<T: Tree> Filesystem for Adapter<T> {
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
         self.guard("getxattr", || {
-            // No extended attributes (the kernel asks for security.capability before writes).
-            reply.error(FuseErrno::from_i32(libc::ENODATA));
+            // No extended attributes. ENOSYS, not ENODATA: the kernel then stops asking (it
+            // asked for security.capability before every truncation, as of `echo x > ctl`)
+            // and answers EOPNOTSUPP itself.
+            reply.error(FuseErrno::from_i32(libc::ENOSYS));
         });
     }
 

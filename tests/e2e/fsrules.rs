@@ -92,6 +92,12 @@ fn control_files_accept_truncate_create_and_refuse_chmod() {
     assert_ne!(rc, 0, "status files are read-only");
     let (rc, _, _) = sh(&format!("mkdir {}", c.path("nodes/cn0/x").display()));
     assert_ne!(rc, 0);
+    // No extended attributes: a file system that keeps none says EOPNOTSUPP (the kernel then
+    // stops asking for security.capability before each `>` truncates a control file).
+    let (file, name) = (CString::new(ctl.as_os_str().as_bytes()).unwrap(), CString::new("user.x").unwrap());
+    // SAFETY: two NUL-terminated strings, and no buffer (size 0 asks for the size only).
+    let got = unsafe { libc::getxattr(file.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!((got, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EOPNOTSUPP)));
     // Names are the tree's to give: mv, ln and ln -s are refused with EPERM and a sentence.
     let node = c.path("nodes/cn0");
     for (what, call) in [

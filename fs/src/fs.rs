@@ -297,20 +297,35 @@ impl<T: Tree> SynthFs<T> {
     /// sets both on what it just created); nothing else changes.
     pub fn setattr(&self, ino: u64, size: Option<u64>, owner: Chattr, caller: &Caller) -> Result<(FileAttr, Duration)> {
         let path = self.resolve(ino)?;
-        let node = self.node(&path)?;
+        let r = self.setattr_at(&path, size, owner, caller);
+        self.note_failure(&parent_of(&path), caller.uid, r)
+    }
+
+    fn setattr_at(
+        &self,
+        path: &Arc<[String]>,
+        size: Option<u64>,
+        owner: Chattr,
+        caller: &Caller,
+    ) -> Result<(FileAttr, Duration)> {
+        let node = self.node(path)?;
         if owner.uid.is_some_and(|u| u != node.uid) || owner.gid.is_some_and(|g| g != node.gid) {
             return Err(FsError::new(Errno::Perm, "owners and modes are set by clusterfs"));
         }
         if let Some(mode) = owner.mode.filter(|m| m & 0o7777 != u32::from(node.perm)) {
-            self.tree.chmod(&refs(&path), caller, mode & 0o7777)?;
+            self.tree.chmod(&refs(path), caller, mode & 0o7777)?;
         }
         if size.is_some_and(|s| s != 0) || (size.is_some() && node.kind != Kind::Control) {
-            return Err(FsError::new(Errno::Perm, "only control files may be truncated, and only to 0"));
+            let name = path.last().map_or("/", String::as_str);
+            return Err(FsError::new(
+                Errno::Perm,
+                format!("{name}: only control files may be truncated, and only to 0"),
+            ));
         }
         // The node just read, unless a chmod changed it: one call of the tree fewer for each
         // `echo x > ctl` (a round trip on a head that does not lead).
         let entry =
-            if owner.mode.is_some() { self.entry_of(&path, caller)? } else { self.entry_with(&path, node, caller) };
+            if owner.mode.is_some() { self.entry_of(path, caller)? } else { self.entry_with(path, node, caller) };
         Ok((entry.attr, entry.ttl))
     }
 

@@ -119,6 +119,10 @@ impl<T: Tree> Filesystem for Adapter<T> {
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS) {
             debug!(?missing, "kernel lacks parallel directory operations");
         }
+        // `>` truncates within the open (O_TRUNC passed on) instead of a setattr after it.
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC) {
+            debug!(?missing, "kernel lacks atomic O_TRUNC");
+        }
         Ok(())
     }
 
@@ -245,6 +249,12 @@ impl<T: Tree> Filesystem for Adapter<T> {
         self.run("open", (ino.0, None), move |fs, rt| {
             let _s = debug_span!("open", req = unique, ino = ino.0).entered();
             let nonblock = flags.0 & libc::O_NONBLOCK != 0;
+            // O_TRUNC is checked as the setattr the kernel would otherwise send after the open.
+            if flags.0 & libc::O_TRUNC != 0
+                && let Err(e) = fs.setattr(ino.0, Some(0), crate::fs::Chattr::default(), &who)
+            {
+                return fuse_error!("open", reply, e);
+            }
             // Synthetic files bypass the page cache: sizes change under the kernel's feet.
             answer(rt, fs.open(ino.0, nonblock, &who), move |r| match r {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),

@@ -86,10 +86,16 @@ fn control_files_accept_truncate_create_and_refuse_chmod() {
     assert_eq!(c.read("nodes/cn0/state"), "up\n");
     let (rc, _, _) = sh(&format!("truncate -s 5 {}", ctl.display()));
     assert_ne!(rc, 0);
+    assert_eq!(c.read("nodes/cn0/error"), "EPERM: ctl: only control files may be truncated, and only to 0\n");
     let (rc, _, _) = sh(&format!("chmod 777 {}", ctl.display()));
     assert_ne!(rc, 0);
+    assert!(c.read("nodes/cn0/error").starts_with("EPERM: "), "{}", c.read("nodes/cn0/error"));
+    // A status file is read-only, even to root (whom the kernel lets open it for writing): the
+    // open that would truncate it is refused, with the sentence.
     let (rc, _, _) = sh(&format!("echo x > {}", c.path("nodes/cn0/sitrep").display()));
     assert_ne!(rc, 0, "status files are read-only");
+    let why = c.read("nodes/cn0/error");
+    assert_eq!(why, "EPERM: sitrep: only control files may be truncated, and only to 0\n");
     let (rc, _, _) = sh(&format!("mkdir {}", c.path("nodes/cn0/x").display()));
     assert_ne!(rc, 0);
     // No extended attributes: a file system that keeps none says EOPNOTSUPP (the kernel then

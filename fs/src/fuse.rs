@@ -255,9 +255,14 @@ impl<T: Tree> Filesystem for Adapter<T> {
             {
                 return fuse_error!("open", reply, e);
             }
-            // Synthetic files bypass the page cache: sizes change under the kernel's feet.
+            // Synthetic files bypass the page cache: sizes change under the kernel's feet. A
+            // handle that cannot write has nothing to make durable at close: no FLUSH for it.
+            let mut fopen = FopenFlags::FOPEN_DIRECT_IO;
+            if flags.0 & libc::O_ACCMODE == libc::O_RDONLY {
+                fopen |= FopenFlags::FOPEN_NOFLUSH;
+            }
             answer(rt, fs.open(ino.0, nonblock, &who), move |r| match r {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+                Ok(fh) => reply.opened(FileHandle(fh), fopen),
                 Err(e) => fuse_error!("open", reply, e),
             });
         });

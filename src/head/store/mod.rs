@@ -159,9 +159,9 @@ struct Queue {
     joined: usize,
     /// Set while the next commit waits for writers to join it: each one is told.
     gathering: bool,
-    /// The last commit: how many writers waited for it, how long it took, and how many
-    /// writers had queued for the next one by its end.
-    last: (usize, Duration, usize),
+    /// The last commit: how many writers to expect for the next one (those that waited for
+    /// it, and those that queued during it), and how long it took.
+    last: (usize, Duration),
     /// The batches whose commit failed lately, with why.
     failed: VecDeque<(u64, StoreError)>,
 }
@@ -246,7 +246,7 @@ impl Store {
             let started = Instant::now();
             let result = if batch.is_empty() { Ok(()) } else { self.backend.commit(&batch) };
             q = lock();
-            q.last = (writers, started.elapsed(), q.joined);
+            q.last = (writers + q.joined, started.elapsed());
             q.committing = false;
             q.done = number + 1;
             if let Err(e) = result {
@@ -269,8 +269,7 @@ impl Store {
     /// commit took (`MAX_GATHER` at most), and not at all for a lone writer or after a fast
     /// commit.
     fn gather<'a>(&self, mut q: std::sync::MutexGuard<'a, Queue>) -> std::sync::MutexGuard<'a, Queue> {
-        let (writers, took, queued) = q.last;
-        let all = writers + queued;
+        let (all, took) = q.last;
         if q.groups.is_empty() || q.joined >= all || took < GATHER_ABOVE {
             return q;
         }

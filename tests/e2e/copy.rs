@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clusterfs::nodeset::NodeSet;
 
-use crate::harness::{Cluster, eventually, sh, sh_as};
+use crate::harness::{Cluster, Gate, eventually, sh, sh_as};
 use crate::jobs::{submit_as, users, wait};
 
 const MIB: u64 = 1 << 20;
@@ -194,10 +194,11 @@ fn copies_are_checked_and_run_as_the_user() {
         x = secret.display(),
     ));
     assert_eq!(code, 0, "{err}");
-    // Alice's copy of `links/src`, queued behind a 2 s job, with the link turned toward
-    // `target` while it waits: the copy's state on cn0 once it ended.
+    // Alice's copy of `links/src`, queued behind a job that waits for a gate, with the link
+    // turned toward `target` while it waits: the copy's state on cn0 once it ended.
     let turned = |target: &Path, dest: &str| {
-        let first = submit_as(&c, "cfalice", "#CLUSTER nodes=cn0\nsleep 2\n");
+        let gate = Gate::new(c.dir.path(), &format!("gate-{dest}"));
+        let first = submit_as(&c, "cfalice", &format!("#CLUSTER nodes=cn0\n{}\n", gate.wait()));
         let spec = format!(
             "#CLUSTER nodes=cn[0-1] after={first} copy={}/src dest={}/{dest}\n",
             links.display(),
@@ -206,8 +207,10 @@ fn copies_are_checked_and_run_as_the_user() {
         let id = submit_as(&c, "cfalice", &spec);
         let (code, _, err) = sh_as("cfalice", &format!("ln -sfn {} {}/src", target.display(), links.display()));
         assert_eq!(code, 0, "{err}");
-        let before = c.read(&format!("jobs/{first}/state"));
-        assert!(before.starts_with("running"), "the copy started before the link was turned: {before}");
+        let before = c.read(&format!("jobs/{id}/state"));
+        assert!(before.starts_with("queued"), "the copy started before the link was turned: {before}");
+        gate.open();
+        assert_eq!(wait(&c, first), "0\n");
         assert_ne!(wait(&c, id), "0\n");
         c.read(&format!("jobs/{id}/nodes/cn0/state"))
     };

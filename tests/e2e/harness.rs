@@ -34,6 +34,27 @@ fn slack() -> u32 {
     std::env::var("CLUSTERFS_TEST_SLACK").ok().and_then(|s| s.parse().ok()).unwrap_or(if ci { 3 } else { 1 })
 }
 
+/// A file that a job's script waits for, so that a test sees the job at a chosen point of
+/// its run however slow the machine is (a `sleep` gives it a window a loaded machine misses).
+pub struct Gate(PathBuf);
+
+impl Gate {
+    /// A closed gate named `name` in `dir` (a directory every test user can search).
+    pub fn new(dir: &Path, name: &str) -> Gate {
+        Gate(dir.join(name))
+    }
+
+    /// Shell words that wait until the gate is open.
+    pub fn wait(&self) -> String {
+        format!("while [ ! -e {} ]; do sleep 0.05; done", self.0.display())
+    }
+
+    /// Lets every script waiting on the gate go on.
+    pub fn open(&self) {
+        fs::write(&self.0, "").expect("open the gate");
+    }
+}
+
 pub fn bin(name: &str) -> PathBuf {
     let head = PathBuf::from(env!("CARGO_BIN_EXE_clusterfs"));
     let p = head.with_file_name(name);

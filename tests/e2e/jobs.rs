@@ -5,7 +5,7 @@ use std::process::{Command, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use crate::harness::{Cluster, eventually, sh, sh_as};
+use crate::harness::{Cluster, Gate, eventually, sh, sh_as};
 
 /// Two real users for identity and permission checks (made once per test run).
 pub fn users() {
@@ -137,7 +137,8 @@ fn stdout_grows_while_the_job_runs() {
         return;
     }
     let c = Cluster::up("cn0", 200);
-    let id = submit_as(&c, "root", "echo first; sleep 2; echo second\n");
+    let gate = Gate::new(c.dir.path(), "gate");
+    let id = submit_as(&c, "root", &format!("echo first; {}; echo second\n", gate.wait()));
     let mut tail = Command::new("tail")
         .args(["-n", "+1", "-s", "0.1", "-f"])
         .arg(c.path(&format!("jobs/{id}/stdout")))
@@ -149,6 +150,7 @@ fn stdout_grows_while_the_job_runs() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "first\n");
     assert!(c.read(&format!("jobs/{id}/state")).starts_with("running"), "seen before the job ended");
+    gate.open();
     line.clear();
     out.read_line(&mut line).unwrap();
     assert_eq!(line, "second\n");
@@ -248,9 +250,12 @@ fn after_orders_jobs_and_queued_jobs_say_why() {
     }
     let c = Cluster::up("cn0", 200);
     let mark = c.dir.path().join("mark");
-    let a = submit_as(&c, "root", &format!("sleep 1; echo a > {}\n", mark.display()));
+    let gate = Gate::new(c.dir.path(), "gate");
+    let a = submit_as(&c, "root", &format!("{}; echo a > {}\n", gate.wait(), mark.display()));
     let b = submit_as(&c, "root", &format!("#CLUSTER after={a}\ncat {}\n", mark.display()));
+    assert_running(&c, a);
     assert!(c.read(&format!("jobs/{b}/state")).starts_with("queued"), "{}", c.read(&format!("jobs/{b}/state")));
+    gate.open();
     assert_eq!(wait(&c, b), "0\n");
     assert_eq!(c.read(&format!("jobs/{b}/stdout")), "a\n", "b ran after a");
     // A failed dependency fails the dependent job; afterany runs anyway.

@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use crate::harness::{Cluster, eventually, sh_as};
+use crate::harness::{Cluster, Gate, eventually, sh_as};
 use crate::jobs::{assert_killed, assert_running, submit_as, users, wait};
 
 fn ls(c: &Cluster, rel: &str) -> Vec<String> {
@@ -236,20 +236,20 @@ fn a_multi_node_job_survives_a_head_crash_and_runs_once_per_node() {
     users();
     let mut c = Cluster::up("cn[0-9]", 200);
     let d = marks(&c);
-    // Each node writes half its line, then waits until the test lifts the hold.
-    std::fs::write(d.join("hold"), "").unwrap();
+    // Each node writes half its line, then waits for the gate.
+    let gate = Gate::new(&d, "gate");
     let spec = format!(
-        "#CLUSTER nodes=cn[0-9]\nprintf half-; while [ -e {m}/hold ]; do sleep 0.05; done\n\
-         echo $CLUSTER_NODE >> {m}/ran\necho done\n",
-        m = d.display()
+        "#CLUSTER nodes=cn[0-9]\nprintf half-; {}\necho $CLUSTER_NODE >> {}/ran\necho done\n",
+        gate.wait(),
+        d.display()
     );
     let id = submit_as(&c, "cfalice", &spec);
-    assert!(eventually(Duration::from_secs(20), || c.read("nodes/cn9/jobs") == format!("{id}\n")));
-    // Each node's line is half written when the head crashes; the other half is written while it is down.
+    assert!(eventually(Duration::from_secs(10), || c.read("nodes/cn9/jobs") == format!("{id}\n")));
+    // Each node's line is half written when the head crashes, and ends while it is down.
     let halves = || (0..10).all(|n| c.read(&format!("jobs/{id}/nodes/cn{n}/stdout")) == "half-");
-    assert!(eventually(Duration::from_secs(30), halves));
+    assert!(eventually(Duration::from_secs(10), halves));
     c.crash_head();
-    std::fs::remove_file(d.join("hold")).unwrap();
+    gate.open();
     c.start_head();
     let exit = wait(&c, id);
     let states: Vec<String> =

@@ -9,7 +9,7 @@ use clusterfs::auth::{Secret, agent_handshake};
 use clusterfs::jobs::Exit;
 use clusterfs::proto::{Conn, Frame, Message, ProtoError};
 
-use crate::harness::{Cluster, eventually};
+use crate::harness::{Cluster, Gate, eventually};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
@@ -190,7 +190,9 @@ fn an_authenticated_agent_cannot_forge_other_nodes_work_and_a_flood_changes_noth
         return;
     }
     let c = Cluster::up("cn0", 200);
-    let id = crate::jobs::submit_as(&c, "root", "sleep 2; echo real; exit 4\n");
+    // The job runs until every forged frame is sent.
+    let gate = Gate::new(c.dir.path(), "gate");
+    let id = crate::jobs::submit_as(&c, "root", &format!("{}; echo real; exit 4\n", gate.wait()));
     crate::jobs::assert_running(&c, id);
     let queue = c.read("jobs/queue");
     rt().block_on(async {
@@ -242,6 +244,7 @@ fn an_authenticated_agent_cannot_forge_other_nodes_work_and_a_flood_changes_noth
         let bulk = Frame::Bulk { stream: id << 1, offset: 0, data: bytes::Bytes::from_static(b"forged\n") };
         let _ = conn.send_frame(&bulk).await;
     });
+    gate.open();
     assert_eq!(crate::jobs::wait(&c, id), "4\n", "a forged exit ended cn0's job");
     assert_eq!(c.read(&format!("jobs/{id}/stdout")), "real\n");
     assert_eq!(c.read(&format!("jobs/{id}/state")), "failed 4\n");

@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use crate::harness::{Cluster, eventually, sh, sh_as};
+use crate::harness::{Cluster, Gate, eventually, sh, sh_as};
 use crate::jobs::{assert_running, submit_as, users, wait};
 
 fn errno_of_read(c: &Cluster, rel: &str) -> Option<i32> {
@@ -142,15 +142,11 @@ fn higher_priority_starts_first_and_only_root_raises_it() {
     }
     users();
     let c = Cluster::up("cn0", 200);
-    let gate = c.dir.path().join("gate");
+    let gate = Gate::new(c.dir.path(), "gate");
     let order = c.dir.path().join("order");
     let cpus: u32 = c.read("nodes/cn0/sitrep").lines().find_map(|l| l.strip_prefix("cpus ")).unwrap().parse().unwrap();
     // A job holding every cpu of the only node, until the gate opens.
-    let blocker = submit_as(
-        &c,
-        "root",
-        &format!("#CLUSTER cpus={cpus}\nwhile [ ! -e {} ]; do sleep 0.05; done\n", gate.display()),
-    );
+    let blocker = submit_as(&c, "root", &format!("#CLUSTER cpus={cpus}\n{}\n", gate.wait()));
     assert_running(&c, blocker);
     let mut ids = Vec::new();
     for (name, prio) in [("low", -5), ("mid", 0), ("high", 10), ("mid2", 0)] {
@@ -169,7 +165,7 @@ fn higher_priority_starts_first_and_only_root_raises_it() {
     assert!(all_say("queued waiting for a node to be up\n"), "{}", c.read("jobs/queue"));
     c.write("nodes/cn0/ctl", b"resume\n").unwrap();
     assert!(all_say(&busy), "{}", c.read("jobs/queue"));
-    std::fs::write(&gate, "").unwrap();
+    gate.open();
     for id in &ids {
         assert_eq!(wait(&c, *id), "0\n");
     }

@@ -29,7 +29,7 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// How many times longer than written a wait may take: CLUSTERFS_TEST_SLACK, else 3 under
 /// CI=true and 1 elsewhere.
-fn slack() -> u32 {
+pub fn slack() -> u32 {
     let ci = std::env::var("CI").as_deref() == Ok("true");
     std::env::var("CLUSTERFS_TEST_SLACK").ok().and_then(|s| s.parse().ok()).unwrap_or(if ci { 3 } else { 1 })
 }

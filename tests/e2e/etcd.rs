@@ -329,7 +329,8 @@ pub fn write_when_led(c: &Cluster, rel: &str, data: &[u8]) -> Duration {
         match c.write(rel, data) {
             Ok(()) => return started.elapsed(),
             Err(e) if started.elapsed() < Duration::from_secs(30) => {
-                assert!([libc::EAGAIN, libc::EHOSTDOWN, libc::EROFS].contains(&e), "errno {e}:\n{}", c.log());
+                let why = || std::fs::read_to_string(c.path(rel).with_file_name("error")).unwrap_or_default();
+                assert!([libc::EAGAIN, libc::EHOSTDOWN, libc::EROFS].contains(&e), "errno {e}: {}\n{}", why(), c.log());
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(e) => panic!("no head took writes for 30 s (errno {e}):\n{}", c.log()),
@@ -677,7 +678,11 @@ fn a_following_head_whose_watch_fell_behind_a_compaction_copies_the_store_again(
     let revision = etcd.compact();
     assert!(revision - before >= JOBS_BEHIND, "{JOBS_BEHIND} jobs took revisions {before} to {revision}");
     crate::harness::signal(b.head_pid(), libc::SIGCONT);
-    let copied_again = eventually(Duration::from_secs(30), || b.log().contains("fell behind etcd's compaction"));
+    // Copied again whole (50 MiB: seconds on a loaded machine, longer than a takeover waits
+    // for the copy to catch up before it reads etcd itself).
+    let copied_again = eventually(Duration::from_secs(30), || {
+        b.log().split_once("fell behind etcd's compaction").is_some_and(|(_, after)| after.contains("copied the store"))
+    });
     assert!(copied_again, "compacted at {revision}:\n{}", b.log());
     // It loads the cluster from the new copy when it takes over, with every job.
     a.stop_head();

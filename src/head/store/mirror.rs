@@ -80,7 +80,7 @@ impl Mirror {
             let (pairs, revision) =
                 super::etcd::read_all(client.clone(), prefix.as_bytes().to_vec(), end.clone()).await?;
             let objects: BTreeMap<_, _> = super::etcd::objects(pairs, prefix).collect();
-            tracing::debug!(objects = objects.len(), revision, "copied the store to follow it");
+            tracing::info!(objects = objects.len(), revision, "copied the store to follow it");
             *self.lock() = Copy { objects, revision };
         }
         let from = self.lock().revision + 1;

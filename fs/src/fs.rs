@@ -633,8 +633,11 @@ impl<T: Tree> SynthFs<T> {
                 FsError::new(Errno::Exist, format!("{name} exists and is not a control file")),
             ),
             Err(_) => {
+                // A name made by `>` stands until its first write, which may refuse it and so
+                // unmake it: the kernel keeps no entry for the name, so that `>` again (a
+                // retry) makes it anew instead of opening a name that is gone (ENOENT).
                 let answer = self.tree.create(&refs(&path), caller, mode);
-                self.then_entry(path, caller, answer)
+                self.then_entry(path, caller, answer).then(|r| r.map(|entry| Entry { ttl: Duration::ZERO, ..entry }))
             }
         }
     }

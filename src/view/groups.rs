@@ -105,6 +105,11 @@ impl GroupsView {
         Answer::Now(made)
     }
 
+    /// The mode an NFS server sets on a group it has just made: see [`Created::chmod`].
+    pub fn chmod(&self, name: &str, caller: &Caller) -> Result<()> {
+        self.created.chmod(name, caller)
+    }
+
     pub fn remove(&self, name: &str, caller: &Caller) -> Answer<()> {
         if let Err(e) = root_only(caller) {
             return Answer::Now(Err(e));

@@ -21,6 +21,11 @@ use crate::head::images::Images;
 use crate::head::jobs::Jobs;
 use crate::head::vms::Vms;
 
+/// The refusal of a chmod or chown: files' modes and owners follow from what they stand for.
+pub fn fixed_modes() -> FsError {
+    FsError::new(clusterfs_fs::Errno::Perm, "owners and modes are set by clusterfs")
+}
+
 /// How long a file created and never written is shown.
 const CREATED_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -48,6 +53,13 @@ impl Created {
 
     pub fn names(&self) -> Vec<String> {
         self.0.iter().filter(|e| e.value().elapsed() < CREATED_KEPT).map(|e| e.key().clone()).collect()
+    }
+
+    /// A chmod of `name`. An NFS server sets the mode its client asked for on a file it has
+    /// just made, so root's chmod of a name awaiting its first write is accepted (the file's
+    /// mode stays the tree's); any other is refused.
+    pub fn chmod(&self, name: &str, caller: &Caller) -> Result<()> {
+        if caller.is_root() && self.contains(name) { Ok(()) } else { Err(fixed_modes()) }
     }
 
     /// `rm` of `name`: one never written goes from here alone; a `stored` one by `remove`.
@@ -413,7 +425,9 @@ impl Tree for View {
     fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> clusterfs_fs::Result<()> {
         match path {
             ["jobs", rest @ ..] => self.jobs.chmod(rest, caller, mode),
-            _ => Err(FsError::new(clusterfs_fs::Errno::Perm, "owners and modes are set by clusterfs")),
+            ["groups", name] => self.groups.chmod(name, caller),
+            ["vms", "templates", name] => self.vms.chmod_template(name, caller),
+            _ => Err(fixed_modes()),
         }
     }
 
@@ -423,5 +437,22 @@ impl Tree for View {
             ["vms", rest @ ..] => self.vms.unlink(rest, caller),
             _ => Answer::Now(Err(FsError::new(clusterfs_fs::Errno::Perm, "this file cannot be removed"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_roots_chmod_of_a_name_awaiting_its_first_write_is_taken() {
+        let created = Created::default();
+        let user = Caller { uid: 1000, gid: 1000, pid: 1 };
+        assert!(created.chmod("g", &Caller::ROOT).is_err(), "a name never made");
+        created.insert("g");
+        assert!(created.chmod("g", &Caller::ROOT).is_ok());
+        assert_eq!(created.chmod("g", &user).map_err(|e| e.errno.code()), Err(libc::EPERM));
+        assert!(created.take("g"), "its first write");
+        assert!(created.chmod("g", &Caller::ROOT).is_err(), "a name written");
     }
 }

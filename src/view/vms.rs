@@ -269,6 +269,11 @@ impl VmsView {
         }
     }
 
+    /// The mode an NFS server sets on a template it has just made: see [`Created::chmod`].
+    pub fn chmod_template(&self, name: &str, caller: &Caller) -> Result<()> {
+        self.pending.chmod(name, caller)
+    }
+
     pub fn unlink(&self, path: &[&str], caller: &Caller) -> Answer<()> {
         match path {
             ["templates", t] => {

@@ -292,6 +292,23 @@ fn login_hosts_read_the_tree_over_nfs() {
             assert_eq!(size, nfs.cat(&format!("nodes/cn2/{name}")).unwrap().len() as u64, "{name}");
         }
     }
+
+    // Root on a login host makes a group with a client that can only create files (nfs-cp).
+    // The NFS server sets the mode its client asked for on the file it made: that is taken.
+    // A refused nodeset makes nothing, and the corrected copy right after it makes the group.
+    let cp = |name: &str, text: &str| {
+        let from = c.dir.path().join(name);
+        std::fs::write(&from, text).unwrap();
+        Command::new("nfs-cp").arg(&from).arg(nfs.url("groups/login")).output().unwrap()
+    };
+    let out = cp("bad", "cn[0-\n");
+    assert!(!out.status.success(), "a bad nodeset was taken");
+    assert!(c.read("groups/error").starts_with("EINVAL: group login: "), "{}", c.read("groups/error"));
+    assert!(c.try_read("groups/login").is_none(), "a refused group was made");
+    let out = cp("good", "cn[1-2]\n");
+    assert!(out.status.success(), "nfs-cp: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(c.read("groups/login"), "cn[1-2]\n");
+    assert_eq!(nfs.cat("groups/login").as_deref(), Some("cn[1-2]\n"));
 }
 
 /// The numeric entries of `jobs/` over NFS (job ids), in listing order.

@@ -122,6 +122,11 @@ impl FsError {
         FsError::new(Errno::NoEnt, format!("{what} does not exist"))
     }
 
+    /// The refusal of a chmod or chown: a file's mode and owner follow from what it stands for.
+    pub fn fixed_modes() -> FsError {
+        FsError::new(Errno::Perm, "owners and modes are set by clusterfs")
+    }
+
     pub fn invalid(message: impl Into<String>) -> FsError {
         FsError::new(Errno::Inval, message)
     }

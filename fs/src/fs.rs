@@ -310,7 +310,7 @@ impl<T: Tree> SynthFs<T> {
     ) -> Result<(FileAttr, Duration)> {
         let node = self.node(path)?;
         if owner.uid.is_some_and(|u| u != node.uid) || owner.gid.is_some_and(|g| g != node.gid) {
-            return Err(FsError::new(Errno::Perm, "owners and modes are set by clusterfs"));
+            return Err(FsError::fixed_modes());
         }
         if let Some(mode) = owner.mode.filter(|m| m & 0o7777 != u32::from(node.perm)) {
             self.tree.chmod(&refs(path), caller, mode & 0o7777)?;

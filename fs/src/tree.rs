@@ -210,6 +210,6 @@ pub trait Tree: Send + Sync + 'static {
     /// asked for after an exclusive create); modes are otherwise clusterfs's.
     fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> crate::Result<()> {
         let _ = (path, caller, mode);
-        Err(crate::FsError::new(crate::Errno::Perm, "owners and modes are set by clusterfs"))
+        Err(crate::FsError::fixed_modes())
     }
 }

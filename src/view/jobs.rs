@@ -280,7 +280,7 @@ impl JobsView {
 
     /// Its creator may set a created spec file's mode (read and write bits only).
     pub fn chmod(&self, path: &[&str], caller: &Caller, mode: u32) -> Result<()> {
-        let denied = super::fixed_modes;
+        let denied = FsError::fixed_modes;
         let [name] = path else { return Err(denied()) };
         let mut file = self.spec_files.get_mut(*name).ok_or_else(denied)?;
         if file.uid != caller.uid && !caller.is_root() {

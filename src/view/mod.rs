@@ -21,11 +21,6 @@ use crate::head::images::Images;
 use crate::head::jobs::Jobs;
 use crate::head::vms::Vms;
 
-/// The refusal of a chmod or chown: files' modes and owners follow from what they stand for.
-pub fn fixed_modes() -> FsError {
-    FsError::new(clusterfs_fs::Errno::Perm, "owners and modes are set by clusterfs")
-}
-
 /// How long a file created and never written is shown.
 const CREATED_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -59,7 +54,7 @@ impl Created {
     /// just made, so root's chmod of a name awaiting its first write is accepted (the file's
     /// mode stays the tree's); any other is refused.
     pub fn chmod(&self, name: &str, caller: &Caller) -> Result<()> {
-        if caller.is_root() && self.contains(name) { Ok(()) } else { Err(fixed_modes()) }
+        if caller.is_root() && self.contains(name) { Ok(()) } else { Err(FsError::fixed_modes()) }
     }
 
     /// `rm` of `name`: one never written goes from here alone; a `stored` one by `remove`.
@@ -427,7 +422,7 @@ impl Tree for View {
             ["jobs", rest @ ..] => self.jobs.chmod(rest, caller, mode),
             ["groups", name] => self.groups.chmod(name, caller),
             ["vms", "templates", name] => self.vms.chmod_template(name, caller),
-            _ => Err(fixed_modes()),
+            _ => Err(FsError::fixed_modes()),
         }
     }
 
